@@ -1,0 +1,17 @@
+"""fitcustom: custom GradientTape training steps that keep `fit()`."""
+
+from fitcustom import distribute as distribute
+from fitcustom.engine import TapeModel as TapeModel
+from fitcustom.transforms import ClipByGlobalNorm as ClipByGlobalNorm
+from fitcustom.transforms import GradientTransform as GradientTransform
+from fitcustom.transforms import ScaleByLayer as ScaleByLayer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ClipByGlobalNorm",
+    "GradientTransform",
+    "ScaleByLayer",
+    "TapeModel",
+    "distribute",
+]

@@ -1,0 +1,97 @@
+"""The one place where fitcustom touches Keras internals.
+
+Everything here depends on private details of the installed Keras and is
+checked against the versions fitcustom was tested with. Each helper says which
+private attribute it reads and why there is no public way.
+"""
+
+import re
+import warnings
+
+import keras
+
+#: Keras versions (major, minor) whose internals fitcustom was tested against.
+TESTED_KERAS_VERSIONS = ((3, 15),)
+
+
+def keras_version():
+    """Returns the installed Keras version as a `(major, minor)` tuple."""
+    match = re.match(r"(\d+)\.(\d+)", keras.__version__)
+    if match is None:
+        raise ValueError(
+            "Cannot parse the installed Keras version. "
+            f"Received: keras.__version__={keras.__version__!r}. "
+            "Expected a version such as '3.15.1'."
+        )
+    return int(match.group(1)), int(match.group(2))
+
+
+def check_keras_version(feature, strict=False):
+    """Warns (or raises if `strict`) when Keras is not a tested version.
+
+    Args:
+        feature: What needs the internals, for the message.
+        strict: Raise a `RuntimeError` instead of warning.
+    """
+    version = keras_version()
+    if version in TESTED_KERAS_VERSIONS:
+        return
+    tested = ", ".join(f"{a}.{b}" for a, b in TESTED_KERAS_VERSIONS)
+    message = (
+        f"{feature} relies on Keras internals tested only with Keras "
+        f"{tested}. Received: keras.__version__={keras.__version__}. "
+        f"Install a tested version (pip install 'keras~={tested}') or "
+        "report the incompatibility."
+    )
+    if strict:
+        raise RuntimeError(message)
+    warnings.warn(message, stacklevel=3)
+
+
+def build_compiled_metrics(model, y, y_pred):
+    """Builds the metrics passed to `compile()` if they are not built yet.
+
+    Keras builds `CompileMetrics` lazily on their first `update_state()`. A
+    step that updates them inside a `tf.cond` (the non-finite guard) must
+    build them before, because variables cannot be created inside a branch.
+    Reads the private `model._compile_metrics`; no public accessor exists.
+    """
+    compile_metrics = getattr(model, "_compile_metrics", None)
+    if compile_metrics is not None and not compile_metrics.built:
+        compile_metrics.build(y, y_pred)
+
+
+def has_compiled_loss(model):
+    """Whether `compile()` received a loss (reads `model._compile_loss`)."""
+    return getattr(model, "_compile_loss", None) is not None
+
+
+def loss_tracker(model):
+    """The `Mean` metric named "loss" that `compile()` creates.
+
+    Reads the private `model._loss_tracker`; `fit()` logs its result as
+    `loss`, so a step that reproduces the built-in one must update it.
+    """
+    return model._loss_tracker
+
+
+def sublayers(model):
+    """Every layer nested in `model` (recursively), excluding `model`.
+
+    Uses the private `Layer._flatten_layers`: `model.layers` lists only the
+    top level, and nested sub-models' layers are needed by name.
+    """
+    return list(model._flatten_layers(include_self=False))
+
+
+def needs_merge_call():
+    """Whether the current strategy runs cross-replica work via merge_call.
+
+    True for `MirroredStrategy` on CPUs; a `tf.cond` around
+    `apply_gradients` is then only allowed in the cross-replica context.
+    Uses `tf.__internal__.distribute.strategy_supports_no_merge_call`, the
+    check Keras' `LossScaleOptimizer` uses too.
+    """
+    import tensorflow as tf
+
+    return not tf.__internal__.distribute.strategy_supports_no_merge_call()

@@ -1,0 +1,137 @@
+"""Small helpers for code that runs inside a `tf.distribute` replica.
+
+They follow the conventions of Keras' built-in `fit()`: a per-replica loss is
+the mean over the replica's batch divided by the number of replicas, so that
+the optimizer's SUM all-reduce of the gradients yields the gradient of the
+global mean.
+"""
+
+import tensorflow as tf
+
+
+def num_replicas():
+    """Number of replicas in sync in the current strategy (1 without one)."""
+    return tf.distribute.get_strategy().num_replicas_in_sync
+
+
+def scale_loss_for_replicas(loss):
+    """Divides a per-replica mean loss by the number of replicas.
+
+    This is what Keras' `compute_loss` does to the compiled loss, and what a
+    hand-written loss (a GAN's) must do so that the summed gradients equal
+    the gradient of the global mean.
+
+    Args:
+        loss: A scalar tensor, the mean over this replica's batch.
+
+    Returns:
+        The loss divided by `num_replicas()`, unchanged on one replica.
+    """
+    n = num_replicas()
+    if n > 1:
+        loss = loss * tf.cast(1.0 / n, loss.dtype)
+    return loss
+
+
+def unscale_loss_for_replicas(loss):
+    """Inverse of `scale_loss_for_replicas`: the value to log."""
+    n = num_replicas()
+    if n > 1:
+        loss = loss * tf.cast(n, loss.dtype)
+    return loss
+
+
+def mean_loss(per_example, sample_weight=None):
+    """Reduces per-example losses as Keras' compiled losses do.
+
+    The weighted sum over this replica's batch divided by its batch size
+    ("sum_over_batch_size"), then divided by the number of replicas.
+
+    Args:
+        per_example: Tensor of shape `(batch, ...)`. Extra axes are averaged.
+        sample_weight: Optional tensor of shape `(batch,)`.
+
+    Returns:
+        A scalar tensor ready for `tape.gradient`.
+    """
+    per_example = tf.convert_to_tensor(per_example)
+    if per_example.shape.rank and per_example.shape.rank > 1:
+        per_example = tf.reduce_mean(
+            per_example, axis=list(range(1, per_example.shape.rank))
+        )
+    if sample_weight is not None:
+        per_example = per_example * tf.cast(sample_weight, per_example.dtype)
+    count = tf.cast(tf.size(per_example), per_example.dtype)
+    loss = tf.math.divide_no_nan(tf.reduce_sum(per_example), count)
+    return scale_loss_for_replicas(loss)
+
+
+def _dense(g):
+    if isinstance(g, tf.IndexedSlices):
+        return tf.convert_to_tensor(g)
+    return g
+
+
+def all_reduce_sum(values):
+    """Sums a list of tensors over replicas (identity outside a strategy).
+
+    `None` entries stay `None`. Must be called in a replica context, not
+    inside a `tf.cond`.
+    """
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None or ctx.num_replicas_in_sync == 1:
+        return list(values)
+    present = [i for i, v in enumerate(values) if v is not None]
+    reduced = ctx.all_reduce(
+        tf.distribute.ReduceOp.SUM, [_dense(values[i]) for i in present]
+    )
+    out = list(values)
+    for i, r in zip(present, reduced):
+        out[i] = r
+    return out
+
+
+def global_norm(grads):
+    """Global L2 norm (float32) of the gradients summed over replicas.
+
+    On N replicas the optimizer applies the sum of the per-replica gradients;
+    this is the norm of that sum, the same number a single device computes
+    for the same global batch.
+    """
+    reduced = [g for g in all_reduce_sum(grads) if g is not None]
+    if not reduced:
+        return tf.constant(0.0)
+    squares = [
+        tf.reduce_sum(tf.square(tf.cast(_dense(g), tf.float32)))
+        for g in reduced
+    ]
+    return tf.sqrt(tf.add_n(squares))
+
+
+def all_finite(tensors):
+    """True (on every replica alike) when every tensor is finite everywhere.
+
+    Each replica checks its own tensors, then the verdicts are summed over
+    replicas, so a NaN on one replica stops the step on all of them.
+    """
+    checks = []
+    for t in tensors:
+        if t is None:
+            continue
+        if isinstance(t, tf.IndexedSlices):
+            t = t.values
+        checks.append(tf.reduce_all(tf.math.is_finite(t)))
+    ok = tf.reduce_all(tf.stack(checks)) if checks else tf.constant(True)
+    bad = tf.cast(tf.logical_not(ok), tf.float32)
+    ctx = tf.distribute.get_replica_context()
+    if ctx is not None and ctx.num_replicas_in_sync > 1:
+        bad = ctx.all_reduce(tf.distribute.ReduceOp.SUM, bad)
+    return tf.equal(bad, 0.0)
+
+
+def replica_id():
+    """This replica's index as an int32 tensor (0 outside a strategy)."""
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None:
+        return tf.constant(0, tf.int32)
+    return tf.cast(ctx.replica_id_in_sync_group, tf.int32)

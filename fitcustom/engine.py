@@ -1,0 +1,524 @@
+"""`TapeModel`: a `keras.Model` whose steps are written with
+`tf.GradientTape`, split into pieces that can be overridden one at a time.
+"""
+
+import warnings
+
+import keras
+import tensorflow as tf
+
+from fitcustom import _compat
+from fitcustom import distribute
+from fitcustom import transforms as transforms_lib
+
+_ENGINE_COMPILE_KEYS = (
+    "gradient_transforms",
+    "log_gradient_norm",
+    "skip_nonfinite",
+)
+
+
+@keras.saving.register_keras_serializable(package="fitcustom")
+class TapeModel(keras.Model):
+    """A `keras.Model` trained by an explicit `tf.GradientTape` step.
+
+    `train_step` does what Keras' built-in step does (same numbers, proven by
+    the test suite) in pieces that a subclass can replace one at a time:
+
+    | piece | default |
+    | --- | --- |
+    | `unpack_data(data)` | `(x, y, sample_weight)`, clear error otherwise |
+    | `forward(x, training)` | `self(x, training=training)` |
+    | `compute_loss(...)` | Keras' compiled loss + regularizers |
+    | `track_loss(loss, x)` | the `loss` metric, as `fit()` logs it |
+    | `scale_loss(loss)` | the optimizer's loss scale (mixed precision) |
+    | `compute_gradients(tape, loss, variables)` | `tape.gradient` |
+    | `transform_gradients(grads, variables)` | `gradient_transforms` |
+    | `apply_gradients(grads, variables)` | `optimizer.apply_gradients` |
+    | `compute_metrics(...)` | Keras' compiled metrics |
+
+    It can be built three ways, like `keras.Model`: functionally
+    (`TapeModel(inputs, outputs)`), by subclassing with a `call()`, or by
+    wrapping an existing model (`TapeModel(network=model)`).
+
+    `compile()` takes Keras' arguments plus:
+
+    - `gradient_transforms`: list of `fitcustom.GradientTransform`, applied
+      in order to the unscaled gradients (e.g. `ClipByGlobalNorm`, which,
+      unlike `clipnorm`, clips the gradient summed over replicas).
+    - `log_gradient_norm`: log `gradient_norm`, the epoch mean of the global
+      gradient norm before the transforms. Defaults to `False`.
+    - `skip_nonfinite`: skip any step whose loss or gradients contain NaN or
+      inf, leaving weights and optimizer state untouched, and log
+      `nonfinite_steps`, the number of skipped steps in the epoch. A skipped
+      step adds nothing to the epoch's loss and metrics. Defaults to `False`.
+
+    Args:
+        network: Optional `keras.Model` (or layer) to wrap. Its weights are
+            the `TapeModel`'s weights; `call()` runs it.
+        *args, **kwargs: Passed to `keras.Model` (`inputs`, `outputs`,
+            `name`, ...).
+
+    Example:
+
+    ```python
+    import keras
+    import numpy as np
+    import fitcustom
+
+    inputs = keras.Input((8,))
+    outputs = keras.layers.Dense(3)(inputs)
+    model = fitcustom.TapeModel(inputs, outputs)
+    model.compile(
+        optimizer="adam",
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+        gradient_transforms=[fitcustom.ClipByGlobalNorm(1.0)],
+        log_gradient_norm=True,
+    )
+    x = np.random.rand(64, 8).astype("float32")
+    y = np.random.randint(0, 3, size=(64,))
+    history = model.fit(x, y, batch_size=16, epochs=2, verbose=0)
+    assert "gradient_norm" in history.history
+    ```
+    """
+
+    def __init__(self, *args, network=None, **kwargs):
+        if network is not None and (
+            args or "inputs" in kwargs or "outputs" in kwargs
+        ):
+            raise ValueError(
+                "Pass either `network=` (to wrap an existing model) or "
+                "`inputs`/`outputs` (to build a functional model), not both. "
+                f"Received: network={network!r}, args={args!r}, "
+                f"inputs/outputs in kwargs: "
+                f"{sorted(k for k in kwargs if k in ('inputs', 'outputs'))}."
+            )
+        if network is not None and not isinstance(network, keras.Layer):
+            raise ValueError(
+                "`network` must be a keras.Model or keras.Layer. "
+                f"Received: network={network!r} of type "
+                f"{type(network).__name__}."
+            )
+        super().__init__(*args, **kwargs)
+        self.network = network
+        self._gradient_norm_tracker = keras.metrics.Mean(name="gradient_norm")
+        self._nonfinite_tracker = keras.metrics.Sum(name="nonfinite_steps")
+        self._gradient_transforms = ()
+        self._log_gradient_norm = False
+        self._skip_nonfinite = False
+
+    # ------------------------------------------------------------------
+    # Model plumbing
+    # ------------------------------------------------------------------
+
+    def call(self, inputs, training=None, **kwargs):
+        if self.network is not None:
+            return self.network(inputs, training=training, **kwargs)
+        return super().call(inputs, training=training, **kwargs)
+
+    def get_config(self):
+        config = super().get_config()
+        if self.network is not None:
+            config["network"] = keras.saving.serialize_keras_object(
+                self.network
+            )
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        if "network" in config:
+            config = dict(config)
+            network = keras.saving.deserialize_keras_object(
+                config.pop("network"), custom_objects=custom_objects
+            )
+            return cls(network=network, **config)
+        return super().from_config(config, custom_objects=custom_objects)
+
+    @property
+    def metrics(self):
+        hidden = []
+        if not self._log_gradient_norm:
+            hidden.append(self._gradient_norm_tracker)
+        if not self._skip_nonfinite:
+            hidden.append(self._nonfinite_tracker)
+        return [m for m in super().metrics if not any(m is h for h in hidden)]
+
+    # ------------------------------------------------------------------
+    # compile / fit entry points
+    # ------------------------------------------------------------------
+
+    def compile(
+        self,
+        optimizer="rmsprop",
+        loss=None,
+        *,
+        gradient_transforms=None,
+        log_gradient_norm=False,
+        skip_nonfinite=False,
+        **kwargs,
+    ):
+        """Configures the model for training.
+
+        Takes every argument of `keras.Model.compile` plus the engine's
+        options.
+
+        Args:
+            optimizer: As in `keras.Model.compile`. Defaults to `"rmsprop"`.
+            loss: As in `keras.Model.compile`.
+            gradient_transforms: List of `fitcustom.GradientTransform`
+                applied in order to the unscaled gradients. Defaults to
+                `None` (none).
+            log_gradient_norm: Log `gradient_norm`, the epoch mean of the
+                global norm of the (replica-summed, unscaled) gradients
+                before the transforms. Defaults to `False`.
+            skip_nonfinite: Skip steps whose loss or gradients are not
+                finite and count them in the `nonfinite_steps` metric.
+                Defaults to `False`.
+            **kwargs: Other arguments of `keras.Model.compile` (`metrics`,
+                `run_eagerly`, `steps_per_execution`, `jit_compile`, ...).
+        """
+        for name, value in (
+            ("log_gradient_norm", log_gradient_norm),
+            ("skip_nonfinite", skip_nonfinite),
+        ):
+            if not isinstance(value, bool):
+                raise ValueError(
+                    f"`{name}` must be True or False. "
+                    f"Received: {name}={value!r}."
+                )
+        gradient_transforms = transforms_lib.validate_transforms(
+            gradient_transforms
+        )
+        super().compile(optimizer=optimizer, loss=loss, **kwargs)
+        self._gradient_transforms = gradient_transforms
+        self._log_gradient_norm = log_gradient_norm
+        self._skip_nonfinite = skip_nonfinite
+        self._engine_compile_config = {
+            "gradient_transforms": list(gradient_transforms),
+            "log_gradient_norm": log_gradient_norm,
+            "skip_nonfinite": skip_nonfinite,
+        }
+
+    @property
+    def gradient_transforms(self):
+        """The compiled gradient transforms (a tuple)."""
+        return self._gradient_transforms
+
+    def get_compile_config(self):
+        config = super().get_compile_config()
+        if config and hasattr(self, "_engine_compile_config"):
+            config.update(
+                keras.saving.serialize_keras_object(self._engine_compile_config)
+            )
+        return config
+
+    def compile_from_config(self, config):
+        config = keras.saving.deserialize_keras_object(config)
+        self.compile(**config)
+        if self.optimizer is not None and self.built:
+            self.optimizer.build(self.trainable_variables)
+
+    def _require_compiled(self, method):
+        if not self.compiled:
+            raise ValueError(
+                f"{type(self).__name__}.{method}() was called before "
+                "compile(). Received: a model that was never compiled. "
+                "Call model.compile(optimizer=..., loss=...) first, e.g. "
+                "model.compile(optimizer='adam', loss='mse')."
+            )
+
+    def fit(self, *args, **kwargs):
+        """Trains the model; see `keras.Model.fit`."""
+        self._require_compiled("fit")
+        return super().fit(*args, **kwargs)
+
+    def evaluate(self, *args, **kwargs):
+        """Evaluates the model; see `keras.Model.evaluate`."""
+        self._require_compiled("evaluate")
+        return super().evaluate(*args, **kwargs)
+
+    def train_on_batch(self, *args, **kwargs):
+        """One training step on one batch; see `keras.Model.train_on_batch`."""
+        self._require_compiled("train_on_batch")
+        return super().train_on_batch(*args, **kwargs)
+
+    def test_on_batch(self, *args, **kwargs):
+        """One test step on one batch; see `keras.Model.test_on_batch`."""
+        self._require_compiled("test_on_batch")
+        return super().test_on_batch(*args, **kwargs)
+
+    # ------------------------------------------------------------------
+    # The pieces of a step
+    # ------------------------------------------------------------------
+
+    def unpack_data(self, data):
+        """Splits a batch into `(x, y, sample_weight)`.
+
+        Accepts what `fit()` accepts: `x`, `(x,)`, `(x, y)` or
+        `(x, y, sample_weight)`; `fit()` has already turned `class_weight`
+        into a `sample_weight`.
+        """
+        if isinstance(data, (list, tuple)) and not 1 <= len(data) <= 3:
+            raise ValueError(
+                f"{type(self).__name__} cannot unpack a batch of "
+                f"{len(data)} elements. Expected `x`, `(x,)`, `(x, y)` or "
+                "`(x, y, sample_weight)`. Received a "
+                f"{type(data).__name__} of {len(data)} elements. If your "
+                "model has several inputs, pack them in one tuple or dict: "
+                "`((x1, x2), y)`."
+            )
+        return keras.utils.unpack_x_y_sample_weight(data)
+
+    def forward(self, x, training):
+        """Runs the model on `x` (the forward pass of a step)."""
+        if self._call_has_training_arg:
+            return self(x, training=training)
+        return self(x)
+
+    def track_loss(self, loss, x, finite=None):
+        """Updates the `loss` metric the way built-in `fit()` does.
+
+        The per-replica loss is multiplied back by the number of replicas
+        and weighted by the local batch size, so the epoch value is the
+        sample-weighted mean over all batches, short last batch included.
+
+        Args:
+            loss: The scalar loss returned by `compute_loss`.
+            x: The batch's inputs (for its size).
+            finite: Optional boolean tensor; when `False` the step adds
+                nothing (the non-finite guard).
+        """
+        tracker = _compat.loss_tracker(self)
+        if tracker is None:
+            return
+        batch_size = tf.shape(_first_tensor(x))[0]
+        value = distribute.unscale_loss_for_replicas(loss)
+        if finite is not None:
+            value = tf.where(finite, value, tf.zeros_like(value))
+            batch_size = tf.where(finite, batch_size, 0)
+        tracker.update_state(value, sample_weight=batch_size)
+
+    def scale_loss(self, loss, optimizer=None):
+        """Multiplies the loss by the optimizer's loss scale, if any.
+
+        Under `mixed_float16`, `compile()` wraps the optimizer in a
+        `LossScaleOptimizer`, which divides the gradients by its scale: a
+        step that skipped this would take steps ~32768 times too small.
+        Must be called inside the tape.
+        """
+        optimizer = self.optimizer if optimizer is None else optimizer
+        if optimizer is None:
+            return loss
+        return optimizer.scale_loss(loss)
+
+    def compute_gradients(self, tape, loss, variables):
+        """Returns `tape.gradient(loss, variables)`."""
+        return tape.gradient(loss, variables)
+
+    def transform_gradients(self, grads, variables, optimizer=None):
+        """Applies the compiled gradient transforms (and gradient logging).
+
+        Transforms see unscaled gradients: under mixed precision the loss
+        scale is divided out before and multiplied back after (exact, the
+        scale is a power of two).
+        """
+        optimizer = self.optimizer if optimizer is None else optimizer
+        if not (self._gradient_transforms or self._log_gradient_norm):
+            return grads
+        scale = _loss_scale(optimizer)
+        if scale is not None:
+            grads = [
+                None if g is None else g / tf.cast(scale, g.dtype)
+                for g in grads
+            ]
+        if self._log_gradient_norm:
+            norm = distribute.global_norm(grads)
+            ok = tf.math.is_finite(norm)
+            self._gradient_norm_tracker.update_state(
+                tf.where(ok, norm, 0.0), sample_weight=tf.cast(ok, tf.float32)
+            )
+        grads = transforms_lib.apply_transforms(
+            self._gradient_transforms, grads, variables, self
+        )
+        if scale is not None:
+            grads = [
+                None if g is None else g * tf.cast(scale, g.dtype)
+                for g in grads
+            ]
+        return grads
+
+    def check_finite(self, loss, grads, optimizer=None):
+        """Whether the step may be applied (the non-finite guard).
+
+        True when the loss and the gradients are finite on every replica.
+        Under a `LossScaleOptimizer` only the loss is checked: gradients
+        that overflow are the optimizer's business (it skips the step and
+        lowers its scale).
+        """
+        optimizer = self.optimizer if optimizer is None else optimizer
+        tensors = [loss]
+        if _loss_scale(optimizer) is None:
+            tensors.extend(grads)
+        return distribute.all_finite(tensors)
+
+    def apply_gradients(self, grads, variables, optimizer=None, finite=None):
+        """Applies the gradients with the optimizer.
+
+        The optimizer unscales (mixed precision), all-reduces over replicas,
+        clips, decays weights, accumulates and keeps EMA as configured.
+
+        Args:
+            grads: Gradients, one per variable.
+            variables: The variables to update.
+            optimizer: Defaults to `self.optimizer`.
+            finite: Optional boolean tensor from `check_finite`; when
+                `False` nothing is applied and the optimizer state stays.
+        """
+        optimizer = self.optimizer if optimizer is None else optimizer
+        if finite is None:
+            optimizer.apply_gradients(zip(grads, variables))
+            return
+        if not optimizer.built:
+            optimizer.build(variables)
+        apply_if(finite, optimizer, grads, variables)
+
+    def train_step(self, data):
+        x, y, sample_weight = self.unpack_data(data)
+        self._check_targets(y)
+        guard = self._skip_nonfinite
+        with tf.GradientTape() as tape:
+            y_pred = self.forward(x, training=True)
+            loss = self._compute_loss(
+                x=x,
+                y=y,
+                y_pred=y_pred,
+                sample_weight=sample_weight,
+                training=True,
+            )
+            self._check_loss(loss)
+            if not guard:
+                self.track_loss(loss, x)
+            scaled_loss = self.scale_loss(loss)
+        variables = self.trainable_weights
+        if not variables:
+            warnings.warn(
+                f"{type(self).__name__} has no trainable weights: "
+                "train_step updates only the metrics.",
+                stacklevel=2,
+            )
+            return self.compute_metrics(x, y, y_pred, sample_weight)
+        grads = self.compute_gradients(tape, scaled_loss, variables)
+        finite = self.check_finite(loss, grads) if guard else None
+        grads = self.transform_gradients(grads, variables)
+        self.apply_gradients(grads, variables, finite=finite)
+        if not guard:
+            return self.compute_metrics(x, y, y_pred, sample_weight)
+        self.track_loss(loss, x, finite)
+        self._nonfinite_tracker.update_state(
+            tf.cast(tf.logical_not(finite), tf.float32)
+            / float(distribute.num_replicas())
+        )
+        _compat.build_compiled_metrics(self, y, y_pred)
+        return tf.cond(
+            finite,
+            lambda: self.compute_metrics(x, y, y_pred, sample_weight),
+            self.get_metrics_result,
+        )
+
+    def test_step(self, data):
+        x, y, sample_weight = self.unpack_data(data)
+        self._check_targets(y)
+        y_pred = self.forward(x, training=False)
+        loss = self._compute_loss(
+            x=x,
+            y=y,
+            y_pred=y_pred,
+            sample_weight=sample_weight,
+            training=False,
+        )
+        self._check_loss(loss)
+        self.track_loss(loss, x)
+        logs = self.compute_metrics(x, y, y_pred, sample_weight)
+        # The gradient trackers describe training steps only.
+        train_only = (self._gradient_norm_tracker, self._nonfinite_tracker)
+        names = {m.name for m in train_only}
+        return {k: v for k, v in logs.items() if k not in names}
+
+    def predict_step(self, data):
+        x, _, _ = self.unpack_data(data)
+        return self.forward(x, training=False)
+
+    # ------------------------------------------------------------------
+    # Checks
+    # ------------------------------------------------------------------
+
+    def _check_targets(self, y):
+        if y is None and _compat.has_compiled_loss(self):
+            raise ValueError(
+                f"{type(self).__name__} received a batch without targets "
+                "(y is None), but compile() was given a loss, which needs "
+                "them. Pass `fit(x, y)`, or make your dataset yield "
+                "`(x, y)` or `(x, y, sample_weight)` tuples."
+            )
+
+    def _check_loss(self, loss):
+        if loss is None:
+            raise ValueError(
+                f"{type(self).__name__}.compute_loss() returned None. "
+                "Received: no loss. Pass `loss=` to compile(), add losses "
+                "with `add_loss()`, or override `compute_loss()` to return "
+                "a scalar tensor."
+            )
+
+
+def _first_tensor(x):
+    for t in tf.nest.flatten(x):
+        if t is not None:
+            return t
+    raise ValueError(
+        "The batch has no input tensor. Received: x with only None "
+        "entries. Expected at least one array or tensor."
+    )
+
+
+def _loss_scale(optimizer):
+    """The dynamic loss scale of a `LossScaleOptimizer`, else `None`."""
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        if optimizer.built:
+            return optimizer.dynamic_scale
+        return tf.constant(optimizer.initial_scale, tf.float32)
+    return None
+
+
+def apply_if(finite, optimizer, grads, variables):
+    """`optimizer.apply_gradients` only where `finite` is True.
+
+    Under a strategy that needs `merge_call` (MirroredStrategy on CPUs), a
+    `tf.cond` around `apply_gradients` is not allowed in a replica context;
+    the condition is then evaluated in the cross-replica context, as Keras'
+    `LossScaleOptimizer` does. `finite` must be equal on all replicas
+    (`fitcustom.distribute.all_finite` ensures it).
+    """
+    grads = list(grads)
+    variables = list(variables)
+
+    def apply(grads_, variables_):
+        optimizer.apply_gradients(zip(grads_, variables_))
+
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None or not _compat.needs_merge_call():
+        tf.cond(finite, lambda: apply(grads, variables), lambda: None)
+        return
+
+    def merged(strategy, finite_, grads_, variables_):
+        first = strategy.experimental_local_results(finite_)[0]
+
+        def run():
+            strategy.extended.call_for_each_replica(
+                apply, args=(grads_, variables_)
+            )
+
+        tf.cond(first, run, lambda: None)
+
+    ctx.merge_call(merged, args=(finite, grads, variables))
