@@ -95,3 +95,40 @@ def needs_merge_call():
     import tensorflow as tf
 
     return not tf.__internal__.distribute.strategy_supports_no_merge_call()
+
+
+def first_batch(iterator):
+    """The first batch of a Keras epoch iterator, or None if it is empty.
+
+    Relies on the private `(begin, end, iterator)` protocol of Keras'
+    epoch iterators; the caller resets the iterator afterwards, as `fit()`
+    and `evaluate()` do after their own look at the first batch.
+    """
+    for _, _, batches in iterator:
+        if isinstance(batches, (list, tuple)):
+            return batches[0]
+        try:
+            return next(batches)
+        except StopIteration:
+            return None
+    return None
+
+
+def symbolic_build(model, data_batch):
+    """Builds model, compiled metrics, loss and optimizer before tracing.
+
+    Keras 3.15 does this (private `Trainer._symbolic_build`) only under a
+    distribution strategy; otherwise the variables are created while the
+    train function is first traced, which makes `tf.function` trace it a
+    second time. Building first means one trace (half the warm-up) and an
+    optimizer that exists before the first step. Returns False, leaving
+    the building to the first trace (Keras' default), when the model
+    cannot be built symbolically.
+    """
+    if data_batch is None:
+        return False
+    try:
+        model._symbolic_build(data_batch=data_batch)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+    return True

@@ -84,16 +84,21 @@ class TapeModel(keras.Model):
     """
 
     def __init__(self, *args, network=None, **kwargs):
-        if network is not None and (
-            args or "inputs" in kwargs or "outputs" in kwargs
-        ):
+        functional = _is_functional_call(args, kwargs)
+        if network is not None and functional:
             raise ValueError(
                 "Pass either `network=` (to wrap an existing model) or "
                 "`inputs`/`outputs` (to build a functional model), not both. "
-                f"Received: network={network!r}, args={args!r}, "
-                f"inputs/outputs in kwargs: "
-                f"{sorted(k for k in kwargs if k in ('inputs', 'outputs'))}."
+                f"Received: network={network!r} and inputs/outputs."
             )
+        if functional:
+            # Built by composition: the graph lives in a plain functional
+            # keras.Model. (Keras' own route, injecting `Functional` into
+            # the class's bases at run time, would change TapeModel for
+            # every later subclass.)
+            inputs, outputs, kwargs = _split_functional_args(args, kwargs)
+            network = keras.Model(inputs, outputs, name="network")
+            args = ()
         if network is not None and not isinstance(network, keras.Layer):
             raise ValueError(
                 "`network` must be a keras.Model or keras.Layer. "
@@ -107,15 +112,51 @@ class TapeModel(keras.Model):
         self._gradient_transforms = ()
         self._log_gradient_norm = False
         self._skip_nonfinite = False
+        if network is not None and network.built:
+            self.built = True
 
     # ------------------------------------------------------------------
     # Model plumbing
     # ------------------------------------------------------------------
 
     def call(self, inputs, training=None, **kwargs):
-        if self.network is not None:
-            return self.network(inputs, training=training, **kwargs)
-        return super().call(inputs, training=training, **kwargs)
+        if self.network is None:
+            raise NotImplementedError(
+                f"{type(self).__name__} has no network to run. Build it "
+                "functionally (TapeModel(inputs, outputs)), wrap a model "
+                "(TapeModel(network=model)), or subclass it and define "
+                "call()."
+            )
+        return self.network(inputs, training=training, **kwargs)
+
+    @property
+    def layers(self):
+        if self.network is not None and hasattr(self.network, "layers"):
+            return self.network.layers
+        return super().layers
+
+    @property
+    def inputs(self):
+        """The wrapped functional network's inputs."""
+        return self._network_attribute("inputs")
+
+    @property
+    def outputs(self):
+        """The wrapped functional network's outputs."""
+        return self._network_attribute("outputs")
+
+    @property
+    def output_names(self):
+        return self._network_attribute("output_names")
+
+    def _network_attribute(self, name):
+        network = self.__dict__.get("network")
+        if network is None or not hasattr(network, name):
+            raise AttributeError(
+                f"{type(self).__name__} has no attribute {name!r}: it is "
+                "not built from inputs and outputs."
+            )
+        return getattr(network, name)
 
     def get_config(self):
         config = super().get_config()
@@ -127,13 +168,12 @@ class TapeModel(keras.Model):
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
+        config = dict(config)
         if "network" in config:
-            config = dict(config)
-            network = keras.saving.deserialize_keras_object(
-                config.pop("network"), custom_objects=custom_objects
+            config["network"] = keras.saving.deserialize_keras_object(
+                config["network"], custom_objects=custom_objects
             )
-            return cls(network=network, **config)
-        return super().from_config(config, custom_objects=custom_objects)
+        return cls(**config)
 
     @property
     def metrics(self):
@@ -218,6 +258,21 @@ class TapeModel(keras.Model):
         self.compile(**config)
         if self.optimizer is not None and self.built:
             self.optimizer.build(self.trainable_variables)
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Validate the batch structure before Keras looks at it, then build
+        # also without a strategy (Keras builds symbolically only under
+        # one), so that no variable is created while tracing: one trace
+        # instead of two, and an optimizer that exists before step one.
+        batch = data_batch
+        if batch is None and iterator is not None:
+            batch = _compat.first_batch(iterator)
+        if batch is not None and self.compiled:
+            _, y, _ = self.unpack_data(batch)
+            self._check_targets(y)
+        super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+        if self._distribute_strategy is None and self.compiled:
+            _compat.symbolic_build(self, batch)
 
     def _require_compiled(self, method):
         if not self.compiled:
@@ -470,6 +525,25 @@ class TapeModel(keras.Model):
                 "with `add_loss()`, or override `compute_loss()` to return "
                 "a scalar tensor."
             )
+
+
+def _is_functional_call(args, kwargs):
+    return (
+        len(args) == 2
+        or (len(args) == 1 and "outputs" in kwargs)
+        or ("inputs" in kwargs and "outputs" in kwargs)
+    )
+
+
+def _split_functional_args(args, kwargs):
+    kwargs = dict(kwargs)
+    if len(args) == 2:
+        inputs, outputs = args
+    elif len(args) == 1:
+        inputs, outputs = args[0], kwargs.pop("outputs")
+    else:
+        inputs, outputs = kwargs.pop("inputs"), kwargs.pop("outputs")
+    return inputs, outputs, kwargs
 
 
 def _first_tensor(x):

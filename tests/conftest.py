@@ -22,9 +22,14 @@ tf.config.set_logical_device_configuration(
 TWO_CPUS = ["/cpu:0", "/cpu:1"]
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def two_replicas():
-    """A MirroredStrategy over the two logical CPU devices."""
+    """A MirroredStrategy over the two logical CPU devices.
+
+    One instance for the whole session: several MirroredStrategy instances
+    in one process can reuse collective keys and abort each other's
+    all-reduces ("Shape mismatch in the collective instance").
+    """
     return tf.distribute.MirroredStrategy(TWO_CPUS)
 
 
