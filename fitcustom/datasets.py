@@ -8,9 +8,11 @@ import numpy as np
 
 
 def _check_fraction(test_fraction):
-    if isinstance(test_fraction, bool) or not isinstance(
-        test_fraction, (int, float)
-    ) or not 0.0 < test_fraction < 1.0:
+    if (
+        isinstance(test_fraction, bool)
+        or not isinstance(test_fraction, (int, float))
+        or not 0.0 < test_fraction < 1.0
+    ):
         raise ValueError(
             "`test_fraction` must be a float strictly between 0 and 1. "
             f"Received: test_fraction={test_fraction!r}."
