@@ -114,6 +114,24 @@ def first_batch(iterator):
     return None
 
 
+def fully_built(model):
+    """Whether model, compiled metrics and loss, and optimizer are built.
+
+    The same test as Keras' private `Trainer._symbolic_build`; reads the
+    private `_compile_metrics` / `_compile_loss` and `_flatten_layers`.
+    """
+    if not all(layer.built for layer in model._flatten_layers()):
+        return False
+    for part in (
+        getattr(model, "_compile_metrics", None),
+        getattr(model, "_compile_loss", None),
+        getattr(model, "optimizer", None),
+    ):
+        if part is not None and not part.built:
+            return False
+    return True
+
+
 def symbolic_build(model, data_batch):
     """Builds model, compiled metrics, loss and optimizer before tracing.
 

@@ -5,6 +5,7 @@
 import warnings
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from fitcustom import _compat
@@ -264,14 +265,17 @@ class TapeModel(keras.Model):
         # also without a strategy (Keras builds symbolically only under
         # one), so that no variable is created while tracing: one trace
         # instead of two, and an optimizer that exists before step one.
+        # Only the first time: reading a batch costs a pass over the input
+        # pipeline's start, which later fit() calls need not pay.
         batch = data_batch
-        if batch is None and iterator is not None:
-            batch = _compat.first_batch(iterator)
-        if batch is not None and self.compiled:
-            _, y, _ = self.unpack_data(batch)
-            self._check_targets(y)
+        if self.compiled and not _compat.fully_built(self):
+            if batch is None and iterator is not None:
+                batch = _compat.first_batch(iterator)
+            if batch is not None:
+                _, y, _ = self.unpack_data(batch)
+                self._check_targets(y)
         super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
-        if self._distribute_strategy is None and self.compiled:
+        if self._distribute_strategy is None and batch is not None:
             _compat.symbolic_build(self, batch)
 
     def _require_compiled(self, method):
@@ -284,8 +288,17 @@ class TapeModel(keras.Model):
             )
 
     def fit(self, *args, **kwargs):
-        """Trains the model; see `keras.Model.fit`."""
+        """Trains the model; see `keras.Model.fit`.
+
+        Without `skip_nonfinite`, the weights are checked once per epoch
+        (no cost per step): if a step made them NaN or inf, training stops
+        with a warning instead of going on silently. With oneDNN (the CPU
+        default) NaN inputs can give a finite loss while the gradients
+        corrupt the weights, so `TerminateOnNaN` alone does not see it.
+        """
         self._require_compiled("fit")
+        if not self._skip_nonfinite:
+            args, kwargs = _add_callback(args, kwargs, _StopOnNonFinite())
         return super().fit(*args, **kwargs)
 
     def evaluate(self, *args, **kwargs):
@@ -525,6 +538,39 @@ class TapeModel(keras.Model):
                 "with `add_loss()`, or override `compute_loss()` to return "
                 "a scalar tensor."
             )
+
+
+class _StopOnNonFinite(keras.callbacks.Callback):
+    """Stops `fit()` at the end of an epoch whose weights are not finite."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        weights = self.model.get_weights()
+        if all(np.isfinite(w).all() for w in weights if w.dtype.kind == "f"):
+            return
+        self.model.stop_training = True
+        warnings.warn(
+            f"Epoch {epoch + 1}: the weights of {self.model.name} contain NaN "
+            "or inf; training stopped. A batch with non-finite values (or an "
+            "exploding step) reached them. Compile with "
+            "skip_nonfinite=True to skip such steps, and check the input "
+            "data.",
+            stacklevel=2,
+        )
+
+
+def _add_callback(args, kwargs, callback):
+    """Adds `callback` to fit()'s callbacks, positional or keyword."""
+    position = 5  # fit(x, y, batch_size, epochs, verbose, callbacks, ...)
+    given = args[position] if len(args) > position else kwargs.get("callbacks")
+    if isinstance(given, keras.callbacks.CallbackList):
+        return args, kwargs  # a ready-made list is the caller's to fill
+    if len(args) > position:
+        args = list(args)
+        args[position] = list(args[position] or []) + [callback]
+        return tuple(args), kwargs
+    kwargs = dict(kwargs)
+    kwargs["callbacks"] = list(kwargs.get("callbacks") or []) + [callback]
+    return args, kwargs
 
 
 def _is_functional_call(args, kwargs):
