@@ -31,6 +31,9 @@ class GradientTransform:
     Example:
 
     ```python
+    import keras
+    import fitcustom
+
     @keras.saving.register_keras_serializable(package="my_project")
     class Negate(fitcustom.GradientTransform):
         def __call__(self, grads, variables, model=None):
@@ -89,6 +92,11 @@ class ClipByGlobalNorm(GradientTransform):
     Example:
 
     ```python
+    import keras
+    import fitcustom
+
+    inputs = keras.Input((4,))
+    model = fitcustom.TapeModel(inputs, keras.layers.Dense(1)(inputs))
     model.compile(
         optimizer="sgd",
         loss="mse",
@@ -126,6 +134,12 @@ class ScaleByLayer(GradientTransform):
     Example:
 
     ```python
+    import keras
+    import fitcustom
+
+    inputs = keras.Input((4,))
+    hidden = keras.layers.Dense(8, name="backbone")(inputs)
+    model = fitcustom.TapeModel(inputs, keras.layers.Dense(3)(hidden))
     model.compile(
         optimizer="adam",
         loss="sparse_categorical_crossentropy",
