@@ -1,7 +1,10 @@
 """Every Python snippet in README.md runs, in order, as a reader would."""
 
+import os
 import pathlib
 import re
+import subprocess
+import sys
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 
@@ -11,21 +14,29 @@ def python_blocks():
     return re.findall(r"```python\n(.*?)```", text, flags=re.S)
 
 
-def test_readme_python_snippets_run(tmp_path, monkeypatch):
+def test_readme_python_snippets_run(tmp_path):
+    """All blocks in order, in a fresh process, as a reader would run them."""
     blocks = python_blocks()
     assert blocks, "README.md has no python snippet"
-    monkeypatch.chdir(tmp_path)  # snippets that write files write here
-    namespace = {"__name__": "__readme__"}
-    for i, block in enumerate(blocks):
-        try:
-            exec(
-                compile(block, f"README.md[python block {i}]", "exec"),
-                namespace,
-            )
-        except Exception as e:  # noqa: BLE001 - name the failing block
-            raise AssertionError(
-                f"README python block {i} failed: {e!r}\n{block}"
-            ) from e
+    script = "\n".join(
+        f"print('--- README block {i}', flush=True)\n{block}"
+        for i, block in enumerate(blocks)
+    )
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    last = [ln for ln in proc.stdout.splitlines() if ln.startswith("---")]
+    assert proc.returncode == 0, (
+        f"README failed after {last[-1] if last else 'start'}:\n"
+        f"{proc.stderr[-3000:]}"
+    )
+    assert len(last) == len(blocks)
 
 
 def test_readme_commands_exist():
