@@ -48,7 +48,7 @@ JOB = textwrap.dedent(
         def on_epoch_begin(self, epoch, logs=None):
             self.epoch = epoch
             with open(os.path.join(out, "epochs.txt"), "a") as f:
-                f.write(f"{epoch}\n")
+                f.write(f"{epoch}\\n")
 
     model.fit(
         x, y, batch_size=16, epochs=4, shuffle=False, verbose=0,
