@@ -132,21 +132,69 @@ def fully_built(model):
     return True
 
 
-def symbolic_build(model, data_batch):
+def local_batch(batch, strategy):
+    """This replica's part of a (possibly distributed) batch."""
+    import tensorflow as tf
+
+    def local(value):
+        if isinstance(value, tf.distribute.DistributedValues):
+            return strategy.experimental_local_results(value)[0]
+        return value
+
+    return tf.nest.map_structure(local, batch)
+
+
+def symbolic_build(model, data_batch, strict=False):
     """Builds model, compiled metrics, loss and optimizer before tracing.
 
     Keras 3.15 does this (private `Trainer._symbolic_build`) only under a
     distribution strategy; otherwise the variables are created while the
     train function is first traced, which makes `tf.function` trace it a
     second time. Building first means one trace (half the warm-up) and an
-    optimizer that exists before the first step. Returns False, leaving
-    the building to the first trace (Keras' default), when the model
-    cannot be built symbolically.
+    optimizer that exists before the first step. Without `strict`, returns
+    False (leaving the building to the first trace, Keras' default) when
+    the model cannot be built symbolically.
     """
-    if data_batch is None:
-        return False
     try:
         model._symbolic_build(data_batch=data_batch)
     except (RuntimeError, TypeError, NotImplementedError):
+        if strict:
+            raise
         return False
     return True
+
+
+def in_multi_worker_mode(strategy=None):
+    """Whether `strategy` is a MultiWorkerMirroredStrategy across workers.
+
+    Reads the private `extended._in_multi_worker_mode()`, the check Keras'
+    own `reduce_per_replica` uses.
+    """
+    import tensorflow as tf
+
+    strategy = strategy or tf.distribute.get_strategy()
+    return (
+        isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+        and strategy.extended._in_multi_worker_mode()
+    )
+
+
+def make_step_function(model, step):
+    """Keras' compiled step function for `step`, multi-worker safe.
+
+    Under multi-worker, Keras 3.15's `reduce_per_replica(..., "auto")` calls
+    `strategy.reduce("MEAN", v, axis=0)` on the step's logs, which fails on
+    scalars: each log value is then given shape `[1]` (the reduction returns
+    a scalar again). Uses the private `Trainer._make_function`.
+    """
+    if in_multi_worker_mode(model.distribute_strategy):
+        check_keras_version("Multi-worker training", strict=True)
+        import tensorflow as tf
+
+        inner = step
+
+        def step(data):
+            logs = inner(data)
+            return {k: tf.reshape(v, [1]) for k, v in logs.items()}
+
+    return model._make_function(step)

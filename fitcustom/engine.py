@@ -261,22 +261,39 @@ class TapeModel(keras.Model):
             self.optimizer.build(self.trainable_variables)
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        # Validate the batch structure before Keras looks at it, then build
-        # also without a strategy (Keras builds symbolically only under
-        # one), so that no variable is created while tracing: one trace
-        # instead of two, and an optimizer that exists before step one.
-        # Only the first time: reading a batch costs a pass over the input
-        # pipeline's start, which later fit() calls need not pay.
+        # Keras builds symbolically only under a strategy, and under a
+        # multi-worker one it fails (it all-reduces the data batch). Build
+        # here in every case, from this replica's part of the first batch,
+        # and only while something is unbuilt: no variable is then created
+        # while tracing (one trace instead of two, an optimizer that exists
+        # before step one), and later fit() calls skip the extra read.
+        if not self.compiled or _compat.fully_built(self):
+            return
         batch = data_batch
-        if self.compiled and not _compat.fully_built(self):
-            if batch is None and iterator is not None:
-                batch = _compat.first_batch(iterator)
-            if batch is not None:
-                _, y, _ = self.unpack_data(batch)
-                self._check_targets(y)
-        super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
-        if self._distribute_strategy is None and batch is not None:
-            _compat.symbolic_build(self, batch)
+        if batch is None and iterator is not None:
+            batch = _compat.first_batch(iterator)
+        if batch is None:
+            return
+        batch = _compat.local_batch(batch, self.distribute_strategy)
+        _, y, _ = self.unpack_data(batch)
+        self._check_targets(y)
+        strict = self._distribute_strategy is not None
+        with self.distribute_strategy.scope():
+            _compat.symbolic_build(self, batch, strict=strict)
+
+    def make_train_function(self, force=False):
+        if self.train_function is None or force:
+            self.train_function = _compat.make_step_function(
+                self, self.train_step
+            )
+        return self.train_function
+
+    def make_test_function(self, force=False):
+        if self.test_function is None or force:
+            self.test_function = _compat.make_step_function(
+                self, self.test_step
+            )
+        return self.test_function
 
     def _require_compiled(self, method):
         if not self.compiled:
