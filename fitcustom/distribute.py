@@ -91,6 +91,18 @@ def all_reduce_sum(values):
     return out
 
 
+def global_norm_of(tensors):
+    """Global L2 norm (float32) of tensors, without any all-reduce."""
+    present = [t for t in tensors if t is not None]
+    if not present:
+        return tf.constant(0.0)
+    squares = [
+        tf.reduce_sum(tf.square(tf.cast(_dense(t), tf.float32)))
+        for t in present
+    ]
+    return tf.sqrt(tf.add_n(squares))
+
+
 def global_norm(grads):
     """Global L2 norm (float32) of the gradients summed over replicas.
 
@@ -98,14 +110,7 @@ def global_norm(grads):
     this is the norm of that sum, the same number a single device computes
     for the same global batch.
     """
-    reduced = [g for g in all_reduce_sum(grads) if g is not None]
-    if not reduced:
-        return tf.constant(0.0)
-    squares = [
-        tf.reduce_sum(tf.square(tf.cast(_dense(g), tf.float32)))
-        for g in reduced
-    ]
-    return tf.sqrt(tf.add_n(squares))
+    return global_norm_of(all_reduce_sum(grads))
 
 
 def all_finite(tensors):

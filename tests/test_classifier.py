@@ -1,0 +1,446 @@
+"""TapeClassifier: parity with built-in fit(), defaults, SAM, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from helpers import assert_history_close
+from helpers import assert_weights_close
+
+import fitcustom
+from fitcustom.datasets import load_digits
+
+
+def mlp(inputs):
+    h = keras.layers.Flatten()(inputs)
+    h = keras.layers.Dense(64, activation="relu")(h)
+    h = keras.layers.Dense(64, activation="relu")(h)
+    return keras.layers.Dense(10)(h)
+
+
+def vgg_like(inputs):
+    """The seeds' CNN: conv 16; conv 32 x2; conv 64 x3; BN; pools; dense."""
+    h = inputs
+    for filters, repeats in ((16, 1), (32, 2), (64, 3)):
+        for _ in range(repeats):
+            h = keras.layers.Conv2D(filters, 3, padding="same")(h)
+            h = keras.layers.BatchNormalization()(h)
+            h = keras.layers.ReLU()(h)
+        h = keras.layers.MaxPooling2D()(h)
+    h = keras.layers.Flatten()(h)
+    h = keras.layers.Dense(256)(h)
+    h = keras.layers.BatchNormalization()(h)
+    h = keras.layers.ReLU()(h)
+    h = keras.layers.Dropout(0.5)(h)
+    return keras.layers.Dense(10)(h)
+
+
+def pair(body, shape):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input(shape)
+    reference = keras.Model(inputs, body(inputs))
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input(shape)
+    ours = fitcustom.TapeClassifier(inputs, body(inputs))
+    ours.set_weights(reference.get_weights())
+    return reference, ours
+
+
+def images(n, shape, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.random((n, *shape), dtype=np.float32)
+    y = rng.integers(0, 10, size=n).astype("int32")
+    return x, y
+
+
+@pytest.mark.parametrize(
+    "body, shape, jit",
+    [
+        (mlp, (28, 28), False),
+        (mlp, (28, 28), True),
+        pytest.param(vgg_like, (28, 28, 1), False, marks=pytest.mark.slow),
+    ],
+    ids=["mlp", "mlp_jit", "vgg_like_cnn"],
+)
+def test_defaults_train_like_builtin(body, shape, jit):
+    x, y = images(88, shape)
+    xv, yv = images(24, shape, seed=1)
+    reference, ours = pair(body, shape)
+    reference.compile(
+        optimizer="adam",
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+        jit_compile=jit,
+    )
+    ours.compile(jit_compile=jit)  # the defaults resolve to the same
+    kwargs = dict(
+        batch_size=32,
+        epochs=2,
+        shuffle=False,
+        verbose=0,
+        validation_data=(xv, yv),
+    )
+    h_ref = reference.fit(x, y, **kwargs).history
+    h_ours = ours.fit(x, y, **kwargs).history
+    assert_weights_close(reference.get_weights(), ours.get_weights())
+    assert_history_close(h_ref, h_ours)
+    ev_ref = reference.evaluate(xv, yv, verbose=0, return_dict=True)
+    ev_ours = ours.evaluate(xv, yv, verbose=0, return_dict=True)
+    assert ev_ref == pytest.approx(ev_ours, rel=1e-6)
+
+
+def test_predict_returns_probabilities_and_classes():
+    x, _ = images(16, (28, 28))
+    reference, ours = pair(mlp, (28, 28))
+    logits = reference.predict(x, verbose=0)
+    probabilities = ours.predict(x, verbose=0)
+    np.testing.assert_allclose(
+        probabilities, tf.nn.softmax(logits).numpy(), rtol=1e-5, atol=1e-7
+    )
+    np.testing.assert_allclose(probabilities.sum(-1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(ours.predict_classes(x), logits.argmax(-1))
+
+
+def test_probability_outputs_are_detected():
+    inputs = keras.Input((5,))
+    softmax_model = fitcustom.TapeClassifier(
+        inputs, keras.layers.Dense(3, activation="softmax")(inputs)
+    )
+    assert softmax_model.from_logits is False
+    inputs = keras.Input((5,))
+    logits_model = fitcustom.TapeClassifier(
+        inputs, keras.layers.Dense(3)(inputs)
+    )
+    assert logits_model.from_logits is True
+    x = np.random.default_rng(0).random((8, 5), dtype=np.float32)
+    out = softmax_model.predict(x, verbose=0)
+    np.testing.assert_allclose(out, softmax_model(x).numpy(), rtol=1e-6)
+    # Declared wins over detected.
+    inputs = keras.Input((5,))
+    declared = fitcustom.TapeClassifier(
+        inputs, keras.layers.Dense(3)(inputs), from_logits=False
+    )
+    assert declared.from_logits is False
+
+
+def test_one_hot_labels_and_label_smoothing_for_both_formats():
+    x, y = images(64, (28, 28))
+    one_hot = keras.utils.to_categorical(y, 10)
+    _, sparse_model = pair(mlp, (28, 28))
+    _, onehot_model = pair(mlp, (28, 28))
+    ref, _ = pair(mlp, (28, 28))
+    sparse_model.compile(label_smoothing=0.1)
+    onehot_model.compile(label_smoothing=0.1)
+    ref.compile(
+        optimizer="adam",
+        loss=keras.losses.CategoricalCrossentropy(
+            from_logits=True, label_smoothing=0.1
+        ),
+        metrics=["accuracy"],
+    )
+    kwargs = dict(batch_size=32, epochs=2, shuffle=False, verbose=0)
+    h_sparse = sparse_model.fit(x, y, **kwargs).history
+    h_onehot = onehot_model.fit(x, one_hot, **kwargs).history
+    h_ref = ref.fit(x, one_hot, **kwargs).history
+    assert_weights_close(ref.get_weights(), onehot_model.get_weights())
+    assert_weights_close(ref.get_weights(), sparse_model.get_weights())
+    np.testing.assert_allclose(h_sparse["loss"], h_ref["loss"], rtol=1e-6)
+    np.testing.assert_allclose(h_onehot["loss"], h_ref["loss"], rtol=1e-6)
+    # Smoothing changes the loss (the test can fail).
+    plain, _ = pair(mlp, (28, 28))
+    plain.compile(
+        optimizer="adam",
+        loss=keras.losses.CategoricalCrossentropy(from_logits=True),
+    )
+    h_plain = plain.fit(x, one_hot, **kwargs).history
+    assert abs(h_plain["loss"][0] - h_ref["loss"][0]) > 1e-3
+
+
+def test_backbone_head_and_layer_scaling():
+    x, y = images(64, (28, 28))
+    keras.utils.set_random_seed(0)
+    backbone = keras.Sequential(
+        [
+            keras.Input((28, 28)),
+            keras.layers.Flatten(),
+            keras.layers.Dense(32, activation="relu"),
+        ],
+        name="backbone",
+    )
+    model = fitcustom.TapeClassifier(backbone=backbone, num_classes=10)
+    model.compile(
+        gradient_transforms=[fitcustom.ScaleByLayer({"backbone": 0.0})],
+        skip_nonfinite=True,
+    )
+    model.fit(x[:1], y[:1], verbose=0, epochs=1)  # builds
+    frozen = [w.numpy() for w in backbone.weights]
+    head = model.get_layer("classifier_head")
+    head_before = [w.numpy() for w in head.weights]
+    model.fit(x, y, batch_size=16, epochs=2, verbose=0)
+    assert_weights_close(frozen, [w.numpy() for w in backbone.weights], atol=0)
+    assert (
+        max(
+            np.abs(a - b.numpy()).max()
+            for a, b in zip(head_before, head.weights)
+        )
+        > 1e-3
+    )
+    assert model.predict(x, verbose=0).shape == (64, 10)
+
+
+def _hand_sam(model, x, y, rho, lr, steps, batch):
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    variables = model.trainable_weights
+    for step in range(steps):
+        xb = x[step * batch : (step + 1) * batch]
+        yb = y[step * batch : (step + 1) * batch]
+        with tf.GradientTape() as tape:
+            loss = loss_fn(yb, model(xb, training=True))
+        grads = tape.gradient(loss, variables)
+        norm = tf.linalg.global_norm(grads)
+        eps = [g * rho / (norm + 1e-12) for g in grads]
+        for v, e in zip(variables, eps):
+            v.assign_add(e)
+        with tf.GradientTape() as tape:
+            loss = loss_fn(yb, model(xb, training=True))
+        sharp = tape.gradient(loss, variables)
+        for v, e, g in zip(variables, eps, sharp):
+            v.assign_sub(e)
+            v.assign_sub(lr * g)
+
+
+def test_sam_equals_hand_written_sam_loop():
+    x, y = images(48, (28, 28))
+    reference, ours = pair(mlp, (28, 28))
+    _hand_sam(reference, x, y, rho=0.05, lr=0.1, steps=3, batch=16)
+    ours.compile(optimizer=keras.optimizers.SGD(0.1), sam_rho=0.05)
+    ours.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    assert_weights_close(reference.get_weights(), ours.get_weights())
+    # SAM differs from the plain step (the comparison can fail).
+    _, plain = pair(mlp, (28, 28))
+    plain.compile(optimizer=keras.optimizers.SGD(0.1))
+    plain.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    assert (
+        max(
+            np.abs(a - b).max()
+            for a, b in zip(plain.get_weights(), ours.get_weights())
+        )
+        > 1e-5
+    )
+
+
+def test_sam_two_replicas_match_one_device(two_replicas):
+    x, y = images(32, (28, 28))
+    _, single = pair(mlp, (28, 28))
+    init = single.get_weights()
+    with two_replicas.scope():
+        inputs = keras.Input((28, 28))
+        mirrored = fitcustom.TapeClassifier(inputs, mlp(inputs))
+        mirrored.set_weights(init)
+        mirrored.compile(optimizer=keras.optimizers.SGD(0.1), sam_rho=0.05)
+    single.compile(optimizer=keras.optimizers.SGD(0.1), sam_rho=0.05)
+    kwargs = dict(batch_size=16, epochs=1, shuffle=False, verbose=0)
+    h1 = single.fit(x, y, **kwargs).history
+    h2 = mirrored.fit(x, y, **kwargs).history
+    assert_weights_close(single.get_weights(), mirrored.get_weights())
+    np.testing.assert_allclose(h1["loss"], h2["loss"], rtol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["defaults", "sam", "layer_scaling"])
+def test_learns_digits(variant):
+    """>= 95% held-out accuracy on scikit-learn's digits, in < 60 s."""
+    (x, y), (xt, yt) = load_digits()
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input(x.shape[1:])
+    h = keras.layers.Flatten()(inputs)
+    h = keras.layers.Dense(128, activation="relu", name="hidden")(h)
+    model = fitcustom.TapeClassifier(inputs, keras.layers.Dense(10)(h))
+    options = {
+        "defaults": {},
+        "sam": {"sam_rho": 0.05},
+        "layer_scaling": {
+            "gradient_transforms": [fitcustom.ScaleByLayer({"hidden": 0.5})]
+        },
+    }[variant]
+    model.compile(**options)
+    start = time.perf_counter()
+    model.fit(x, y, batch_size=32, epochs=30, verbose=0)
+    seconds = time.perf_counter() - start
+    accuracy = model.evaluate(xt, yt, verbose=0, return_dict=True)["accuracy"]
+    print(f"{variant}: test accuracy {accuracy:.4f} in {seconds:.1f} s")
+    assert accuracy >= 0.95
+    assert seconds < 60
+
+
+# ----------------------------------------------------------------------
+# Bad input: refused before any weight changes
+# ----------------------------------------------------------------------
+
+
+def _compiled():
+    inputs = keras.Input((8, 8, 1))
+    h = keras.layers.Flatten()(inputs)
+    model = fitcustom.TapeClassifier(inputs, keras.layers.Dense(10)(h))
+    model.compile()
+    return model
+
+
+def _bad(case):
+    x, y = images(20, (8, 8, 1))
+    if case == "label_out_of_range":
+        y = y.copy()
+        y[3] = 10
+    elif case == "negative_label":
+        y = y.copy()
+        y[0] = -1
+    elif case == "float_labels":
+        y = y.astype("float32") + 0.6
+    elif case == "one_hot_width":
+        y = keras.utils.to_categorical(y % 5, 5)
+    elif case == "nan_x":
+        x = x.copy()
+        x[2, 1, 1, 0] = np.nan
+    elif case == "inf_y":
+        y = keras.utils.to_categorical(y, 10)
+        y[4, 0] = np.inf
+    elif case == "empty":
+        x, y = x[:0], y[:0]
+    elif case == "channels_first":
+        x = np.zeros((20, 1, 8, 8), np.float32)
+    return x, y
+
+
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("label_out_of_range", r"class ids in \[0, 10\).*from \d+ to 10"),
+        ("negative_label", r"from -1 to"),
+        ("float_labels", "whole numbers.*truncate"),
+        ("one_hot_width", r"width differs.*\(20, 5\)"),
+        ("nan_x", "`x` contains NaN or inf"),
+        ("inf_y", "`y` contains NaN or inf"),
+        ("empty", "empty"),
+        ("channels_first", r"Received: samples of shape \(1, 8, 8\)"),
+    ],
+)
+def test_bad_input_is_refused_before_training(case, match):
+    model = _compiled()
+    before = model.get_weights()
+    x, y = _bad(case)
+    with pytest.raises(ValueError, match=match):
+        model.fit(x, y, verbose=0)
+    assert_weights_close(before, model.get_weights(), atol=0)
+
+
+def test_check_inputs_can_be_turned_off():
+    model = _compiled()
+    model.compile(check_inputs=False, skip_nonfinite=True)
+    x, y = _bad("nan_x")
+    history = model.fit(x, y, batch_size=20, verbose=0).history
+    assert history["nonfinite_steps"] == [1.0]
+
+
+def test_tf_data_spec_is_checked():
+    model = _compiled()
+    x = np.zeros((8, 10, 10, 1), np.float32)
+    ds = tf.data.Dataset.from_tensor_slices((x, np.zeros(8, "int32")))
+    with pytest.raises(ValueError, match="dataset x"):
+        model.fit(ds.batch(4), verbose=0)
+
+
+def test_check_overhead_is_small_next_to_an_epoch():
+    """The checks are vectorised scans: a small fraction of one epoch."""
+    x, y = images(20000, (28, 28))
+    inputs = keras.Input((28, 28))
+    model = fitcustom.TapeClassifier(inputs, mlp(inputs))
+    model.compile()
+    start = time.perf_counter()
+    model.check_data(x, y)
+    check = time.perf_counter() - start
+    assert check < 1.0, f"checks took {check:.2f} s for 20000 images"
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(loss="mse", label_smoothing=0.1), "label_smoothing"),
+        (dict(sam_rho=-1), "sam_rho"),
+        (dict(check_inputs="no"), "check_inputs"),
+    ],
+)
+def test_bad_compile_arguments(kwargs, match):
+    inputs = keras.Input((4,))
+    model = fitcustom.TapeClassifier(inputs, keras.layers.Dense(3)(inputs))
+    with pytest.raises(ValueError, match=match):
+        model.compile(**kwargs)
+
+
+def test_backbone_needs_num_classes():
+    with pytest.raises(ValueError, match="num_classes"):
+        fitcustom.TapeClassifier(backbone=keras.layers.Dense(4))
+
+
+# ----------------------------------------------------------------------
+# Save, load in a fresh process, continue exactly
+# ----------------------------------------------------------------------
+
+CONTINUE = textwrap.dedent(
+    """
+    import sys
+    import keras
+    import numpy as np
+    import fitcustom  # registers the classes
+
+    path, data, out = sys.argv[1:4]
+    model = keras.models.load_model(path, safe_mode=True)
+    assert isinstance(model, fitcustom.TapeClassifier), type(model)
+    with np.load(data) as f:
+        x, y = f["x"], f["y"]
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    np.savez(out, *model.get_weights(),
+             iterations=model.optimizer.iterations.numpy())
+    """
+)
+
+
+@pytest.mark.slow
+def test_save_load_in_fresh_process_continues_exactly(tmp_path):
+    x, y = images(64, (28, 28))
+    _, model = pair(mlp, (28, 28))
+    model.compile(
+        label_smoothing=0.1,
+        gradient_transforms=[fitcustom.ClipByGlobalNorm(2.0)],
+    )
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    model.save(tmp_path / "model.keras")
+    np.savez(tmp_path / "data.npz", x=x, y=y)
+    (tmp_path / "continue.py").write_text(CONTINUE)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(tmp_path / "continue.py"),
+            str(tmp_path / "model.keras"),
+            str(tmp_path / "data.npz"),
+            str(tmp_path / "out.npz"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    with np.load(tmp_path / "out.npz") as f:
+        loaded = [f[f"arr_{i}"] for i in range(len(f.files) - 1)]
+        assert int(f["iterations"]) == 8
+    assert_weights_close(model.get_weights(), loaded, atol=0)
+    config = json.loads(json.dumps(model.get_compile_config()))
+    assert config["label_smoothing"] == 0.1
