@@ -405,7 +405,7 @@ class TapeClassifier(TapeModel):
             None if g is None else g * tf.cast(factor / scale, g.dtype)
             for g in summed
         ]
-        _assign_add(variables, perturbation, sign=1.0)
+        distribute.assign_add_everywhere(variables, perturbation)
         with tf.GradientTape() as tape:
             y_pred_sharp = self.forward(x, training=True)
             loss_sharp = self._compute_loss(
@@ -417,7 +417,9 @@ class TapeClassifier(TapeModel):
             )
             scaled_sharp = self.scale_loss(loss_sharp)
         sharp_grads = self.compute_gradients(tape, scaled_sharp, variables)
-        _assign_add(variables, perturbation, sign=-1.0)
+        distribute.assign_add_everywhere(
+            variables, [None if e is None else -e for e in perturbation]
+        )
         guard = self._skip_nonfinite
         finite = self.check_finite(loss_sharp, sharp_grads) if guard else None
         sharp_grads = self.transform_gradients(sharp_grads, variables)
@@ -435,28 +437,3 @@ def _scale_of(optimizer):
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
         return tf.cast(optimizer.dynamic_scale, tf.float32)
     return tf.constant(1.0)
-
-
-def _assign_add(variables, deltas, sign):
-    """Adds `sign * delta` to each variable, on every replica alike.
-
-    Mirrored variables cannot be assigned in a replica context, so the
-    update runs in the cross-replica context (`merge_call`), as the
-    optimizer's own updates do.
-    """
-    pairs = []
-    for v, d in zip(variables, deltas):
-        if d is not None:
-            value = v.value if hasattr(v, "value") else v
-            pairs.append((value, sign * tf.cast(d, value.dtype)))
-
-    def update(strategy, pairs_):
-        for value, delta in pairs_:
-            strategy.extended.update(
-                value,
-                lambda var, dv: var.assign_add(dv),
-                args=(delta,),
-                group=False,
-            )
-
-    tf.distribute.get_replica_context().merge_call(update, args=(pairs,))

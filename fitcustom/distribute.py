@@ -140,3 +140,29 @@ def replica_id():
     if ctx is None:
         return tf.constant(0, tf.int32)
     return tf.cast(ctx.replica_id_in_sync_group, tf.int32)
+
+
+def assign_add_everywhere(variables, deltas):
+    """`variable += delta` for each pair, identically on every replica.
+
+    Mirrored variables cannot be assigned in a replica context, so the
+    update runs in the cross-replica context (`merge_call`), as the
+    optimizer's own updates do. `deltas` must be equal on all replicas.
+    `None` deltas are skipped.
+    """
+    pairs = []
+    for v, d in zip(variables, deltas):
+        if d is not None:
+            value = v.value if hasattr(v, "value") else v
+            pairs.append((value, tf.cast(d, value.dtype)))
+
+    def update(strategy, pairs_):
+        for value, delta in pairs_:
+            strategy.extended.update(
+                value,
+                lambda var, dv: var.assign_add(dv),
+                args=(delta,),
+                group=False,
+            )
+
+    tf.distribute.get_replica_context().merge_call(update, args=(pairs,))
