@@ -1,9 +1,12 @@
 """fitcustom: custom GradientTape training steps that keep `fit()`."""
 
 from fitcustom import distribute as distribute
+from fitcustom import gan_losses as gan_losses
+from fitcustom.callbacks import SampleGrid as SampleGrid
 from fitcustom.classifier import ClassifierLoss as ClassifierLoss
 from fitcustom.classifier import TapeClassifier as TapeClassifier
 from fitcustom.engine import TapeModel as TapeModel
+from fitcustom.gan import TapeGAN as TapeGAN
 from fitcustom.transforms import ClipByGlobalNorm as ClipByGlobalNorm
 from fitcustom.transforms import GradientTransform as GradientTransform
 from fitcustom.transforms import ScaleByLayer as ScaleByLayer
@@ -14,8 +17,11 @@ __all__ = [
     "ClassifierLoss",
     "ClipByGlobalNorm",
     "GradientTransform",
+    "SampleGrid",
     "ScaleByLayer",
     "TapeClassifier",
+    "TapeGAN",
     "TapeModel",
     "distribute",
+    "gan_losses",
 ]

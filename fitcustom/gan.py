@@ -1,0 +1,641 @@
+"""`TapeGAN`: a generator and a discriminator trained adversarially by fit()."""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from fitcustom import _compat
+from fitcustom import distribute
+from fitcustom import gan_losses
+from fitcustom.engine import TapeModel
+
+_STREAMS = 8  # stateless seed streams per draw: latent, targets, penalty
+
+
+@keras.saving.register_keras_serializable(package="fitcustom")
+class TapeGAN(TapeModel):
+    """A GAN trained with `compile()` / `fit(real_images)`.
+
+    Each step runs `n_critic` discriminator updates, each on its own slice
+    of the real batch, then one generator update; with `simultaneous=True`
+    (and `n_critic=1`) both networks are updated from one forward pass, as
+    in TensorFlow's DCGAN tutorial. Both networks are called with
+    `training=True`. Losses are reduced per replica and divided by the
+    number of replicas, like Keras' own; both optimizers get loss scaling
+    under `mixed_float16`. The step reuses the engine's pieces, so
+    `gradient_transforms`, `log_gradient_norm` and `skip_nonfinite` apply
+    to both networks.
+
+    Latent noise is drawn with stateless RNG from `(seed, step)` and the
+    replica id, where the step is the generator optimizer's `iterations`:
+    replicas draw different noise, and a model restored by
+    `BackupAndRestore` or `load_model` continues with exactly the noise the
+    uninterrupted run would have drawn (the RNG state is the optimizer
+    state). Override `sample_latent` to feed noise yourself.
+
+    When the data is `(images, labels)`, the GAN is conditional: the
+    generator is called on `[z, labels]` and the discriminator on
+    `[images, labels]`.
+
+    Logged (epoch means): `d_loss`, `g_loss`, `gradient_penalty` /
+    `r1_penalty` when used, and `loss` = `d_loss + g_loss`, which is NaN
+    as soon as either is, so that `TerminateOnNaN` works; monitor `g_loss`
+    or `d_loss` for `EarlyStopping` / `ModelCheckpoint`.
+
+    Args:
+        generator: `keras.Model` mapping `latent_dim` vectors (and labels)
+            to images.
+        discriminator: `keras.Model` mapping images (and labels) to one
+            logit (or score) per image.
+        latent_dim: Size of the latent vectors.
+        n_critic: Discriminator updates per generator update. Defaults
+            to 1.
+        ema_decay: If set (e.g. 0.999), keep an exponential moving average
+            of the generator's weights, used by `generate()`. Defaults to
+            `None`.
+        simultaneous: Update both networks from the same forward pass.
+            Defaults to `False`.
+        seed: Base seed of the latent noise. Defaults to 0.
+
+    Example:
+
+    ```python
+    import keras
+    import numpy as np
+    import fitcustom
+
+    generator = keras.Sequential([
+        keras.Input((8,)), keras.layers.Dense(16, activation="tanh"),
+        keras.layers.Reshape((4, 4, 1))])
+    discriminator = keras.Sequential([
+        keras.Input((4, 4, 1)), keras.layers.Flatten(), keras.layers.Dense(1)])
+    gan = fitcustom.TapeGAN(generator=generator,
+                            discriminator=discriminator, latent_dim=8)
+    gan.compile(d_optimizer=keras.optimizers.Adam(2e-4),
+                g_optimizer=keras.optimizers.Adam(2e-4))
+    real = np.random.uniform(-1, 1, (64, 4, 4, 1)).astype("float32")
+    history = gan.fit(real, batch_size=16, epochs=1, verbose=0)
+    samples = gan.generate(4, seed=1)  # the same for the same seed
+    ```
+    """
+
+    def __init__(
+        self,
+        generator,
+        discriminator,
+        latent_dim: int,
+        n_critic: int = 1,
+        ema_decay: float | None = None,
+        simultaneous: bool = False,
+        seed: int = 0,
+        **kwargs,
+    ):
+        for name, net in (
+            ("generator", generator),
+            ("discriminator", discriminator),
+        ):
+            if not isinstance(net, keras.Layer):
+                raise ValueError(
+                    f"`{name}` must be a keras.Model. Received: {name}="
+                    f"{net!r} of type {type(net).__name__}."
+                )
+        for name, value in (("latent_dim", latent_dim), ("n_critic", n_critic)):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or (value < 1)
+            ):
+                raise ValueError(
+                    f"`{name}` must be an int >= 1. Received: {name}={value!r}."
+                )
+        if ema_decay is not None and not 0.0 < ema_decay < 1.0:
+            raise ValueError(
+                "`ema_decay` must be in (0, 1) or None. "
+                f"Received: ema_decay={ema_decay!r}."
+            )
+        if simultaneous and n_critic != 1:
+            raise ValueError(
+                "`simultaneous=True` updates both networks from one forward "
+                f"pass and needs n_critic=1. Received: n_critic={n_critic}."
+            )
+        kwargs.setdefault("name", "tape_gan")
+        super().__init__(**kwargs)
+        self.generator = generator
+        self.discriminator = discriminator
+        self.latent_dim = latent_dim
+        self.n_critic = n_critic
+        self.ema_decay = ema_decay
+        self.simultaneous = bool(simultaneous)
+        self.seed = int(seed)
+        self.ema_generator = None
+        if ema_decay is not None:
+            try:
+                self.ema_generator = keras.models.clone_model(generator)
+            except ValueError as e:
+                raise ValueError(
+                    "`ema_decay` needs a generator that keras.models."
+                    "clone_model can copy (functional or Sequential). "
+                    f"Received: {type(generator).__name__}: {e}"
+                ) from e
+        self.d_loss_tracker = keras.metrics.Mean(name="d_loss")
+        self.g_loss_tracker = keras.metrics.Mean(name="g_loss")
+        self.gp_tracker = keras.metrics.Mean(name="gradient_penalty")
+        self.r1_tracker = keras.metrics.Mean(name="r1_penalty")
+        self.d_optimizer = None
+        self.g_optimizer = None
+        self.gan_loss = gan_losses.get("non_saturating")
+        self._gan_compile_args = {}
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            generator=keras.saving.serialize_keras_object(self.generator),
+            discriminator=keras.saving.serialize_keras_object(
+                self.discriminator
+            ),
+            latent_dim=self.latent_dim,
+            n_critic=self.n_critic,
+            ema_decay=self.ema_decay,
+            simultaneous=self.simultaneous,
+            seed=self.seed,
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        for key in ("generator", "discriminator"):
+            config[key] = keras.saving.deserialize_keras_object(
+                config[key], custom_objects=custom_objects
+            )
+        return cls(**config)
+
+    def call(self, inputs, training=None):
+        """The discriminator's scores for `inputs` (images, or
+        `[images, labels]` for a conditional GAN)."""
+        return self.discriminator(inputs, training=training)
+
+    @property
+    def metrics(self):
+        hidden = []
+        if not getattr(self.gan_loss, "gradient_penalty", False):
+            hidden.append(self.gp_tracker)
+        if not self._gan_compile_args.get("r1_gamma"):
+            hidden.append(self.r1_tracker)
+        return [m for m in super().metrics if not any(m is h for h in hidden)]
+
+    # ------------------------------------------------------------------
+    # compile and building
+    # ------------------------------------------------------------------
+
+    def compile(
+        self,
+        d_optimizer="adam",
+        g_optimizer="adam",
+        loss="non_saturating",
+        *,
+        gp_weight: float = 10.0,
+        r1_gamma: float | None = None,
+        label_smoothing: float = 0.0,
+        label_noise: float = 0.0,
+        optimizer=None,
+        **kwargs,
+    ):
+        """Configures adversarial training.
+
+        Args:
+            d_optimizer: Discriminator optimizer (name or instance).
+                Defaults to `"adam"`.
+            g_optimizer: Generator optimizer. Defaults to `"adam"`.
+            loss: Loss family: one of `fitcustom.gan_losses.LOSSES`
+                (`"non_saturating"`, `"minimax"`, `"wasserstein"`,
+                `"hinge"`, `"least_squares"`). Defaults to
+                `"non_saturating"`.
+            gp_weight: Weight of the gradient penalty (Wasserstein only).
+                Defaults to 10.
+            r1_gamma: If set, adds `r1_gamma / 2 * ||grad D(real)||^2` to
+                the discriminator loss. Defaults to `None`.
+            label_smoothing: Real-image target `1 - label_smoothing` for
+                the discriminator (cross-entropy and least-squares
+                losses). Defaults to 0.
+            label_noise: Adds `label_noise * U[0, 1]` to the
+                discriminator's targets (the seeds use 0.05). Defaults
+                to 0.
+            optimizer: Unused (a GAN has two); must stay `None`.
+            **kwargs: `fitcustom.TapeModel.compile` options
+                (`gradient_transforms`, `skip_nonfinite`, `run_eagerly`,
+                `steps_per_execution`, `jit_compile`, ...).
+        """
+        if optimizer is not None:
+            raise ValueError(
+                "TapeGAN has two optimizers: pass d_optimizer= and "
+                f"g_optimizer=. Received: optimizer={optimizer!r}."
+            )
+        gan_loss = gan_losses.get(loss)
+        for name, value in (
+            ("label_smoothing", label_smoothing),
+            ("label_noise", label_noise),
+        ):
+            if not 0.0 <= value < 1.0:
+                raise ValueError(
+                    f"`{name}` must be in [0, 1). Received: {name}={value}."
+                )
+        if r1_gamma is not None and r1_gamma <= 0:
+            raise ValueError(
+                f"`r1_gamma` must be > 0 or None. Received: {r1_gamma}."
+            )
+        kwargs.pop("loss_weights", None)
+        kwargs.pop("metrics", None)
+        super().compile(optimizer=None, loss=None, metrics=None, **kwargs)
+        self.d_optimizer = _wrap(keras.optimizers.get(d_optimizer), self)
+        self.g_optimizer = _wrap(keras.optimizers.get(g_optimizer), self)
+        if self.d_optimizer is self.g_optimizer:
+            raise ValueError(
+                "d_optimizer and g_optimizer must be two optimizer objects "
+                "(each keeps its own state). Received the same object twice."
+            )
+        self.gan_loss = gan_loss
+        self._gan_compile_args = {
+            "d_optimizer": self.d_optimizer,
+            "g_optimizer": self.g_optimizer,
+            "loss": gan_loss.name,
+            "gp_weight": float(gp_weight),
+            "r1_gamma": r1_gamma,
+            "label_smoothing": float(label_smoothing),
+            "label_noise": float(label_noise),
+        }
+        if self.generator.built and self.discriminator.built:
+            self._build_optimizers()
+
+    def get_compile_config(self):
+        config = super().get_compile_config()
+        if config:
+            config.pop("optimizer", None)
+            for key in ("loss_weights", "metrics", "weighted_metrics"):
+                config.pop(key, None)
+            config.update(
+                keras.saving.serialize_keras_object(self._gan_compile_args)
+            )
+        return config
+
+    def compile_from_config(self, config):
+        config = keras.saving.deserialize_keras_object(config)
+        for name in ("d_optimizer", "g_optimizer"):
+            opt = config.get(name)
+            if isinstance(opt, keras.optimizers.LossScaleOptimizer):
+                config[name] = opt  # _wrap keeps it as it is
+        self.compile(**config)
+
+    def _build_optimizers(self):
+        for opt, net in (
+            (self.d_optimizer, self.discriminator),
+            (self.g_optimizer, self.generator),
+        ):
+            if opt is not None and not opt.built:
+                opt.build(net.trainable_weights)
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        if (
+            self.built
+            and self.d_optimizer is not None
+            and (self.d_optimizer.built)
+        ):
+            return
+        batch = data_batch
+        if batch is None and iterator is not None:
+            batch = _compat.first_batch(iterator)
+        if batch is None:
+            return
+        batch = _compat.local_batch(batch, self.distribute_strategy)
+        images, labels, _ = self.unpack_data(batch)
+        with self.distribute_strategy.scope():
+            self.build_networks(images.shape, labels)
+
+    def build_networks(self, image_shape, labels=None):
+        """Builds both networks (and optimizers) and checks they fit.
+
+        Args:
+            image_shape: Shape of a batch of real images.
+            labels: Optional batch of class labels (conditional GAN).
+
+        Raises:
+            ValueError: The images do not fit the discriminator, or the
+                generator's output does not.
+        """
+        conditions = None
+        if labels is not None:
+            conditions = tf.zeros([1] + list(labels.shape[1:]), labels.dtype)
+        z = tf.zeros([1, self.latent_dim])
+        try:
+            fake = self._generate(z, conditions, training=False)
+        except Exception as e:
+            raise ValueError(
+                f"The generator cannot take latent vectors of size "
+                f"{self.latent_dim}"
+                + (" with labels" if conditions is not None else "")
+                + f". Received: {type(e).__name__}: {e}"
+            ) from e
+        d_shape = _input_shape(self.discriminator)
+        if d_shape is not None:
+            expected = tuple(d_shape[1:])
+            if tuple(fake.shape[1:]) != expected:
+                raise ValueError(
+                    "The generator's output does not fit the "
+                    f"discriminator. Received: generator output shape "
+                    f"{tuple(fake.shape[1:])}. Expected: the "
+                    f"discriminator's input shape {expected}."
+                )
+            if tuple(image_shape[1:]) != expected:
+                raise ValueError(
+                    "The real images do not fit the discriminator. "
+                    f"Received: images of shape {tuple(image_shape[1:])}. "
+                    f"Expected: {expected}. Resize or reshape the data, or "
+                    "change the discriminator's input."
+                )
+        self._discriminate(fake, conditions, training=False)
+        if self.ema_generator is not None and not self.ema_generator.built:
+            self._generate(z, conditions, training=False, ema=True)
+            self.ema_generator.set_weights(self.generator.get_weights())
+        self._build_optimizers()
+        self.built = True
+
+    # ------------------------------------------------------------------
+    # Pieces
+    # ------------------------------------------------------------------
+
+    def _seed(self, stream, counter=None):
+        if counter is None:
+            counter = self.g_optimizer.iterations
+        counter = tf.cast(counter, tf.int64) * _STREAMS + stream
+        seed = tf.stack([tf.constant(self.seed, tf.int64), counter])
+        return tf.random.experimental.stateless_fold_in(
+            seed, distribute.replica_id()
+        )
+
+    def sample_latent(self, batch_size, stream):
+        """Latent vectors for one draw of a step (override to feed noise).
+
+        Args:
+            batch_size: Number of vectors.
+            stream: Index of the draw within the step (0..n_critic).
+        """
+        return tf.random.stateless_normal(
+            [batch_size, self.latent_dim], self._seed(stream)
+        )
+
+    def _generate(self, z, conditions, training, ema=False):
+        net = self.ema_generator if ema else self.generator
+        inputs = z if conditions is None else [z, conditions]
+        return net(inputs, training=training)
+
+    def _discriminate(self, images, conditions, training):
+        inputs = images if conditions is None else [images, conditions]
+        return self.discriminator(inputs, training=training)
+
+    def _targets(self, batch_size, stream):
+        args = self._gan_compile_args
+        real = tf.fill([batch_size, 1], 1.0 - args.get("label_smoothing", 0))
+        fake = tf.zeros([batch_size, 1])
+        noise = args.get("label_noise", 0.0)
+        if noise:
+            seed = self._seed(stream)
+            u = tf.random.stateless_uniform([2, batch_size, 1], seed)
+            real = real + noise * u[0]
+            fake = fake + noise * u[1]
+        return real, fake
+
+    def _extra_losses(self, net):
+        if not net.losses:
+            return 0.0
+        return distribute.scale_loss_for_replicas(tf.add_n(net.losses))
+
+    def _discriminator_loss(self, real, fake, conditions, stream):
+        args = self._gan_compile_args
+        real_logits = self._discriminate(real, conditions, training=True)
+        fake_logits = self._discriminate(fake, conditions, training=True)
+        real_t, fake_t = self._targets(tf.shape(real)[0], _STREAMS - 1)
+        d_loss = distribute.mean_loss(
+            self.gan_loss.discriminator(
+                real_logits, fake_logits, real_t, fake_t
+            )
+        )
+        total = d_loss + self._extra_losses(self.discriminator)
+        penalties = {}
+        if self.gan_loss.gradient_penalty:
+            gp = distribute.mean_loss(
+                gan_losses.gradient_penalty(
+                    self.discriminator,
+                    real,
+                    fake,
+                    self._seed(_STREAMS - 2 - stream % 2),
+                    conditions,
+                )
+            )
+            penalties["gradient_penalty"] = gp
+            total = total + args["gp_weight"] * gp
+        if args.get("r1_gamma"):
+            r1 = distribute.mean_loss(
+                gan_losses.r1_penalty(self.discriminator, real, conditions)
+            )
+            penalties["r1_penalty"] = r1
+            total = total + 0.5 * args["r1_gamma"] * r1
+        return d_loss, total, penalties
+
+    def _update(self, tape, scaled, total, variables, optimizer):
+        """Gradients of `scaled` (the loss-scaled `total`), then the
+        engine's guard, transforms and optimizer; returns the guard's
+        verdict (None without the guard)."""
+        grads = self.compute_gradients(tape, scaled, variables)
+        finite = None
+        if self._skip_nonfinite:
+            finite = self.check_finite(total, grads, optimizer)
+        grads = self.transform_gradients(grads, variables, optimizer)
+        self.apply_gradients(grads, variables, optimizer, finite)
+        return finite
+
+    def _track(self, tracker, value, batch_size, finite):
+        value = distribute.unscale_loss_for_replicas(value)
+        weight = tf.cast(batch_size, tf.float32)
+        if finite is not None:
+            value = tf.where(finite, value, tf.zeros_like(value))
+            weight = tf.where(finite, weight, 0.0)
+        tracker.update_state(value, sample_weight=weight)
+
+    def _update_ema(self):
+        decay = self.ema_decay
+        deltas = [
+            (1.0 - decay) * (w - e)
+            for w, e in zip(self.generator.weights, self.ema_generator.weights)
+        ]
+        distribute.assign_add_everywhere(self.ema_generator.weights, deltas)
+
+    # ------------------------------------------------------------------
+    # Steps
+    # ------------------------------------------------------------------
+
+    def train_step(self, data):
+        real, conditions, _ = self.unpack_data(data)
+        if self.d_optimizer is None:
+            self._require_compiled("fit")
+        batch = tf.shape(real)[0]
+        m = batch // self.n_critic
+        d_vars = self.discriminator.trainable_weights
+        g_vars = self.generator.trainable_weights
+        oks = []
+        if self.simultaneous:
+            z = self.sample_latent(batch, 0)
+            with tf.GradientTape() as d_tape, tf.GradientTape() as g_tape:
+                fake = self._generate(z, conditions, training=True)
+                d_loss, d_total, penalties = self._discriminator_loss(
+                    real, fake, conditions, 0
+                )
+                d_scaled = self.scale_loss(d_total, self.d_optimizer)
+                fake_logits = self._discriminate(fake, conditions, True)
+                g_loss = distribute.mean_loss(
+                    self.gan_loss.generator(fake_logits)
+                )
+                g_total = g_loss + self._extra_losses(self.generator)
+                g_scaled = self.scale_loss(g_total, self.g_optimizer)
+            d_ok = self._update(
+                d_tape, d_scaled, d_total, d_vars, self.d_optimizer
+            )
+            g_ok = self._update(
+                g_tape, g_scaled, g_total, g_vars, self.g_optimizer
+            )
+            oks = [d_ok, g_ok]
+            d_losses = [(d_loss, penalties, d_ok, batch)]
+            g_size = batch
+        else:
+            d_losses = []
+            for k in range(self.n_critic):
+                real_k = real[k * m : (k + 1) * m]
+                cond_k = (
+                    None
+                    if conditions is None
+                    else conditions[k * m : (k + 1) * m]
+                )
+                z = self.sample_latent(m, k)
+                with tf.GradientTape() as tape:
+                    fake = self._generate(z, cond_k, training=True)
+                    d_loss, d_total, penalties = self._discriminator_loss(
+                        real_k, fake, cond_k, k
+                    )
+                    d_scaled = self.scale_loss(d_total, self.d_optimizer)
+                ok = self._update(
+                    tape, d_scaled, d_total, d_vars, self.d_optimizer
+                )
+                d_losses.append((d_loss, penalties, ok, m))
+            cond_g = None if conditions is None else conditions[:m]
+            z = self.sample_latent(m, self.n_critic)
+            with tf.GradientTape() as tape:
+                fake = self._generate(z, cond_g, training=True)
+                fake_logits = self._discriminate(fake, cond_g, True)
+                g_loss = distribute.mean_loss(
+                    self.gan_loss.generator(fake_logits)
+                )
+                g_total = g_loss + self._extra_losses(self.generator)
+                g_scaled = self.scale_loss(g_total, self.g_optimizer)
+            g_ok = self._update(
+                tape, g_scaled, g_total, g_vars, self.g_optimizer
+            )
+            oks = [ok for _, _, ok, _ in d_losses] + [g_ok]
+            g_size = m
+        if self.ema_generator is not None:
+            self._update_ema()
+        for d_loss, penalties, ok, size in d_losses:
+            self._track(self.d_loss_tracker, d_loss, size, ok)
+            for name, value in penalties.items():
+                tracker = (
+                    self.gp_tracker
+                    if name == "gradient_penalty"
+                    else self.r1_tracker
+                )
+                self._track(tracker, value, size, ok)
+        self._track(self.g_loss_tracker, g_loss, g_size, g_ok)
+        last_d = d_losses[-1]
+        both = None
+        if self._skip_nonfinite:
+            both = tf.logical_and(last_d[2], g_ok)
+            skipped = tf.add_n(
+                [tf.cast(tf.logical_not(o), tf.float32) for o in oks]
+            )
+            self._nonfinite_tracker.update_state(
+                skipped / float(distribute.num_replicas())
+            )
+        self.track_loss(last_d[0] + g_loss, real, both)
+        return self.get_metrics_result()
+
+    def test_step(self, data):
+        real, conditions, _ = self.unpack_data(data)
+        batch = tf.shape(real)[0]
+        seed = tf.random.experimental.stateless_fold_in(
+            tf.constant([self.seed, -1], tf.int64), distribute.replica_id()
+        )
+        z = tf.random.stateless_normal([batch, self.latent_dim], seed)
+        fake = self._generate(z, conditions, training=False)
+        real_logits = self._discriminate(real, conditions, training=False)
+        fake_logits = self._discriminate(fake, conditions, training=False)
+        real_t = tf.fill(
+            [batch, 1], 1.0 - self._gan_compile_args.get("label_smoothing", 0.0)
+        )
+        d_loss = distribute.mean_loss(
+            self.gan_loss.discriminator(
+                real_logits, fake_logits, real_t, tf.zeros([batch, 1])
+            )
+        )
+        g_loss = distribute.mean_loss(self.gan_loss.generator(fake_logits))
+        self._track(self.d_loss_tracker, d_loss, batch, None)
+        self._track(self.g_loss_tracker, g_loss, batch, None)
+        self.track_loss(d_loss + g_loss, real)
+        names = {"loss", "d_loss", "g_loss"}
+        return {
+            k: v for k, v in self.get_metrics_result().items() if k in names
+        }
+
+    # ------------------------------------------------------------------
+    # Sampling
+    # ------------------------------------------------------------------
+
+    def generate(self, n: int, seed: int = 0, labels=None, use_ema=True):
+        """`n` samples from the latent seed `seed` (same seed, same samples).
+
+        Args:
+            n: Number of samples.
+            seed: Seed of the latent vectors. Defaults to 0.
+            labels: Class labels for a conditional GAN (length `n`).
+            use_ema: Use the EMA generator when there is one. Defaults to
+                `True`.
+
+        Returns:
+            A NumPy array of `n` generated images.
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"`n` must be an int >= 1. Received: n={n!r}.")
+        z = tf.random.stateless_normal(
+            [n, self.latent_dim], tf.constant([seed, 0], tf.int64)
+        )
+        conditions = None if labels is None else tf.convert_to_tensor(labels)
+        ema = use_ema and self.ema_generator is not None
+        out = self._generate(z, conditions, training=False, ema=ema)
+        return np.asarray(keras.ops.convert_to_numpy(out), dtype="float32")
+
+
+def _wrap(optimizer, model):
+    """Wraps an optimizer for loss scaling under mixed_float16."""
+    if optimizer is None:
+        raise ValueError(
+            "TapeGAN needs two optimizers. Received: None. Pass "
+            "d_optimizer= and g_optimizer= (names or instances)."
+        )
+    if model.dtype_policy.name == "mixed_float16" and not isinstance(
+        optimizer, keras.optimizers.LossScaleOptimizer
+    ):
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
+
+
+def _input_shape(model):
+    inputs = getattr(model, "inputs", None)
+    if inputs:
+        return tuple(inputs[0].shape)
+    return None
