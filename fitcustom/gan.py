@@ -439,7 +439,7 @@ class TapeGAN(TapeModel):
             )
             penalties["r1_penalty"] = r1
             total = total + 0.5 * args["r1_gamma"] * r1
-        return d_loss, total, penalties
+        return d_loss, total, penalties, fake_logits
 
     def _update(self, tape, scaled, total, variables, optimizer):
         """Gradients of `scaled` (the loss-scaled `total`), then the
@@ -486,11 +486,10 @@ class TapeGAN(TapeModel):
             z = self.sample_latent(batch, 0)
             with tf.GradientTape() as d_tape, tf.GradientTape() as g_tape:
                 fake = self._generate(z, conditions, training=True)
-                d_loss, d_total, penalties = self._discriminator_loss(
-                    real, fake, conditions, 0
+                d_loss, d_total, penalties, fake_logits = (
+                    self._discriminator_loss(real, fake, conditions, 0)
                 )
                 d_scaled = self.scale_loss(d_total, self.d_optimizer)
-                fake_logits = self._discriminate(fake, conditions, True)
                 g_loss = distribute.mean_loss(
                     self.gan_loss.generator(fake_logits)
                 )
@@ -517,7 +516,7 @@ class TapeGAN(TapeModel):
                 z = self.sample_latent(m, k)
                 with tf.GradientTape() as tape:
                     fake = self._generate(z, cond_k, training=True)
-                    d_loss, d_total, penalties = self._discriminator_loss(
+                    d_loss, d_total, penalties, _ = self._discriminator_loss(
                         real_k, fake, cond_k, k
                     )
                     d_scaled = self.scale_loss(d_total, self.d_optimizer)
@@ -562,7 +561,8 @@ class TapeGAN(TapeModel):
             self._nonfinite_tracker.update_state(
                 skipped / float(distribute.num_replicas())
             )
-        self.track_loss(last_d[0] + g_loss, real, both)
+        mean_d = tf.add_n([d for d, _, _, _ in d_losses]) / len(d_losses)
+        self.track_loss(mean_d + g_loss, real, both)
         return self.get_metrics_result()
 
     def test_step(self, data):

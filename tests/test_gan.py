@@ -1,0 +1,494 @@
+"""TapeGAN: equal to hand-written GAN loops, distribution, saving, input."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from helpers import assert_weights_close
+
+import fitcustom
+
+LATENT = 8
+
+
+def make_generator(conditional=False):
+    z = keras.Input((LATENT,))
+    inputs = z
+    if conditional:
+        labels = keras.Input((), dtype="int32")
+        embedded = keras.layers.Embedding(10, 4)(labels)
+        z = keras.layers.Concatenate()([z, embedded])
+        inputs = [inputs, labels]
+    h = keras.layers.Dense(4 * 4 * 8)(z)
+    h = keras.layers.LeakyReLU(0.2)(h)
+    h = keras.layers.Reshape((4, 4, 8))(h)
+    h = keras.layers.Conv2DTranspose(8, 3, strides=2, padding="same")(h)
+    h = keras.layers.LeakyReLU(0.2)(h)
+    out = keras.layers.Conv2D(1, 3, padding="same", activation="tanh")(h)
+    return keras.Model(inputs, out, name="generator")
+
+
+def make_discriminator(conditional=False):
+    images = keras.Input((8, 8, 1))
+    inputs = images
+    h = keras.layers.Conv2D(8, 3, strides=2, padding="same")(images)
+    h = keras.layers.LeakyReLU(0.2)(h)
+    h = keras.layers.Flatten()(h)
+    if conditional:
+        labels = keras.Input((), dtype="int32")
+        h = keras.layers.Concatenate()(
+            [h, keras.layers.Embedding(10, 4)(labels)]
+        )
+        inputs = [images, labels]
+    return keras.Model(inputs, keras.layers.Dense(1)(h), name="discriminator")
+
+
+def real_images(n=64, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.uniform(-1, 1, (n, 8, 8, 1)).astype("float32")
+
+
+class FedGAN(fitcustom.TapeGAN):
+    """Noise from a table: row `iterations` of draw `stream`, this
+    replica's rows of the global batch."""
+
+    table = None
+
+    def sample_latent(self, batch_size, stream):
+        step = tf.cast(self.g_optimizer.iterations, tf.int32)
+        start = fitcustom.distribute.replica_id() * batch_size
+        return tf.gather(self.table, step)[stream][start : start + batch_size]
+
+
+def fed_gan(table, **kwargs):
+    keras.utils.set_random_seed(0)
+    gan = FedGAN(
+        generator=make_generator(),
+        discriminator=make_discriminator(),
+        latent_dim=LATENT,
+        **kwargs,
+    )
+    gan.table = tf.constant(table)
+    return gan
+
+
+def copies():
+    keras.utils.set_random_seed(0)
+    return make_generator(), make_discriminator()
+
+
+def test_simultaneous_step_equals_the_seeds_dcgan_loop():
+    steps, batch = 4, 16
+    images = real_images(steps * batch)
+    table = (
+        np.random.default_rng(1)
+        .normal(size=(steps, 1, batch, LATENT))
+        .astype("float32")
+    )
+    generator, discriminator = copies()
+    gan = fed_gan(table, simultaneous=True)
+    gan.generator.set_weights(generator.get_weights())
+    gan.discriminator.set_weights(discriminator.get_weights())
+
+    g_opt, d_opt = keras.optimizers.Adam(1e-3), keras.optimizers.Adam(1e-3)
+    cross_entropy = keras.losses.BinaryCrossentropy(from_logits=True)
+
+    @tf.function
+    def seeds_step(batch_images, noise):
+        with tf.GradientTape() as gen_tape, tf.GradientTape() as disc_tape:
+            generated = generator(noise, training=True)
+            real_output = discriminator(batch_images, training=True)
+            fake_output = discriminator(generated, training=True)
+            gen_loss = cross_entropy(tf.ones_like(fake_output), fake_output)
+            disc_loss = cross_entropy(
+                tf.ones_like(real_output), real_output
+            ) + cross_entropy(tf.zeros_like(fake_output), fake_output)
+        g_grads = gen_tape.gradient(gen_loss, generator.trainable_variables)
+        d_grads = disc_tape.gradient(
+            disc_loss, discriminator.trainable_variables
+        )
+        g_opt.apply_gradients(zip(g_grads, generator.trainable_variables))
+        d_opt.apply_gradients(zip(d_grads, discriminator.trainable_variables))
+
+    for i in range(steps):
+        seeds_step(images[i * batch : (i + 1) * batch], table[i, 0])
+
+    gan.compile(
+        d_optimizer=keras.optimizers.Adam(1e-3),
+        g_optimizer=keras.optimizers.Adam(1e-3),
+    )
+    gan.fit(images, batch_size=batch, epochs=1, shuffle=False, verbose=0)
+    assert_weights_close(generator.get_weights(), gan.generator.get_weights())
+    assert_weights_close(
+        discriminator.get_weights(), gan.discriminator.get_weights()
+    )
+    moved = max(
+        np.abs(a - b).max()
+        for a, b in zip(copies()[0].get_weights(), gan.generator.get_weights())
+    )
+    assert moved > 1e-3
+
+
+def test_n_critic_step_equals_hand_written_alternating_loop():
+    steps, batch, n_critic = 3, 16, 2
+    m = batch // n_critic
+    images = real_images(steps * batch)
+    table = (
+        np.random.default_rng(2)
+        .normal(size=(steps, n_critic + 1, m, LATENT))
+        .astype("float32")
+    )
+    generator, discriminator = copies()
+    g_opt, d_opt = keras.optimizers.SGD(0.05), keras.optimizers.SGD(0.05)
+    softplus = tf.nn.softplus
+
+    @tf.function
+    def hand_step(batch_images, noise):
+        for k in range(n_critic):
+            with tf.GradientTape() as tape:
+                fake = generator(noise[k], training=True)
+                real_logits = discriminator(
+                    batch_images[k * m : (k + 1) * m], training=True
+                )
+                fake_logits = discriminator(fake, training=True)
+                loss = tf.reduce_mean(softplus(-real_logits)) + (
+                    tf.reduce_mean(softplus(fake_logits))
+                )
+            grads = tape.gradient(loss, discriminator.trainable_variables)
+            d_opt.apply_gradients(zip(grads, discriminator.trainable_variables))
+        with tf.GradientTape() as tape:
+            fake_logits = discriminator(
+                generator(noise[n_critic], training=True), training=True
+            )
+            loss = tf.reduce_mean(softplus(-fake_logits))
+        grads = tape.gradient(loss, generator.trainable_variables)
+        g_opt.apply_gradients(zip(grads, generator.trainable_variables))
+
+    for i in range(steps):
+        hand_step(images[i * batch : (i + 1) * batch], table[i])
+
+    gan = fed_gan(table, n_critic=n_critic)
+    gan.compile(
+        d_optimizer=keras.optimizers.SGD(0.05),
+        g_optimizer=keras.optimizers.SGD(0.05),
+    )
+    history = gan.fit(
+        images, batch_size=batch, epochs=1, shuffle=False, verbose=0
+    ).history
+    assert gan.d_optimizer.iterations.numpy() == steps * n_critic
+    assert_weights_close(generator.get_weights(), gan.generator.get_weights())
+    assert_weights_close(
+        discriminator.get_weights(), gan.discriminator.get_weights()
+    )
+    assert sorted(history) == ["d_loss", "g_loss", "loss"]
+
+
+def test_two_replicas_match_one_device_with_fed_noise(two_replicas):
+    steps, batch = 3, 16
+    images = real_images(steps * batch)
+    table = (
+        np.random.default_rng(3)
+        .normal(size=(steps, 2, batch, LATENT))
+        .astype("float32")
+    )
+    single = fed_gan(table)
+    init = single.get_weights()
+    single.compile(
+        d_optimizer=keras.optimizers.Adam(1e-3),
+        g_optimizer=keras.optimizers.Adam(1e-3),
+    )
+    with two_replicas.scope():
+        mirrored = fed_gan(table)
+        mirrored.set_weights(init)
+        mirrored.compile(
+            d_optimizer=keras.optimizers.Adam(1e-3),
+            g_optimizer=keras.optimizers.Adam(1e-3),
+        )
+    kwargs = dict(batch_size=batch, epochs=1, shuffle=False, verbose=0)
+    h1 = single.fit(images, **kwargs).history
+    h2 = mirrored.fit(images, **kwargs).history
+    assert_weights_close(single.get_weights(), mirrored.get_weights())
+    for key in ("d_loss", "g_loss", "loss"):
+        np.testing.assert_allclose(h1[key], h2[key], rtol=1e-5)
+
+
+def test_replicas_draw_different_noise(two_replicas):
+    with two_replicas.scope():
+        gan = fitcustom.TapeGAN(
+            generator=make_generator(),
+            discriminator=make_discriminator(),
+            latent_dim=LATENT,
+        )
+        gan.compile()
+    noise = two_replicas.run(lambda: gan.sample_latent(4, 0))
+    first, second = two_replicas.experimental_local_results(noise)
+    assert np.abs(first.numpy() - second.numpy()).max() > 0.1
+
+
+def _gan(**kwargs):
+    keras.utils.set_random_seed(0)
+    return fitcustom.TapeGAN(
+        generator=make_generator(),
+        discriminator=make_discriminator(),
+        latent_dim=LATENT,
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize(
+    "loss, options, extra",
+    [
+        ("non_saturating", dict(label_smoothing=0.1, label_noise=0.05), []),
+        ("minimax", {}, []),
+        ("wasserstein", {}, ["gradient_penalty"]),
+        ("hinge", dict(r1_gamma=1.0), ["r1_penalty"]),
+        ("least_squares", {}, []),
+    ],
+)
+def test_every_loss_family_trains_and_logs(loss, options, extra):
+    gan = _gan(n_critic=2 if loss == "wasserstein" else 1)
+    gan.compile(loss=loss, **options)
+    history = gan.fit(
+        real_images(64), batch_size=16, epochs=2, verbose=0
+    ).history
+    assert sorted(history) == sorted(["d_loss", "g_loss", "loss"] + extra)
+    assert all(np.isfinite(v).all() for v in history.values())
+    np.testing.assert_allclose(
+        history["loss"],
+        np.asarray(history["d_loss"]) + np.asarray(history["g_loss"]),
+        rtol=1e-4,
+        atol=1e-4,
+    )
+
+
+def test_evaluate_changes_nothing_and_generate_is_seeded():
+    gan = _gan()
+    gan.compile()
+    gan.fit(real_images(32), batch_size=16, epochs=1, verbose=0)
+    before = gan.get_weights()
+    iterations = int(gan.g_optimizer.iterations.numpy())
+    logs = gan.evaluate(
+        real_images(32, seed=5), batch_size=16, verbose=0, return_dict=True
+    )
+    assert sorted(logs) == ["d_loss", "g_loss", "loss"]
+    assert_weights_close(before, gan.get_weights(), atol=0)
+    assert int(gan.g_optimizer.iterations.numpy()) == iterations
+    a, b, c = (
+        gan.generate(6, seed=3),
+        gan.generate(6, seed=3),
+        gan.generate(6, seed=4),
+    )
+    assert a.shape == (6, 8, 8, 1)
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - c).max() > 1e-3
+
+
+def test_conditional_gan_and_ema_generator():
+    keras.utils.set_random_seed(0)
+    gan = fitcustom.TapeGAN(
+        generator=make_generator(True),
+        discriminator=make_discriminator(True),
+        latent_dim=LATENT,
+        ema_decay=0.9,
+    )
+    gan.compile()
+    labels = np.arange(64) % 10
+    gan.fit(real_images(64), labels, batch_size=16, epochs=2, verbose=0)
+    assert gan.ema_generator is not None
+    ema = gan.generate(10, seed=1, labels=np.arange(10))
+    raw = gan.generate(10, seed=1, labels=np.arange(10), use_ema=False)
+    assert ema.shape == (10, 8, 8, 1)
+    assert np.abs(ema - raw).max() > 1e-4  # EMA lags the trained weights
+    other = gan.generate(10, seed=1, labels=np.zeros(10, "int32"))
+    assert np.abs(ema - other).max() > 1e-4  # labels reach the generator
+
+
+def test_mixed_precision_wraps_both_optimizers():
+    keras.config.set_dtype_policy("mixed_float16")
+    gan = _gan()
+    gan.compile()
+    for opt in (gan.d_optimizer, gan.g_optimizer):
+        assert isinstance(opt, keras.optimizers.LossScaleOptimizer)
+    before = [w.numpy() for w in gan.generator.trainable_weights]
+    history = gan.fit(
+        real_images(32), batch_size=16, epochs=1, verbose=0
+    ).history
+    assert np.isfinite(history["loss"]).all()
+    moved = max(
+        np.abs(a - w.numpy()).max()
+        for a, w in zip(before, gan.generator.trainable_weights)
+    )
+    assert moved > 1e-4  # loss scaling on: updates of normal size
+
+
+def test_terminate_on_nan_stops_a_diverging_gan():
+    gan = _gan()
+    gan.compile()
+    images = real_images(64)
+    images[20] = np.nan
+    history = gan.fit(
+        images,
+        batch_size=16,
+        epochs=3,
+        verbose=0,
+        callbacks=[keras.callbacks.TerminateOnNaN()],
+    ).history
+    assert len(history["loss"]) == 1
+
+
+def test_guard_skips_nan_batches_for_both_networks():
+    gan = _gan()
+    gan.compile(skip_nonfinite=True)
+    images = real_images(64)
+    images[20] = np.nan
+    history = gan.fit(images, batch_size=16, epochs=2, verbose=0).history
+    assert history["nonfinite_steps"] == [1.0, 1.0]  # the D step skipped
+    assert all(np.isfinite(w).all() for w in gan.get_weights())
+
+
+def test_sample_grid_writes_comparable_pngs(tmp_path):
+    gan = _gan()
+    gan.compile()
+    grid = fitcustom.SampleGrid(
+        tmp_path, every=2, n=9, seed=7, filename="grid_{epoch:02d}.png"
+    )
+    gan.fit(
+        real_images(32), batch_size=16, epochs=3, verbose=0, callbacks=[grid]
+    )
+    names = sorted(os.listdir(tmp_path))
+    assert names == ["grid_02.png", "grid_03.png"]
+    assert all((tmp_path / n).stat().st_size > 500 for n in names)
+
+
+# ----------------------------------------------------------------------
+# Bad input
+# ----------------------------------------------------------------------
+
+
+def test_fit_before_compile():
+    gan = _gan()
+    with pytest.raises(ValueError, match=r"fit\(\) was called before"):
+        gan.fit(real_images(16), verbose=0)
+
+
+def test_images_of_wrong_shape():
+    gan = _gan()
+    gan.compile()
+    with pytest.raises(
+        ValueError,
+        match=r"Received: images of shape "
+        r"\(9, 9, 1\).*Expected: \(8, 8, 1\)",
+    ):
+        gan.fit(np.zeros((16, 9, 9, 1), "float32"), verbose=0)
+
+
+def test_generator_that_does_not_fit_the_discriminator():
+    z = keras.Input((LATENT,))
+    bad = keras.Model(
+        z, keras.layers.Reshape((4, 4, 1))(keras.layers.Dense(16)(z))
+    )
+    gan = fitcustom.TapeGAN(
+        generator=bad, discriminator=make_discriminator(), latent_dim=LATENT
+    )
+    gan.compile()
+    with pytest.raises(
+        ValueError,
+        match=r"generator's output does not fit"
+        r".*\(4, 4, 1\).*\(8, 8, 1\)",
+    ):
+        gan.fit(real_images(16), verbose=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(loss="wgan"), "Unknown GAN loss.*'wgan'"),
+        (dict(optimizer="adam"), "two optimizers"),
+        (dict(label_noise=1.5), "label_noise"),
+    ],
+)
+def test_bad_compile_arguments(kwargs, match):
+    gan = _gan()
+    with pytest.raises(ValueError, match=match):
+        gan.compile(**kwargs)
+
+
+def test_bad_constructor_arguments():
+    with pytest.raises(ValueError, match="latent_dim"):
+        fitcustom.TapeGAN(
+            generator=make_generator(),
+            discriminator=make_discriminator(),
+            latent_dim=0,
+        )
+    with pytest.raises(ValueError, match="n_critic=1"):
+        fitcustom.TapeGAN(
+            generator=make_generator(),
+            discriminator=make_discriminator(),
+            latent_dim=LATENT,
+            n_critic=2,
+            simultaneous=True,
+        )
+
+
+# ----------------------------------------------------------------------
+# Save, load in a fresh process, continue exactly
+# ----------------------------------------------------------------------
+
+CONTINUE = textwrap.dedent(
+    """
+    import sys
+    import keras
+    import numpy as np
+    import fitcustom
+
+    path, data, out = sys.argv[1:4]
+    gan = keras.models.load_model(path, safe_mode=True)
+    assert isinstance(gan, fitcustom.TapeGAN), type(gan)
+    with np.load(data) as f:
+        images = f["images"]
+    gan.fit(images, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    np.savez(out, *gan.get_weights(),
+             d_iterations=gan.d_optimizer.iterations.numpy(),
+             g_iterations=gan.g_optimizer.iterations.numpy())
+    """
+)
+
+
+@pytest.mark.slow
+def test_save_load_in_fresh_process_continues_exactly(tmp_path):
+    images = real_images(64)
+    gan = _gan(ema_decay=0.9)
+    gan.compile(
+        d_optimizer=keras.optimizers.Adam(1e-3),
+        g_optimizer=keras.optimizers.Adam(2e-3),
+        label_noise=0.05,
+    )
+    gan.fit(images, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    gan.save(tmp_path / "gan.keras")
+    np.savez(tmp_path / "data.npz", images=images)
+    (tmp_path / "continue.py").write_text(CONTINUE)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(tmp_path / "continue.py"),
+            str(tmp_path / "gan.keras"),
+            str(tmp_path / "data.npz"),
+            str(tmp_path / "out.npz"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    gan.fit(images, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    with np.load(tmp_path / "out.npz") as f:
+        n = len(f.files) - 2
+        loaded = [f[f"arr_{i}"] for i in range(n)]
+        assert int(f["g_iterations"]) == 8 and int(f["d_iterations"]) == 8
+    assert_weights_close(gan.get_weights(), loaded, atol=0)
