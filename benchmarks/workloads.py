@@ -38,7 +38,7 @@ def vgg_like(inputs):
 
 def cifar_cnn(inputs):
     h = inputs
-    for filters in (32, 64, 128):
+    for filters in (16, 32, 64):
         h = keras.layers.Conv2D(filters, 3, padding="same", activation="relu")(
             h
         )

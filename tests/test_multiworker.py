@@ -7,6 +7,7 @@ global batches. Every run has a hard timeout and kills only the process
 groups the launcher started.
 """
 
+import importlib.util
 import io
 import json
 import sys
@@ -30,7 +31,7 @@ JOB = textwrap.dedent(
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from job_common import data, make_model
 
-    out = sys.argv[1]
+    out, kind = sys.argv[1], sys.argv[2]
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     index = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
     x, y = data()
@@ -38,10 +39,11 @@ JOB = textwrap.dedent(
     options.experimental_distribute.auto_shard_policy = (
         tf.data.experimental.AutoShardPolicy.DATA
     )
-    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+    elements = (x, y) if kind != "gan" else x
+    ds = tf.data.Dataset.from_tensor_slices(elements).batch(16)
     ds = ds.with_options(options)
     with strategy.scope():
-        model = make_model()
+        model = make_model(kind)
     history = model.fit(ds, epochs=2, verbose=0).history
     evaluation = model.evaluate(ds, verbose=0, return_dict=True)
     np.savez(os.path.join(out, f"weights{index}.npz"), *model.get_weights())
@@ -54,6 +56,7 @@ COMMON = textwrap.dedent(
     """
     import keras
     import numpy as np
+    import tensorflow as tf
     import fitcustom
 
     def data():
@@ -62,30 +65,61 @@ COMMON = textwrap.dedent(
         y = rng.integers(0, 3, size=64).astype("int32")
         return x, y
 
-    def make_model():
+    NOISE = np.random.default_rng(1).normal(size=(8, 2, 16, 4)).astype(
+        "float32")
+
+    class FedGAN(fitcustom.TapeGAN):
+        # Noise for the global batch of step i; each replica takes its rows.
+        def sample_latent(self, batch_size, stream):
+            step = tf.cast(self.g_optimizer.iterations, tf.int32)
+            rows = tf.gather(tf.constant(NOISE), step)[stream]
+            ctx = tf.distribute.get_replica_context()
+            start = ctx.replica_id_in_sync_group * batch_size
+            return rows[start:start + batch_size]
+
+    def make_model(kind):
         keras.utils.set_random_seed(0)
+        if kind == "gan":
+            z = keras.Input((4,))
+            generator = keras.Model(z, keras.layers.Dense(6)(
+                keras.layers.Dense(8, activation="relu")(z)))
+            x = keras.Input((6,))
+            discriminator = keras.Model(x, keras.layers.Dense(1)(
+                keras.layers.Dense(8, activation="relu")(x)))
+            model = FedGAN(generator=generator, discriminator=discriminator,
+                           latent_dim=4)
+            model.compile(d_optimizer=keras.optimizers.Adam(1e-2),
+                          g_optimizer=keras.optimizers.Adam(1e-2))
+            return model
         inputs = keras.Input((6,))
         h = keras.layers.Dense(16, activation="relu")(inputs)
-        model = fitcustom.TapeModel(inputs, keras.layers.Dense(3)(h))
-        model.compile(
-            optimizer="adam",
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            metrics=["accuracy"],
+        cls = {"engine": fitcustom.TapeModel,
+               "classifier": fitcustom.TapeClassifier}[kind]
+        model = cls(inputs, keras.layers.Dense(3)(h))
+        kwargs = dict(
             gradient_transforms=[fitcustom.ClipByGlobalNorm(1.0)],
             log_gradient_norm=True,
         )
+        if kind == "engine":
+            kwargs.update(
+                optimizer="adam", metrics=["accuracy"],
+                loss=keras.losses.SparseCategoricalCrossentropy(
+                    from_logits=True),
+            )
+        model.compile(**kwargs)
         return model
     """
 )
 
 
 @pytest.mark.slow
-def test_two_workers_train_what_one_process_trains(tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["engine", "classifier", "gan"])
+def test_two_workers_train_what_one_process_trains(tmp_path, monkeypatch, kind):
     (tmp_path / "job.py").write_text(JOB)
     (tmp_path / "job_common.py").write_text(COMMON)
     log = io.StringIO()
     codes = launch_workers.launch(
-        [sys.executable, str(tmp_path / "job.py"), str(tmp_path)],
+        [sys.executable, str(tmp_path / "job.py"), str(tmp_path), kind],
         workers=2,
         timeout=300,
         env={"TF_CPP_MIN_LOG_LEVEL": "3"},
@@ -93,11 +127,15 @@ def test_two_workers_train_what_one_process_trains(tmp_path, monkeypatch):
     )
     assert codes == [0, 0], log.getvalue()[-4000:]
 
-    monkeypatch.syspath_prepend(str(tmp_path))
-    import job_common
-
+    spec = importlib.util.spec_from_file_location(
+        f"job_common_{kind}", tmp_path / "job_common.py"
+    )
+    job_common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job_common)
     x, y = job_common.data()
-    single = job_common.make_model()
+    single = job_common.make_model(kind)
+    if kind == "gan":
+        y = None
     history = single.fit(
         x, y, batch_size=16, epochs=2, shuffle=False, verbose=0
     ).history
@@ -110,6 +148,9 @@ def test_two_workers_train_what_one_process_trains(tmp_path, monkeypatch):
         assert_weights_close(single.get_weights(), weights, atol=1e-6)
         logs = json.loads((tmp_path / f"logs{index}.json").read_text())
         assert_history_close(history, logs["history"], rtol=1e-5)
+        assert sorted(logs["evaluate"]) == sorted(evaluation)
+        if kind == "gan":
+            continue  # evaluate() draws per-replica noise: not comparable
         for key, value in evaluation.items():
             assert logs["evaluate"][key] == pytest.approx(value, rel=1e-5)
 
