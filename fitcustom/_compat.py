@@ -198,3 +198,20 @@ def make_step_function(model, step):
             return {k: tf.reshape(v, [1]) for k, v in logs.items()}
 
     return model._make_function(step)
+
+
+def seed_generators(model):
+    """Every `keras.random.SeedGenerator` of `model` and its sublayers.
+
+    Their states (Dropout's masks, for instance) are not among the
+    layers' weights, so neither `save()` nor `BackupAndRestore` keeps them
+    and a resumed run would draw different masks. Reads the private
+    `Layer._seed_generators` list, where Keras tracks them.
+    """
+    found, seen = [], set()
+    for layer in model._flatten_layers(include_self=True):
+        for generator in getattr(layer, "_seed_generators", []):
+            if id(generator) not in seen:
+                seen.add(id(generator))
+                found.append(generator)
+    return found

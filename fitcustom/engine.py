@@ -176,6 +176,34 @@ class TapeModel(keras.Model):
             )
         return cls(**config)
 
+    _SEED_KEY = "seed_generator_state_"
+
+    def save_own_variables(self, store):
+        """Keras' variables plus the RNG states of every SeedGenerator.
+
+        Keras keeps neither in `save()` nor in `BackupAndRestore` the state
+        of a SeedGenerator (e.g. Dropout's); without it a resumed run
+        draws other masks than the uninterrupted one would have.
+        """
+        super().save_own_variables(store)
+        for i, generator in enumerate(_compat.seed_generators(self)):
+            store[f"{self._SEED_KEY}{i}"] = keras.ops.convert_to_numpy(
+                generator.state.value
+            )
+
+    def load_own_variables(self, store):
+        keys = [k for k in store.keys() if k.startswith(self._SEED_KEY)]
+        if not keys:
+            return super().load_own_variables(store)
+        super().load_own_variables(
+            {k: store[k] for k in store.keys() if k not in keys}
+        )
+        generators = _compat.seed_generators(self)
+        for i, generator in enumerate(generators):
+            key = f"{self._SEED_KEY}{i}"
+            if key in keys:
+                generator.state.assign(store[key])
+
     @property
     def metrics(self):
         hidden = []

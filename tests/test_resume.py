@@ -23,21 +23,42 @@ JOB = textwrap.dedent(
     import numpy as np
     import fitcustom
 
-    out, kill_marker = sys.argv[1], sys.argv[2]
+    out, kill_marker, kind = sys.argv[1], sys.argv[2], sys.argv[3]
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(96, 6)).astype("float32")
     y = rng.integers(0, 3, size=96)
-    inputs = keras.Input((6,))
-    h = keras.layers.Dense(16, activation="relu")(inputs)
-    h = keras.layers.BatchNormalization()(h)
-    model = fitcustom.TapeModel(inputs, keras.layers.Dense(3)(h))
-    model.compile(
-        optimizer="adam",
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        gradient_transforms=[fitcustom.ClipByGlobalNorm(1.0)],
-        skip_nonfinite=True,
-    )
+    if kind == "gan":
+        z = keras.Input((4,))
+        h = keras.layers.Dense(8, activation="relu")(z)
+        h = keras.layers.BatchNormalization()(h)
+        generator = keras.Model(z, keras.layers.Dense(6)(h))
+        d_in = keras.Input((6,))
+        h = keras.layers.Dense(8, activation="relu")(d_in)
+        discriminator = keras.Model(d_in, keras.layers.Dense(1)(
+            keras.layers.Dropout(0.2)(h)))
+        model = fitcustom.TapeGAN(generator=generator,
+                                  discriminator=discriminator, latent_dim=4,
+                                  ema_decay=0.9)
+        model.compile(label_noise=0.05)
+        y = None  # noise drawn by the GAN itself: part of what must resume
+    else:
+        inputs = keras.Input((6,))
+        h = keras.layers.Dense(16, activation="relu")(inputs)
+        h = keras.layers.BatchNormalization()(h)
+        outputs = keras.layers.Dense(3)(h)
+        if kind == "classifier":
+            model = fitcustom.TapeClassifier(inputs, outputs)
+            model.compile(sam_rho=0.05, label_smoothing=0.1)
+        else:
+            model = fitcustom.TapeModel(inputs, outputs)
+            model.compile(
+                optimizer="adam",
+                loss=keras.losses.SparseCategoricalCrossentropy(
+                    from_logits=True),
+                gradient_transforms=[fitcustom.ClipByGlobalNorm(1.0)],
+                skip_nonfinite=True,
+            )
 
     class Hang(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
@@ -62,9 +83,9 @@ JOB = textwrap.dedent(
 )
 
 
-def _run(job, out, marker="-", timeout=300):
+def _run(job, out, kind, marker="-"):
     return subprocess.Popen(
-        [sys.executable, str(job), str(out), str(marker)],
+        [sys.executable, str(job), str(out), str(marker), kind],
         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -88,16 +109,19 @@ def _weights(out):
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_resume_gives_uninterrupted_weights(tmp_path):
+@pytest.mark.parametrize("kind", ["engine", "classifier", "gan"])
+def test_sigkill_mid_epoch_then_resume_gives_uninterrupted_weights(
+    tmp_path, kind
+):
     job = tmp_path / "job.py"
     job.write_text(JOB)
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     straight.mkdir()
     crashed.mkdir()
-    _finish(_run(job, straight))
+    _finish(_run(job, straight, kind))
 
     marker = tmp_path / "reached"
-    proc = _run(job, crashed, marker)
+    proc = _run(job, crashed, kind, marker)
     try:
         deadline = time.monotonic() + 300
         while not marker.exists():
@@ -113,7 +137,7 @@ def test_sigkill_mid_epoch_then_resume_gives_uninterrupted_weights(tmp_path):
     assert not (crashed / "weights.npz").exists()
     assert (crashed / "backup").exists()
 
-    _finish(_run(job, crashed))  # the same command, restarted
+    _finish(_run(job, crashed, kind))  # the same command, restarted
     epochs = (crashed / "epochs.txt").read_text().split()
     # Killed in epoch index 2; the restart resumes there, not from 0.
     assert epochs == ["0", "1", "2", "2", "3"], epochs
