@@ -7,6 +7,7 @@ import tensorflow as tf
 from fitcustom import checks
 from fitcustom import distribute
 from fitcustom.engine import TapeModel
+from fitcustom.engine import _loss_scale
 
 
 @keras.saving.register_keras_serializable(package="fitcustom")
@@ -385,19 +386,12 @@ class TapeClassifier(TapeModel):
         self._check_targets(y)
         variables = self.trainable_weights
         with tf.GradientTape() as tape:
-            y_pred = self.forward(x, training=True)
-            loss = self._compute_loss(
-                x=x,
-                y=y,
-                y_pred=y_pred,
-                sample_weight=sample_weight,
-                training=True,
-            )
-            self._check_loss(loss)
+            y_pred, loss = self.forward_and_loss(x, y, sample_weight, True)
             scaled = self.scale_loss(loss)
         grads = self.compute_gradients(tape, scaled, variables)
         grads = [None if g is None else tf.convert_to_tensor(g) for g in grads]
-        scale = _scale_of(self.optimizer)
+        scale = _loss_scale(self.optimizer)
+        scale = tf.constant(1.0) if scale is None else tf.cast(scale, "float32")
         summed = distribute.all_reduce_sum(grads)
         norm = distribute.global_norm_of(summed) / scale
         factor = self._sam_rho / (norm + 1e-12)
@@ -407,14 +401,7 @@ class TapeClassifier(TapeModel):
         ]
         distribute.assign_add_everywhere(variables, perturbation)
         with tf.GradientTape() as tape:
-            y_pred_sharp = self.forward(x, training=True)
-            loss_sharp = self._compute_loss(
-                x=x,
-                y=y,
-                y_pred=y_pred_sharp,
-                sample_weight=sample_weight,
-                training=True,
-            )
+            _, loss_sharp = self.forward_and_loss(x, y, sample_weight, True)
             scaled_sharp = self.scale_loss(loss_sharp)
         sharp_grads = self.compute_gradients(tape, scaled_sharp, variables)
         distribute.assign_add_everywhere(
@@ -426,14 +413,5 @@ class TapeClassifier(TapeModel):
         self.apply_gradients(sharp_grads, variables, finite=finite)
         self.track_loss(loss, x, finite)
         if guard:
-            self._nonfinite_tracker.update_state(
-                tf.cast(tf.logical_not(finite), tf.float32)
-                / float(distribute.num_replicas())
-            )
+            self.count_nonfinite([finite])
         return self.compute_metrics(x, y, y_pred, sample_weight)
-
-
-def _scale_of(optimizer):
-    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-        return tf.cast(optimizer.dynamic_scale, tf.float32)
-    return tf.constant(1.0)

@@ -389,6 +389,33 @@ class TapeModel(keras.Model):
             return self(x, training=training)
         return self(x)
 
+    def forward_and_loss(self, x, y, sample_weight, training):
+        """`forward` then `compute_loss`; returns `(y_pred, loss)`."""
+        y_pred = self.forward(x, training=training)
+        loss = self._compute_loss(
+            x=x,
+            y=y,
+            y_pred=y_pred,
+            sample_weight=sample_weight,
+            training=training,
+        )
+        self._check_loss(loss)
+        return y_pred, loss
+
+    def count_nonfinite(self, verdicts):
+        """Adds the steps the guard skipped to the `nonfinite_steps` metric.
+
+        Args:
+            verdicts: Booleans from `check_finite` (True: applied). Each
+                replica adds its share, so the epoch sum counts steps.
+        """
+        skipped = tf.add_n(
+            [tf.cast(tf.logical_not(v), tf.float32) for v in verdicts]
+        )
+        self._nonfinite_tracker.update_state(
+            skipped / float(distribute.num_replicas())
+        )
+
     def track_loss(self, loss, x, finite=None):
         """Updates the `loss` metric the way built-in `fit()` does.
 
@@ -501,15 +528,7 @@ class TapeModel(keras.Model):
         self._check_targets(y)
         guard = self._skip_nonfinite
         with tf.GradientTape() as tape:
-            y_pred = self.forward(x, training=True)
-            loss = self._compute_loss(
-                x=x,
-                y=y,
-                y_pred=y_pred,
-                sample_weight=sample_weight,
-                training=True,
-            )
-            self._check_loss(loss)
+            y_pred, loss = self.forward_and_loss(x, y, sample_weight, True)
             if not guard:
                 self.track_loss(loss, x)
             scaled_loss = self.scale_loss(loss)
@@ -528,10 +547,7 @@ class TapeModel(keras.Model):
         if not guard:
             return self.compute_metrics(x, y, y_pred, sample_weight)
         self.track_loss(loss, x, finite)
-        self._nonfinite_tracker.update_state(
-            tf.cast(tf.logical_not(finite), tf.float32)
-            / float(distribute.num_replicas())
-        )
+        self.count_nonfinite([finite])
         _compat.build_compiled_metrics(self, y, y_pred)
         return tf.cond(
             finite,
@@ -542,15 +558,7 @@ class TapeModel(keras.Model):
     def test_step(self, data):
         x, y, sample_weight = self.unpack_data(data)
         self._check_targets(y)
-        y_pred = self.forward(x, training=False)
-        loss = self._compute_loss(
-            x=x,
-            y=y,
-            y_pred=y_pred,
-            sample_weight=sample_weight,
-            training=False,
-        )
-        self._check_loss(loss)
+        y_pred, loss = self.forward_and_loss(x, y, sample_weight, False)
         self.track_loss(loss, x)
         logs = self.compute_metrics(x, y, y_pred, sample_weight)
         # The gradient trackers describe training steps only.

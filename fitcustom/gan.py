@@ -555,12 +555,7 @@ class TapeGAN(TapeModel):
         both = None
         if self._skip_nonfinite:
             both = tf.logical_and(last_d[2], g_ok)
-            skipped = tf.add_n(
-                [tf.cast(tf.logical_not(o), tf.float32) for o in oks]
-            )
-            self._nonfinite_tracker.update_state(
-                skipped / float(distribute.num_replicas())
-            )
+            self.count_nonfinite(oks)
         mean_d = tf.add_n([d for d, _, _, _ in d_losses]) / len(d_losses)
         self.track_loss(mean_d + g_loss, real, both)
         return self.get_metrics_result()
