@@ -444,3 +444,38 @@ def test_save_load_in_fresh_process_continues_exactly(tmp_path):
     assert_weights_close(model.get_weights(), loaded, atol=0)
     config = json.loads(json.dumps(model.get_compile_config()))
     assert config["label_smoothing"] == 0.1
+
+
+def test_subclass_with_call_trains_like_builtin():
+    class Net(fitcustom.TapeClassifier):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.flatten = keras.layers.Flatten()
+            self.hidden = keras.layers.Dense(32, activation="relu")
+            self.out = keras.layers.Dense(10)
+
+        def call(self, inputs, training=None):
+            return self.out(self.hidden(self.flatten(inputs)))
+
+    x, y = images(48, (28, 28))
+    ours = Net()
+    ours(x[:1])
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((28, 28))
+    h = keras.layers.Dense(32, activation="relu")(
+        keras.layers.Flatten()(inputs)
+    )
+    reference = keras.Model(inputs, keras.layers.Dense(10)(h))
+    ours.set_weights(reference.get_weights())
+    assert ours.from_logits is True
+    reference.compile(
+        optimizer="adam",
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    ours.compile()
+    kwargs = dict(batch_size=16, epochs=2, shuffle=False, verbose=0)
+    h_ref = reference.fit(x, y, **kwargs).history
+    h_ours = ours.fit(x, y, **kwargs).history
+    assert_weights_close(reference.get_weights(), ours.get_weights())
+    assert_history_close(h_ref, h_ours)

@@ -23,20 +23,38 @@ SCRIPT = textwrap.dedent(
     import numpy as np
     import fitcustom
 
-    def run(guard):
+    import sys
+
+    def run(guard, kind):
         keras.utils.set_random_seed(0)
         rng = np.random.default_rng(0)
         x = rng.normal(size=(64, 6)).astype("float32")
         y = rng.integers(0, 3, size=64)
         x[16:32] = np.nan
-        inputs = keras.Input((6,))
-        h = keras.layers.Dense(16, activation="relu")(inputs)
-        model = fitcustom.TapeModel(inputs, keras.layers.Dense(3)(h))
-        model.compile(
-            optimizer="adam",
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            skip_nonfinite=guard,
-        )
+        if kind == "gan":
+            z = keras.Input((4,))
+            generator = keras.Model(z, keras.layers.Dense(6)(
+                keras.layers.Dense(8, activation="relu")(z)))
+            d_in = keras.Input((6,))
+            discriminator = keras.Model(d_in, keras.layers.Dense(1)(
+                keras.layers.Dense(8, activation="relu")(d_in)))
+            model = fitcustom.TapeGAN(generator=generator,
+                                      discriminator=discriminator,
+                                      latent_dim=4)
+            model.compile(skip_nonfinite=guard)
+            y = None
+            optimizer = model.d_optimizer
+        else:
+            inputs = keras.Input((6,))
+            h = keras.layers.Dense(16, activation="relu")(inputs)
+            model = fitcustom.TapeModel(inputs, keras.layers.Dense(3)(h))
+            model.compile(
+                optimizer="adam",
+                loss=keras.losses.SparseCategoricalCrossentropy(
+                    from_logits=True),
+                skip_nonfinite=guard,
+            )
+            optimizer = model.optimizer
         history = model.fit(
             x, y, batch_size=16, epochs=3, shuffle=False, verbose=0,
             callbacks=[keras.callbacks.TerminateOnNaN()],
@@ -47,21 +65,24 @@ SCRIPT = textwrap.dedent(
             "epochs": len(history["loss"]),
             "loss": [float(v) for v in history["loss"]],
             "skipped": history.get("nonfinite_steps"),
-            "iterations": int(model.optimizer.iterations.numpy()),
+            "iterations": int(optimizer.iterations.numpy()),
         }
 
-    print(json.dumps({"guard": run(True), "no_guard": run(False)}))
+    kind = sys.argv[1]
+    print(json.dumps({"guard": run(True, kind),
+                      "no_guard": run(False, kind)}))
     """
 )
 
 
+@pytest.mark.parametrize("kind", ["engine", "gan"])
 @pytest.mark.parametrize("onednn", ["0", "1"], ids=["onednn_off", "onednn_on"])
-def test_nonfinite_batch_with_and_without_guard(onednn):
+def test_nonfinite_batch_with_and_without_guard(onednn, kind):
     env = dict(
         os.environ, TF_ENABLE_ONEDNN_OPTS=onednn, TF_CPP_MIN_LOG_LEVEL="3"
     )
     proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT],
+        [sys.executable, "-c", SCRIPT, kind],
         env=env,
         capture_output=True,
         text=True,
