@@ -91,6 +91,17 @@ def _rss_mib():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine_info():
     import keras
     import tensorflow as tf
@@ -100,7 +111,7 @@ def machine_info():
         details = tf.config.experimental.get_device_details(gpus[0])
         device = f"GPU: {details.get('device_name', gpus[0].name)}"
     else:
-        device = f"CPU: {platform.processor() or platform.machine()}"
+        device = f"CPU: {_cpu_name()}"
     return {
         "device": device,
         "gpus": len(gpus),
