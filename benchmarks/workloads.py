@@ -11,29 +11,10 @@ import numpy as np
 import tensorflow as tf
 
 import fitcustom
+from fitcustom import architectures
 
-
-def mlp(inputs):
-    h = keras.layers.Flatten()(inputs)
-    h = keras.layers.Dense(64, activation="relu")(h)
-    h = keras.layers.Dense(64, activation="relu")(h)
-    return keras.layers.Dense(10)(h)
-
-
-def vgg_like(inputs):
-    h = inputs
-    for filters, repeats in ((16, 1), (32, 2), (64, 3)):
-        for _ in range(repeats):
-            h = keras.layers.Conv2D(filters, 3, padding="same")(h)
-            h = keras.layers.BatchNormalization()(h)
-            h = keras.layers.ReLU()(h)
-        h = keras.layers.MaxPooling2D(padding="same")(h)
-    h = keras.layers.Flatten()(h)
-    h = keras.layers.Dense(256)(h)
-    h = keras.layers.BatchNormalization()(h)
-    h = keras.layers.ReLU()(h)
-    h = keras.layers.Dropout(0.5)(h)
-    return keras.layers.Dense(10)(h)
+mlp = architectures.mlp_body
+vgg_like = architectures.vgg_body
 
 
 def cifar_cnn(inputs):

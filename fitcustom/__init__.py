@@ -1,5 +1,6 @@
 """fitcustom: custom GradientTape training steps that keep `fit()`."""
 
+from fitcustom import architectures as architectures
 from fitcustom import distribute as distribute
 from fitcustom import gan_losses as gan_losses
 from fitcustom.callbacks import SampleGrid as SampleGrid
@@ -22,6 +23,7 @@ __all__ = [
     "TapeClassifier",
     "TapeGAN",
     "TapeModel",
+    "architectures",
     "distribute",
     "gan_losses",
 ]

@@ -47,32 +47,18 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def build_model(kind, input_shape, num_classes=10):
+def build_model(kind, input_shape):
     """The seeds' MLP (flatten, 64, 64) or VGG-like CNN, as a classifier."""
     import keras
 
     import fitcustom
+    from fitcustom import architectures
 
     inputs = keras.Input(input_shape)
-    if kind == "mlp":
-        h = keras.layers.Flatten()(inputs)
-        h = keras.layers.Dense(64, activation="relu")(h)
-        h = keras.layers.Dense(64, activation="relu")(h)
-    else:
-        h = inputs
-        for filters, repeats in ((16, 1), (32, 2), (64, 3)):
-            for _ in range(repeats):
-                h = keras.layers.Conv2D(filters, 3, padding="same")(h)
-                h = keras.layers.BatchNormalization()(h)
-                h = keras.layers.ReLU()(h)
-            h = keras.layers.MaxPooling2D(padding="same")(h)
-        h = keras.layers.Flatten()(h)
-        h = keras.layers.Dense(256)(h)
-        h = keras.layers.BatchNormalization()(h)
-        h = keras.layers.ReLU()(h)
-        h = keras.layers.Dropout(0.5)(h)
-    outputs = keras.layers.Dense(num_classes)(h)
-    return fitcustom.TapeClassifier(inputs, outputs, name=f"{kind}_classifier")
+    body = architectures.mlp_body if kind == "mlp" else architectures.vgg_body
+    return fitcustom.TapeClassifier(
+        inputs, body(inputs), name=f"{kind}_classifier"
+    )
 
 
 def main(argv=None):

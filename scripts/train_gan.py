@@ -45,44 +45,19 @@ def parse_args(argv):
     return args
 
 
-def build_dcgan(latent_dim):
-    """A DCGAN for 8x8x1 images: Dense+ConvTranspose / strided convs."""
-    import keras
-
-    z = keras.Input((latent_dim,))
-    h = keras.layers.Dense(4 * 4 * 64)(z)
-    h = keras.layers.BatchNormalization()(h)
-    h = keras.layers.LeakyReLU(0.2)(h)
-    h = keras.layers.Reshape((4, 4, 64))(h)
-    h = keras.layers.Conv2DTranspose(32, 4, strides=2, padding="same")(h)
-    h = keras.layers.BatchNormalization()(h)
-    h = keras.layers.LeakyReLU(0.2)(h)
-    out = keras.layers.Conv2D(1, 3, padding="same", activation="tanh")(h)
-    generator = keras.Model(z, out, name="generator")
-    images = keras.Input((8, 8, 1))
-    h = keras.layers.Conv2D(32, 3, strides=2, padding="same")(images)
-    h = keras.layers.LeakyReLU(0.2)(h)
-    h = keras.layers.Conv2D(64, 3, strides=2, padding="same")(h)
-    h = keras.layers.LeakyReLU(0.2)(h)
-    h = keras.layers.Dropout(0.3)(keras.layers.Flatten()(h))
-    discriminator = keras.Model(
-        images, keras.layers.Dense(1)(h), name="discriminator"
-    )
-    return generator, discriminator
-
-
 def main(argv=None):
     args = parse_args(argv)
     prepare_output_dir(args.output_dir)
     import keras
 
     import fitcustom
+    from fitcustom import architectures
     from fitcustom.datasets import load_digits
 
     (x_train, _), _ = load_digits(seed=args.seed)
     images = x_train * 2.0 - 1.0  # tanh range
     keras.utils.set_random_seed(args.seed)
-    generator, discriminator = build_dcgan(args.latent_dim)
+    generator, discriminator = architectures.dcgan_8x8(args.latent_dim)
     gan = fitcustom.TapeGAN(
         generator=generator,
         discriminator=discriminator,

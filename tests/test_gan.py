@@ -12,6 +12,7 @@ import tensorflow as tf
 from helpers import assert_weights_close
 
 import fitcustom
+from fitcustom import architectures
 
 LATENT = 8
 
@@ -494,28 +495,6 @@ def test_save_load_in_fresh_process_continues_exactly(tmp_path):
     assert_weights_close(gan.get_weights(), loaded, atol=0)
 
 
-def _digits_dcgan():
-    z = keras.Input((32,))
-    h = keras.layers.Dense(4 * 4 * 64)(z)
-    h = keras.layers.BatchNormalization()(h)
-    h = keras.layers.LeakyReLU(0.2)(h)
-    h = keras.layers.Reshape((4, 4, 64))(h)
-    h = keras.layers.Conv2DTranspose(32, 4, strides=2, padding="same")(h)
-    h = keras.layers.BatchNormalization()(h)
-    h = keras.layers.LeakyReLU(0.2)(h)
-    generator = keras.Model(
-        z, keras.layers.Conv2D(1, 3, padding="same", activation="tanh")(h)
-    )
-    images = keras.Input((8, 8, 1))
-    h = keras.layers.Conv2D(32, 3, strides=2, padding="same")(images)
-    h = keras.layers.LeakyReLU(0.2)(h)
-    h = keras.layers.Conv2D(64, 3, strides=2, padding="same")(h)
-    h = keras.layers.LeakyReLU(0.2)(h)
-    h = keras.layers.Dropout(0.3)(keras.layers.Flatten()(h))
-    discriminator = keras.Model(images, keras.layers.Dense(1)(h))
-    return generator, discriminator
-
-
 def _confident(classifier, samples):
     probabilities = classifier.predict((samples + 1) / 2, verbose=0)
     confident = probabilities.max(1) >= 0.9
@@ -546,7 +525,7 @@ def test_dcgan_learns_digits():
     ]
     assert accuracy > 0.95
 
-    generator, discriminator = _digits_dcgan()
+    generator, discriminator = architectures.dcgan_8x8(32)
     gan = fitcustom.TapeGAN(
         generator=generator, discriminator=discriminator, latent_dim=32
     )
