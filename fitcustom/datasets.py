@@ -117,40 +117,40 @@ def load_mnist():
     return tuple(_images(x, y) for x, y in splits)
 
 
+def _from_keras(name, loader, cache_name):
+    import os
+
+    try:
+        splits = loader()
+    except Exception as e:  # noqa: BLE001 - any download failure
+        raise _offline_error(
+            name, os.path.join(keras_cache_dir(), cache_name), e
+        ) from e
+    return tuple(_images(x, y) for x, y in splits)
+
+
 def load_fashion_mnist():
     """Fashion-MNIST through `keras.datasets` (cached under
     `keras_cache_dir()/fashion-mnist`), as `load_mnist` returns it."""
-    import os
-
     import keras
 
-    try:
-        splits = keras.datasets.fashion_mnist.load_data()
-    except Exception as e:  # noqa: BLE001 - any download failure
-        raise _offline_error(
-            "Fashion-MNIST",
-            os.path.join(keras_cache_dir(), "fashion-mnist"),
-            e,
-        ) from e
-    return tuple(_images(x, y) for x, y in splits)
+    return _from_keras(
+        "Fashion-MNIST",
+        keras.datasets.fashion_mnist.load_data,
+        "fashion-mnist",
+    )
 
 
 def load_cifar10():
     """CIFAR-10 through `keras.datasets`: `x` float32 `(n, 32, 32, 3)` in
     [0, 1], `y` int32 of shape `(n,)`."""
-    import os
-
     import keras
 
-    try:
-        splits = keras.datasets.cifar10.load_data()
-    except Exception as e:  # noqa: BLE001 - any download failure
-        raise _offline_error(
-            "CIFAR-10",
-            os.path.join(keras_cache_dir(), "cifar-10-batches-py-target"),
-            e,
-        ) from e
-    return tuple(_images(x, y) for x, y in splits)
+    return _from_keras(
+        "CIFAR-10",
+        keras.datasets.cifar10.load_data,
+        "cifar-10-batches-py-target",
+    )
 
 
 def _images(x, y):

@@ -295,7 +295,7 @@ class TapeModel(keras.Model):
         # and only while something is unbuilt: no variable is then created
         # while tracing (one trace instead of two, an optimizer that exists
         # before step one), and later fit() calls skip the extra read.
-        if not self.compiled or _compat.fully_built(self):
+        if not self._needs_build():
             return
         batch = data_batch
         if batch is None and iterator is not None:
@@ -303,11 +303,23 @@ class TapeModel(keras.Model):
         if batch is None:
             return
         batch = _compat.local_batch(batch, self.distribute_strategy)
+        with self.distribute_strategy.scope():
+            self.build_from_batch(batch)
+
+    def _needs_build(self):
+        return self.compiled and not _compat.fully_built(self)
+
+    def build_from_batch(self, batch):
+        """Builds model, metrics and optimizer from one (local) batch.
+
+        Called by `fit()` / `evaluate()` before the first trace, under the
+        strategy's scope; validates the batch structure first.
+        """
         _, y, _ = self.unpack_data(batch)
         self._check_targets(y)
-        strict = self._distribute_strategy is not None
-        with self.distribute_strategy.scope():
-            _compat.symbolic_build(self, batch, strict=strict)
+        _compat.symbolic_build(
+            self, batch, strict=self._distribute_strategy is not None
+        )
 
     def make_train_function(self, force=False):
         if self.train_function is None or force:

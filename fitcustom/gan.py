@@ -4,7 +4,6 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from fitcustom import _compat
 from fitcustom import distribute
 from fitcustom import gan_losses
 from fitcustom.engine import TapeModel
@@ -294,22 +293,13 @@ class TapeGAN(TapeModel):
             if opt is not None and not opt.built:
                 opt.build(net.trainable_weights)
 
-    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        if (
-            self.built
-            and self.d_optimizer is not None
-            and (self.d_optimizer.built)
-        ):
-            return
-        batch = data_batch
-        if batch is None and iterator is not None:
-            batch = _compat.first_batch(iterator)
-        if batch is None:
-            return
-        batch = _compat.local_batch(batch, self.distribute_strategy)
+    def _needs_build(self):
+        optimizer = self.d_optimizer
+        return not (self.built and optimizer is not None and optimizer.built)
+
+    def build_from_batch(self, batch):
         images, labels, _ = self.unpack_data(batch)
-        with self.distribute_strategy.scope():
-            self.build_networks(images.shape, labels)
+        self.build_networks(images.shape, labels)
 
     def build_networks(self, image_shape, labels=None):
         """Builds both networks (and optimizers) and checks they fit.

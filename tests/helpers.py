@@ -1,5 +1,9 @@
 """Shared checks: compare two trained models numerically."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 
 
@@ -37,3 +41,16 @@ def update_size(before, after):
             )
         )
     )
+
+
+def run_python(script, *args, timeout=300):
+    """Runs a Python file in a fresh process; fails the test on an error."""
+    proc = subprocess.run(
+        [sys.executable, str(script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc

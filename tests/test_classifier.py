@@ -1,9 +1,6 @@
 """TapeClassifier: parity with built-in fit(), defaults, SAM, bad input."""
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 import time
 
@@ -13,6 +10,7 @@ import pytest
 import tensorflow as tf
 from helpers import assert_history_close
 from helpers import assert_weights_close
+from helpers import run_python
 
 import fitcustom
 from fitcustom import architectures
@@ -403,20 +401,12 @@ def test_save_load_in_fresh_process_continues_exactly(tmp_path):
     model.save(tmp_path / "model.keras")
     np.savez(tmp_path / "data.npz", x=x, y=y)
     (tmp_path / "continue.py").write_text(CONTINUE)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(tmp_path / "continue.py"),
-            str(tmp_path / "model.keras"),
-            str(tmp_path / "data.npz"),
-            str(tmp_path / "out.npz"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+    run_python(
+        tmp_path / "continue.py",
+        str(tmp_path / "model.keras"),
+        str(tmp_path / "data.npz"),
+        str(tmp_path / "out.npz"),
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
     model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
     with np.load(tmp_path / "out.npz") as f:
         loaded = [f[f"arr_{i}"] for i in range(len(f.files) - 1)]

@@ -1,8 +1,6 @@
 """TapeGAN: equal to hand-written GAN loops, distribution, saving, input."""
 
 import os
-import subprocess
-import sys
 import textwrap
 
 import keras
@@ -10,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from helpers import assert_weights_close
+from helpers import run_python
 
 import fitcustom
 from fitcustom import architectures
@@ -473,20 +472,12 @@ def test_save_load_in_fresh_process_continues_exactly(tmp_path):
     gan.save(tmp_path / "gan.keras")
     np.savez(tmp_path / "data.npz", images=images)
     (tmp_path / "continue.py").write_text(CONTINUE)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(tmp_path / "continue.py"),
-            str(tmp_path / "gan.keras"),
-            str(tmp_path / "data.npz"),
-            str(tmp_path / "out.npz"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+    run_python(
+        tmp_path / "continue.py",
+        str(tmp_path / "gan.keras"),
+        str(tmp_path / "data.npz"),
+        str(tmp_path / "out.npz"),
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
     gan.fit(images, batch_size=16, epochs=1, shuffle=False, verbose=0)
     with np.load(tmp_path / "out.npz") as f:
         n = len(f.files) - 2
