@@ -9,15 +9,19 @@ def _fmt_ratio(r):
     return f"{r['median']:.3f} [{r['min']:.3f}-{r['max']:.3f}]"
 
 
-ROW_KEYS = (
-    "ratio",
-    "step_ms",
-    "sample_us",
-    "warmup_s",
-    "final_loss",
-    "rss_mib",
-    "verdict",
-)
+def _fmt_eval(v):
+    first, last = v["initial_eval"], v["final_eval"]
+    return f"{first['loss']:.3f}→{last['loss']:.3f}", f"{last['accuracy']:.3f}"
+
+
+def failed_claims(results):
+    """The claims whose status is not "holds"."""
+    return [
+        c
+        for w in results["workloads"]
+        for c in w["claims"]
+        if c["status"] != "holds"
+    ]
 
 
 def rows(results):
@@ -30,79 +34,156 @@ def rows(results):
                     "workload": w["name"],
                     "reference": w["reference"],
                     "variant": v["name"],
+                    "steps": v["steps"],
                     "ratio_median": v["ratio"]["median"],
                     "ratio_min": v["ratio"]["min"],
                     "ratio_max": v["ratio"]["max"],
                     "ratio_to_floor": v["ratio_to_floor"],
+                    "noise": w["noise"],
                     "step_ms": v["step_ms"],
                     "sample_us": v["sample_us"],
                     "warmup_s": v["warmup_s"],
-                    "final_loss": v["final_loss"],
-                    "first_loss": v["first_loss"],
+                    "first_train_loss": v["first_train_loss"],
+                    "final_train_loss": v["final_train_loss"],
+                    "initial_eval_loss": v["initial_eval"]["loss"],
+                    "final_eval_loss": v["final_eval"]["loss"],
+                    "final_eval_accuracy": v["final_eval"]["accuracy"],
                     "rss_mib": v["rss_mib"],
-                    "steps": v["steps"],
+                    "peak_rss_mib": v["peak_rss_mib"],
+                    "device_peak_mib": v["device_peak_mib"],
                     "verdict": v["verdict"],
                 }
             )
     return out
 
 
-def markdown(results):
+def _machine_line(results):
     m = results["machine"]
+    line = (
+        f"Device: {m['device']} ({m['cpu_count']} CPU cores"
+        + (f", {m['gpus']} GPU(s)" if m["gpus"] else "")
+        + f"); TensorFlow {m['tensorflow']}, Keras {m['keras']}, Python "
+        f"{m['python']}; peak RSS {m['peak_rss_mib']:.0f} MiB."
+    )
+    return line
+
+
+def _method_note(results):
+    return (
+        f"{results['rounds']} interleaved rounds, jit_compile="
+        f"{results['jit_compile']}, warm-up (first run: trace and compile) "
+        "timed apart. Ratio = variant time per step / reference time per "
+        "step in the same round, median [min-max]; below 1 is faster. The "
+        "reference is timed twice per round (first and last): the largest "
+        "relative difference of the two is the noise band, and a variant "
+        'whose whole interval is not outside 1 ± noise is "within noise". '
+        "Eval loss and accuracy: every variant scored on the same held-out "
+        "set before and after training (for the DCGAN: the "
+        "discriminator's loss and accuracy on fixed real and generated "
+        "images). The eager loop runs fewer steps (per-step times)."
+    )
+
+
+def markdown(results):
+    """The report as Markdown, pasteable into the README."""
     lines = [
-        f"### Training speed ({results['profile']} profile)",
+        f"### Training speed ({results['profile']} profile, "
+        f"{results['date'][:10]})",
         "",
-        f"Device: {m['device']}; TensorFlow {m['tensorflow']}, Keras "
-        f"{m['keras']}; {m['cpu_count']} CPU cores; jit_compile="
-        f"{results['jit_compile']}; {results['rounds']} interleaved rounds; "
-        "synthetic data of the real shapes. Ratio = variant time / "
-        "reference time in the same round (median [min-max]); below 1 is "
-        "faster. Noise band: the reference timed twice per round.",
+        _machine_line(results),
+        "",
+        _method_note(results),
+        "",
+        f"Command: `{results['command']}`",
         "",
     ]
+    lines += [f"> {w}" for w in results["warnings"]]
     for w in results["workloads"]:
         lines += [
-            f"**{w['name']}** (batch {w['batch']}, {w['steps']} steps; "
-            f"reference `{w['reference']}`; noise band "
+            f"**{w['name']}** (batch {w['batch']}, {w['steps']} steps, data: "
+            f"{w['data']}; reference `{w['reference']}`; noise band "
             f"±{w['noise']:.3f})",
             "",
+        ]
+        lines += [f"> {n}" for n in w["notes"]]
+        lines += [
             "| variant | ratio to reference | ratio to floor | ms/step | "
-            "µs/sample | warm-up s | loss first→last | verdict |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+            "µs/sample | warm-up s | train loss first→last | eval loss "
+            "before→after | eval acc | verdict |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for v in w["variants"]:
+            eval_loss, eval_acc = _fmt_eval(v)
             lines.append(
                 f"| {v['name']} | {_fmt_ratio(v['ratio'])} | "
                 f"{v['ratio_to_floor']:.2f} | {v['step_ms']:.2f} | "
                 f"{v['sample_us']:.1f} | {v['warmup_s']:.2f} | "
-                f"{v['first_loss']:.4f}→{v['final_loss']:.4f} | "
-                f"{v['verdict']} |"
+                f"{v['first_train_loss']:.3f}→{v['final_train_loss']:.3f} | "
+                f"{eval_loss} | {eval_acc} | {v['verdict']} |"
             )
         lines.append("")
-    lines.append(f"Peak RSS of the process: {m['peak_rss_mib']:.0f} MiB.")
+    lines += [
+        "**Claims of issue 5**",
+        "",
+        "| workload | claim | median [min-max] | noise | status |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for w in results["workloads"]:
+        for c in w["claims"]:
+            status = c["status"] + ("" if c["resolved"] else " (unresolved)")
+            lines.append(
+                f"| {w['name']} | {c['description']} (`{c['claim']}`) | "
+                f"{_fmt_ratio(c['ratio'])} | ±{c['noise']:.3f} | {status} |"
+            )
+    lines += [
+        "",
+        '"unresolved": the noise band is wider than the distance between '
+        "the median and the bound; a quieter machine could change the "
+        "status.",
+    ]
     return "\n".join(lines) + "\n"
 
 
 def table(results):
-    out = []
+    """The report as a plain-text table for the terminal."""
+    out = [_machine_line(results)]
+    out += results["warnings"]
     for w in results["workloads"]:
+        out.append("")
         out.append(
-            f"{w['name']} (reference {w['reference']}, noise ±{w['noise']:.3f})"
+            f"{w['name']}: batch {w['batch']}, {w['steps']} steps, "
+            f"reference {w['reference']}, noise ±{w['noise']:.3f}, "
+            f"data {w['data']}"
         )
+        out += [f"  note: {n}" for n in w["notes"]]
         out.append(
-            f"  {'variant':28s} {'ratio [min-max]':24s} "
-            f"{'ms/step':>8s} {'warm-up':>8s} {'loss':>8s}  verdict"
+            f"  {'variant':24s} {'ratio [min-max]':22s} {'/floor':>6s} "
+            f"{'ms/step':>8s} {'us/smpl':>8s} {'warm-up':>7s} "
+            f"{'eval loss':>12s} {'acc':>5s}  verdict"
         )
         for v in w["variants"]:
+            eval_loss, eval_acc = _fmt_eval(v)
             out.append(
-                f"  {v['name']:28s} {_fmt_ratio(v['ratio']):24s} "
-                f"{v['step_ms']:8.2f} {v['warmup_s']:8.2f} "
-                f"{v['final_loss']:8.4f}  {v['verdict']}"
+                f"  {v['name']:24s} {_fmt_ratio(v['ratio']):22s} "
+                f"{v['ratio_to_floor']:6.2f} {v['step_ms']:8.2f} "
+                f"{v['sample_us']:8.1f} {v['warmup_s']:7.2f} "
+                f"{eval_loss:>12s} {eval_acc:>5s}  {v['verdict']}"
+            )
+    out.append("")
+    out.append("Claims:")
+    for w in results["workloads"]:
+        for c in w["claims"]:
+            resolved = "" if c["resolved"] else " (unresolved: noise)"
+            out.append(
+                f"  {w['name']:10s} {c['claim']:46s} "
+                f"{_fmt_ratio(c['ratio'])}  {c['status']}{resolved}"
             )
     return "\n".join(out)
 
 
 def chart(results, path):
+    """Paired ratios to the reference with their min-max, per workload,
+    and the noise band, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -112,23 +193,34 @@ def chart(results, path):
     fig, axes = plt.subplots(
         1, len(workloads), figsize=(5 * len(workloads), 4), squeeze=False
     )
-    for ax, w in zip(axes[0], workloads):
-        names = [v["name"] for v in w["variants"]]
-        med = [v["ratio"]["median"] for v in w["variants"]]
-        low = [v["ratio"]["median"] - v["ratio"]["min"] for v in w["variants"]]
-        high = [v["ratio"]["max"] - v["ratio"]["median"] for v in w["variants"]]
+    for ax, w in zip(axes[0], workloads, strict=True):
+        variants = w["variants"]
+        names = [v["name"] for v in variants]
+        med = [v["ratio"]["median"] for v in variants]
+        low = [v["ratio"]["median"] - v["ratio"]["min"] for v in variants]
+        high = [v["ratio"]["max"] - v["ratio"]["median"] for v in variants]
         ax.barh(names, med, xerr=[low, high], color="#4477aa", capsize=3)
         ax.axvline(1.0, color="black", lw=1)
-        ax.axvspan(1 - w["noise"], 1 + w["noise"], color="grey", alpha=0.2)
+        ax.axvspan(1 - w["noise"], 1 + w["noise"], color="grey", alpha=0.25)
         ax.set_xscale("log")
-        ax.set_title(f"{w['name']}: time / {w['reference']}")
+        ax.set_xlabel(f"time per step / {w['reference']} (log)")
+        ax.set_title(f"{w['name']} (grey: noise band)")
         ax.invert_yaxis()
+    fig.suptitle(
+        f"{results['machine']['device']}, jit_compile="
+        f"{results['jit_compile']}, {results['rounds']} rounds"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
 def write(results, output_dir):
+    """Writes results.json, results.csv, results.md and ratios.png.
+
+    Returns:
+        The paths, by format.
+    """
     os.makedirs(output_dir, exist_ok=True)
     paths = {
         "json": os.path.join(output_dir, "results.json"),
@@ -143,7 +235,7 @@ def write(results, output_dir):
         writer = csv.DictWriter(f, fieldnames=list(flat[0]))
         writer.writeheader()
         writer.writerows(flat)
-    with open(paths["markdown"], "w") as f:
+    with open(paths["markdown"], "w", encoding="utf-8") as f:
         f.write(markdown(results))
     chart(results, paths["png"])
     return paths

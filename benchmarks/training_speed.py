@@ -1,10 +1,13 @@
 """Training speed: fit() with fitcustom vs built-in fit() vs hand loops.
 
-Method (../shared/BENCHMARK.md): the same work for every variant; warm-up
-(tracing) timed apart; interleaved rounds; per-round ratios to the
-reference (built-in `fit()`, or for the GAN the hand-written `tf.function`
-loop); median and min-max; the reference timed twice per round gives the
-noise band, and a variant inside it is reported "within noise".
+Method (BENCHMARK.md): the same work for every variant (architecture,
+initial weights, in-memory data, batches, steps, `jit_compile`); warm-up
+(trace and compile) timed apart; interleaved rounds; per-round paired
+ratios to the reference (built-in `fit()`; for the GAN the hand-written
+`tf.function` loop) with median and min-max; the reference timed twice per
+round gives the noise band, and a variant inside it is "within noise".
+Every variant is scored on a fixed evaluation set before and after
+training, outside the timed runs.
 
 Usage:
     python -m benchmarks.training_speed --quick --output-dir outputs/bench
@@ -17,6 +20,8 @@ import platform
 import resource
 import sys
 import time
+from datetime import UTC
+from datetime import datetime
 
 PROFILES = {
     "tiny": dict(
@@ -27,11 +32,11 @@ PROFILES = {
         eager_factor=0.5,
     ),
     "quick": dict(
-        workloads=["mlp", "vgg_cnn", "dcgan"],
-        steps=40,
+        workloads=["mlp", "vgg_cnn", "cifar_cnn", "dcgan"],
+        steps=30,
         rounds=5,
         batch=64,
-        eager_factor=0.25,
+        eager_factor=0.2,
     ),
     "full": dict(
         workloads=["mlp", "vgg_cnn", "cifar_cnn", "dcgan"],
@@ -41,14 +46,26 @@ PROFILES = {
         eager_factor=0.1,
     ),
 }
+WORKLOAD_NAMES = ("mlp", "vgg_cnn", "cifar_cnn", "dcgan")
+DATA_KINDS = ("synthetic", "digits", "keras")
+MIN_ROUNDS = 5  # BENCHMARK.md
+
+
+def _positive(parser, name, value, minimum):
+    if value is not None and value < minimum:
+        parser.error(f"{name} must be >= {minimum}, got {value}")
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output-dir", required=True)
+    """Parses and validates the command line into a settings dict."""
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.training_speed",
+        description=__doc__.splitlines()[0],
+    )
+    parser.add_argument("--output-dir", required=True, help="reports go here")
     group = parser.add_mutually_exclusive_group()
     group.add_argument(
-        "--quick", action="store_true", help="about 3 minutes on 2 CPU cores"
+        "--quick", action="store_true", help="within 3 minutes on 2 CPU cores"
     )
     group.add_argument(
         "--tiny", action="store_true", help="seconds; for the smoke test"
@@ -56,31 +73,75 @@ def parse_args(argv):
     parser.add_argument(
         "--workloads",
         nargs="+",
-        choices=["mlp", "vgg_cnn", "cifar_cnn", "dcgan"],
+        metavar="NAME",
+        help=f"any of {', '.join(WORKLOAD_NAMES)} (spaces or commas)",
     )
-    parser.add_argument("--steps", type=int)
-    parser.add_argument("--rounds", type=int)
-    parser.add_argument("--jit-compile", type=int, choices=(0, 1), default=0)
-    parser.add_argument("--steps-per-execution", type=int, default=50)
+    parser.add_argument("--steps", type=int, help="training steps per run")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds")
+    parser.add_argument("--batch-size", type=int, help="batch size")
+    parser.add_argument(
+        "--jit-compile",
+        type=int,
+        choices=(0, 1),
+        default=0,
+        help="XLA for every compiled variant (default 0)",
+    )
+    parser.add_argument(
+        "--steps-per-execution",
+        type=int,
+        default=50,
+        metavar="N",
+        help="for the *_speN fit() variants (default 50; 1 drops them)",
+    )
+    parser.add_argument(
+        "--data",
+        choices=DATA_KINDS,
+        default="synthetic",
+        help="synthetic (default), digits (real, offline) or keras "
+        "(MNIST / CIFAR-10 from Keras' cache)",
+    )
+    parser.add_argument(
+        "--check-claims",
+        action="store_true",
+        help="exit with status 1 if a claim of the issue fails",
+    )
     args = parser.parse_args(argv)
     profile = "tiny" if args.tiny else "quick" if args.quick else "full"
     settings = dict(PROFILES[profile])
-    for key in ("workloads", "steps", "rounds"):
-        if getattr(args, key) is not None:
-            settings[key] = getattr(args, key)
-    if settings["steps"] < 2:
-        parser.error(f"--steps must be >= 2, got {settings['steps']}")
-    if settings["rounds"] < 2:
-        parser.error(f"--rounds must be >= 2, got {settings['rounds']}")
-    if args.steps_per_execution < 1:
-        parser.error(
-            "--steps-per-execution must be >= 1, got "
-            f"{args.steps_per_execution}"
-        )
+    if args.workloads:
+        names = [n for w in args.workloads for n in w.split(",") if n]
+        unknown = sorted(set(names) - set(WORKLOAD_NAMES))
+        if unknown:
+            parser.error(
+                f"unknown workload(s) {', '.join(unknown)}; choose from "
+                f"{', '.join(WORKLOAD_NAMES)}"
+            )
+        settings["workloads"] = list(dict.fromkeys(names))
+    _positive(parser, "--steps", args.steps, 2)
+    _positive(parser, "--rounds", args.rounds, 2)
+    _positive(parser, "--batch-size", args.batch_size, 1)
+    _positive(parser, "--steps-per-execution", args.steps_per_execution, 1)
+    for key, value in (
+        ("steps", args.steps),
+        ("rounds", args.rounds),
+        ("batch", args.batch_size),
+    ):
+        if value is not None:
+            settings[key] = value
+    try:
+        os.makedirs(args.output_dir, exist_ok=True)
+        probe = os.path.join(args.output_dir, ".write_test")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        parser.error(f"cannot write to --output-dir {args.output_dir}: {e}")
     settings.update(
         profile=profile,
         jit_compile=bool(args.jit_compile),
         spe=args.steps_per_execution,
+        data=args.data,
+        check_claims=args.check_claims,
         output_dir=args.output_dir,
     )
     return settings
@@ -89,6 +150,10 @@ def parse_args(argv):
 def _rss_mib():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_rss_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _cpu_name():
@@ -103,148 +168,205 @@ def _cpu_name():
 
 
 def machine_info():
+    """Device, versions and core count, for the report."""
     import keras
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")
-    if gpus:
-        details = tf.config.experimental.get_device_details(gpus[0])
-        device = f"GPU: {details.get('device_name', gpus[0].name)}"
-    else:
-        device = f"CPU: {_cpu_name()}"
-    return {
-        "device": device,
+    info = {
+        "device": f"CPU: {_cpu_name()}",
         "gpus": len(gpus),
+        "gpu_names": [],
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
         "python": platform.python_version(),
+        "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
     }
+    for gpu in gpus:
+        details = tf.config.experimental.get_device_details(gpu)
+        info["gpu_names"].append(details.get("device_name", gpu.name))
+    if gpus:
+        info["device"] = f"GPU: {info['gpu_names'][0]}"
+    return info
 
 
-def _median(values):
-    s = sorted(values)
-    n = len(s)
-    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+class _DeviceMemory:
+    """Peak device memory per variant on a GPU (nothing on a CPU)."""
+
+    def __init__(self, gpus):
+        self.device = "GPU:0" if gpus else None
+
+    def reset(self):
+        if self.device:
+            import tensorflow as tf
+
+            tf.config.experimental.reset_memory_stats(self.device)
+
+    def peak_mib(self):
+        if not self.device:
+            return None
+        import tensorflow as tf
+
+        info = tf.config.experimental.get_memory_info(self.device)
+        return info["peak"] / 2**20
 
 
-def run_workload(name, settings, progress):
+def run_workload(workload, settings, progress, memory):
+    """Warm-up, interleaved rounds, scoring and statistics of one workload.
+
+    Returns:
+        The workload's part of the results (see `FIELDS` in the tests).
+    """
     import keras
 
-    from benchmarks.workloads import Workload
+    from benchmarks import stats
+    from benchmarks import variants as variants_lib
 
-    workload = Workload(
-        name, settings["steps"], settings["batch"], settings["jit_compile"]
+    make = (
+        variants_lib.gan_variants
+        if workload.is_gan
+        else variants_lib.classifier_variants
     )
-    variants = workload.variants(settings["spe"], settings["eager_factor"])
-    warmup, first_loss = {}, {}
+    variants = make(settings["spe"], settings["eager_factor"])
+    notes = []
+    if workload.is_gan and variants_lib.TapeGAN is None:
+        notes.append(
+            "fitcustom.TapeGAN is not available: its variants were skipped."
+        )
+    keras.backend.clear_session()
+    records = {}
     for v in variants:
-        keras.backend.clear_session(free_memory=False)
         v.setup(workload)
+        initial = workload.evaluate(v.networks())
+        memory.reset()
         start = time.perf_counter()
         v.run()
-        warmup[v.name] = time.perf_counter() - start
-        first_loss[v.name] = v.loss()
-    times = {v.name: [] for v in variants}
-    rss = {}
+        warmup = time.perf_counter() - start
+        records[v.name] = {
+            "name": v.name,
+            "steps": v.steps,
+            "warmup_s": warmup,
+            "first_train_loss": v.train_loss(),
+            "initial_eval": initial,
+            "seconds": [],
+            "device_peak_mib": memory.peak_mib(),
+        }
+    progress.add(1)
     for _ in range(settings["rounds"]):
         for v in variants:
+            memory.reset()
             start = time.perf_counter()
             v.run()
-            times[v.name].append(time.perf_counter() - start)
-            rss[v.name] = _rss_mib()
+            records[v.name]["seconds"].append(time.perf_counter() - start)
+            peak = memory.peak_mib()
+            if peak is not None:
+                rec = records[v.name]
+                rec["device_peak_mib"] = max(rec["device_peak_mib"], peak)
         progress.add(1)
-    reference = next(v for v in variants if v.reference)
-    ref_times = times[reference.name]
-    repeat = times[f"{reference.name}_repeat"]
-    noise = max(0.01, max(abs(a / b - 1) for a, b in zip(repeat, ref_times)))
-    floor = next(v for v in variants if v.name.startswith("floor"))
+    step_times = {
+        v.name: [t / v.steps for t in records[v.name]["seconds"]]
+        for v in variants
+    }
+    reference = next(v.name for v in variants if v.reference)
+    noise = stats.noise_band(
+        step_times[reference], step_times[f"{reference}_repeat"]
+    )
+    floor = step_times["floor_while_loop"]
     out = []
     for v in variants:
-        steps = max(1, int(workload.steps * v.steps_factor))
-        # Per-step time; the eager loop runs fewer steps: compare per step.
-        per_step = [t / steps for t in times[v.name]]
-        ref_step = [t / workload.steps for t in ref_times]
-        floor_step = [t / workload.steps for t in times[floor.name]]
-        ratios = [a / b for a, b in zip(per_step, ref_step)]
-        ratio = {
-            "median": _median(ratios),
-            "min": min(ratios),
-            "max": max(ratios),
-            "rounds": ratios,
-        }
-        if v.reference:
-            verdict = "reference"
-        elif ratio["max"] < 1 - noise:
-            verdict = "faster"
-        elif ratio["min"] > 1 + noise:
-            verdict = "slower"
-        else:
-            verdict = "within noise"
-        med = _median(per_step)
-        out.append(
-            {
-                "name": v.name,
-                "steps": steps,
-                "ratio": ratio,
-                "ratio_to_floor": med / _median(floor_step),
-                "step_ms": 1e3 * med,
-                "sample_us": 1e6 * med / workload.batch,
-                "warmup_s": warmup[v.name],
-                "first_loss": first_loss[v.name],
-                "final_loss": v.loss(),
-                "rss_mib": rss[v.name],
-                "verdict": verdict,
-                "seconds": times[v.name],
-            }
+        rec = records[v.name]
+        per_step = stats.median(step_times[v.name])
+        ratio = stats.paired_ratio(step_times[v.name], step_times[reference])
+        rec.update(
+            ratio=ratio,
+            ratio_to_floor=stats.paired_ratio(step_times[v.name], floor)[
+                "median"
+            ],
+            step_ms=1e3 * per_step,
+            sample_us=1e6 * per_step / workload.batch,
+            final_train_loss=v.train_loss(),
+            final_eval=workload.evaluate(v.networks()),
+            rss_mib=_rss_mib(),
+            peak_rss_mib=_peak_rss_mib(),
+            verdict="reference" if v.reference else stats.verdict(ratio, noise),
         )
+        out.append(rec)
     return {
-        "name": name,
-        "reference": reference.name,
+        "name": workload.name,
+        "reference": reference,
         "batch": workload.batch,
         "steps": workload.steps,
+        "data": workload.data_note,
         "noise": noise,
+        "notes": notes,
         "variants": out,
+        "claims": stats.workload_claims(
+            step_times, noise, settings["spe"], workload.is_gan
+        ),
     }
 
 
 def main(argv=None):
+    """Runs the benchmark; returns the results dict (also written to
+    `--output-dir` as results.json, results.csv, results.md, ratios.png)."""
     settings = parse_args(argv)
-    try:
-        os.makedirs(settings["output_dir"], exist_ok=True)
-    except OSError as e:
-        sys.exit(f"error: cannot write to --output-dir: {e}")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
 
     from benchmarks import report
+    from benchmarks.workloads import Workload
 
-    total = settings["rounds"] * len(settings["workloads"])
-    progress = keras.utils.Progbar(total, unit_name="round")
-    workloads = [
-        run_workload(name, settings, progress) for name in settings["workloads"]
-    ]
     machine = machine_info()
-    machine["peak_rss_mib"] = (
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    )
-    if machine["gpus"]:
-        import tensorflow as tf
-
-        machine["gpu_peak_mib"] = (
-            tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
+    try:
+        # All data first: a missing dataset stops the run before any timing.
+        workloads = [
+            Workload(
+                name,
+                settings["steps"],
+                settings["batch"],
+                settings["jit_compile"],
+                data=settings["data"],
+            )
+            for name in settings["workloads"]
+        ]
+    except (OSError, ImportError) as e:
+        sys.exit(f"training_speed: error: --data {settings['data']}: {e}")
+    warnings = []
+    if settings["rounds"] < MIN_ROUNDS:
+        warnings.append(
+            f"Only {settings['rounds']} rounds (BENCHMARK.md asks for at "
+            f"least {MIN_ROUNDS}): a smoke run, not a measurement."
         )
+    memory = _DeviceMemory(machine["gpus"])
+    progress = keras.utils.Progbar(
+        len(workloads) * (settings["rounds"] + 1), unit_name="round"
+    )
+    started = time.perf_counter()
+    results_workloads = [
+        run_workload(w, settings, progress, memory) for w in workloads
+    ]
+    machine["peak_rss_mib"] = _peak_rss_mib()
     results = {
         "profile": settings["profile"],
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": "python -m benchmarks.training_speed "
+        + " ".join(sys.argv[1:] if argv is None else argv),
         "rounds": settings["rounds"],
         "jit_compile": settings["jit_compile"],
         "steps_per_execution": settings["spe"],
+        "data": settings["data"],
+        "wall_s": time.perf_counter() - started,
         "machine": machine,
-        "workloads": workloads,
+        "warnings": warnings,
+        "workloads": results_workloads,
     }
     paths = report.write(results, settings["output_dir"])
     print()
     print(report.table(results))
     print(f"Reports: {', '.join(paths.values())}")
+    if settings["check_claims"] and report.failed_claims(results):
+        sys.exit(1)
     return results
 
 

@@ -1,191 +1,71 @@
-"""Workloads of the speed benchmark: models, data, and the step variants.
+"""Workloads of the speed benchmark: networks, data, initial weights, and
+how a trained variant is scored.
 
 Every variant of a workload trains the same architecture from the same
-initial weights on the same in-memory data, with the same batch size,
-number of steps and `jit_compile` setting. Data is synthetic (random
-values of the right shape): speed does not depend on the values.
+initial weights (`Workload.weights`) on the same in-memory arrays, batched
+the same way, for the same number of steps. Each workload also holds a
+fixed evaluation set on which every variant is scored, outside the timed
+runs, before and after training.
+
+Data (`data=`):
+
+- `"synthetic"` (default): images of the workload's shape made of a
+  per-class random template (a 4x4 grid, upsampled) plus uniform noise:
+  learnable, so that the losses really go down, and offline. Speed does not
+  depend on the values.
+- `"digits"`: scikit-learn's bundled handwritten digits (real, offline),
+  resized to the workload's shape and repeated to fill the steps.
+- `"keras"`: MNIST (MLP, VGG-like CNN, DCGAN) and CIFAR-10 (CIFAR CNN)
+  from Keras' dataset cache (downloaded if missing and online).
 """
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-import fitcustom
 from fitcustom import architectures
+from fitcustom import datasets
 
-mlp = architectures.mlp_body
-vgg_like = architectures.vgg_body
+NUM_CLASSES = 10
+LATENT_DIM = 64
+EVAL_SIZE = 512
+GAN_EVAL_SIZE = 64
+DATA_KINDS = ("synthetic", "digits", "keras")
 
 
 def cifar_cnn(inputs):
+    """A small CIFAR-shaped CNN: conv 16/32/64 pairs, pooling, dense 128."""
     h = inputs
     for filters in (16, 32, 64):
-        h = keras.layers.Conv2D(filters, 3, padding="same", activation="relu")(
-            h
-        )
-        h = keras.layers.Conv2D(filters, 3, padding="same", activation="relu")(
-            h
-        )
+        for _ in range(2):
+            h = keras.layers.Conv2D(
+                filters, 3, padding="same", activation="relu"
+            )(h)
         h = keras.layers.MaxPooling2D()(h)
     h = keras.layers.GlobalAveragePooling2D()(h)
     h = keras.layers.Dense(128, activation="relu")(h)
-    return keras.layers.Dense(10)(h)
+    return keras.layers.Dense(NUM_CLASSES)(h)
 
 
+# name: (body, input shape, image shape of the data, Keras dataset)
 CLASSIFIERS = {
-    "mlp": (mlp, (784,)),
-    "vgg_cnn": (vgg_like, (28, 28, 1)),
-    "cifar_cnn": (cifar_cnn, (32, 32, 3)),
+    "mlp": (architectures.mlp_body, (784,), (28, 28, 1), "mnist"),
+    "vgg_cnn": (architectures.vgg_body, (28, 28, 1), (28, 28, 1), "mnist"),
+    "cifar_cnn": (cifar_cnn, (32, 32, 3), (32, 32, 3), "cifar10"),
 }
-
-
-def loss_fn():
-    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-
-
-def classifier_data(shape, n, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.random((n, *shape), dtype=np.float32)
-    y = rng.integers(0, 10, size=n).astype("int32")
-    return x, y
-
-
-def build_classifier(name, cls, weights=None):
-    body, shape = CLASSIFIERS[name]
-    keras.utils.set_random_seed(0)
-    inputs = keras.Input(shape)
-    model = cls(inputs, body(inputs))
-    if weights is not None:
-        model.set_weights(weights)
-    return model
-
-
-class Variant:
-    """One way of running `steps` training steps; `run()` runs them once."""
-
-    reference = False
-
-    def __init__(self, name, steps_factor=1.0):
-        self.name = name
-        self.steps_factor = steps_factor
-
-    def setup(self, workload):
-        raise NotImplementedError
-
-    def run(self):
-        raise NotImplementedError
-
-    def loss(self):
-        """The training loss of the last run (mean over its steps)."""
-        return float(self._last_loss)
-
-
-class FitVariant(Variant):
-    def __init__(self, name, cls, steps_per_execution=1):
-        super().__init__(name)
-        self.cls = cls
-        self.spe = steps_per_execution
-
-    def setup(self, w):
-        self.model = build_classifier(w.name, self.cls, w.weights)
-        kwargs = {}
-        if self.cls is fitcustom.TapeClassifier:
-            kwargs["check_inputs"] = True
-        self.model.compile(
-            optimizer=keras.optimizers.Adam(1e-3),
-            loss=loss_fn(),
-            metrics=["accuracy"],
-            jit_compile=w.jit_compile,
-            steps_per_execution=self.spe,
-            **kwargs,
-        )
-        self.dataset = w.dataset
-
-    def run(self):
-        history = self.model.fit(self.dataset, epochs=1, verbose=0)
-        self._last_loss = history.history["loss"][-1]
-
-
-class LoopVariant(Variant):
-    """The seeds' hand-written loop: a GradientTape step, optionally under
-    `tf.function`, over a `tf.data` pipeline of the same arrays."""
-
-    def __init__(self, name, compiled=True, steps_factor=1.0):
-        super().__init__(name, steps_factor)
-        self.compiled = compiled
-
-    def setup(self, w):
-        model = build_classifier(w.name, keras.Model, w.weights)
-        optimizer = keras.optimizers.Adam(1e-3)
-        loss_object = loss_fn()
-        self.dataset = w.dataset.take(max(1, int(w.steps * self.steps_factor)))
-
-        def step(x, y):
-            with tf.GradientTape() as tape:
-                logits = model(x, training=True)
-                loss = loss_object(y, logits) + tf.add_n(
-                    [tf.zeros(())] + model.losses
-                )
-            grads = tape.gradient(loss, model.trainable_variables)
-            optimizer.apply_gradients(zip(grads, model.trainable_variables))
-            return loss
-
-        self.step = (
-            tf.function(step, jit_compile=w.jit_compile)
-            if self.compiled
-            else step
-        )
-
-    def run(self):
-        losses = [self.step(x, y) for x, y in self.dataset]
-        self._last_loss = float(tf.reduce_mean(losses))
-
-
-class FloorVariant(Variant):
-    """All steps in one compiled graph over pre-batched on-device tensors."""
-
-    def setup(self, w):
-        model = build_classifier(w.name, keras.Model, w.weights)
-        optimizer = keras.optimizers.Adam(1e-3)
-        optimizer.build(model.trainable_variables)
-        loss_object = loss_fn()
-        steps = len(w.x) // w.batch
-        xs = tf.constant(
-            w.x[: steps * w.batch].reshape((steps, w.batch) + w.x.shape[1:])
-        )
-        ys = tf.constant(w.y[: steps * w.batch].reshape((steps, w.batch)))
-
-        @tf.function(jit_compile=w.jit_compile)
-        def all_steps():
-            def body(i, total):
-                with tf.GradientTape() as tape:
-                    logits = model(xs[i], training=True)
-                    loss = loss_object(ys[i], logits)
-                grads = tape.gradient(loss, model.trainable_variables)
-                optimizer.apply_gradients(zip(grads, model.trainable_variables))
-                return i + 1, total + loss
-
-            _, total = tf.while_loop(
-                lambda i, _: i < steps, body, (tf.constant(0), tf.constant(0.0))
-            )
-            return total / steps
-
-        self.all_steps = all_steps
-
-    def run(self):
-        self._last_loss = float(self.all_steps())
-
-
-# ----------------------------------------------------------------------
-# DCGAN
-# ----------------------------------------------------------------------
-
-LATENT = 64
+WORKLOADS = (*CLASSIFIERS, "dcgan")
+GAN_IMAGE_SHAPE = (28, 28, 1)
 
 
 def dcgan_networks(seed=0):
+    """A small DCGAN for 28x28x1 images in [-1, 1].
+
+    Returns:
+        `(generator, discriminator)`: latent vectors to tanh images, and
+        images to one logit.
+    """
     keras.utils.set_random_seed(seed)
-    z = keras.Input((LATENT,))
+    z = keras.Input((LATENT_DIM,))
     h = keras.layers.Dense(7 * 7 * 64)(z)
     h = keras.layers.BatchNormalization()(h)
     h = keras.layers.LeakyReLU(0.2)(h)
@@ -196,174 +76,205 @@ def dcgan_networks(seed=0):
     out = keras.layers.Conv2DTranspose(
         1, 4, strides=2, padding="same", activation="tanh"
     )(h)
-    generator = keras.Model(z, out)
-    images = keras.Input((28, 28, 1))
+    generator = keras.Model(z, out, name="generator")
+    images = keras.Input(GAN_IMAGE_SHAPE)
     h = keras.layers.Conv2D(32, 4, strides=2, padding="same")(images)
     h = keras.layers.LeakyReLU(0.2)(h)
     h = keras.layers.Conv2D(64, 4, strides=2, padding="same")(h)
     h = keras.layers.LeakyReLU(0.2)(h)
     h = keras.layers.Flatten()(h)
-    discriminator = keras.Model(images, keras.layers.Dense(1)(h))
+    discriminator = keras.Model(
+        images, keras.layers.Dense(1)(h), name="discriminator"
+    )
     return generator, discriminator
 
 
-class GANFit(Variant):
-    def __init__(self, name, steps_per_execution=1):
-        super().__init__(name)
-        self.spe = steps_per_execution
+def classification_loss():
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
-    def setup(self, w):
-        generator, discriminator = dcgan_networks()
-        generator.set_weights(w.weights[0])
-        discriminator.set_weights(w.weights[1])
-        self.gan = fitcustom.TapeGAN(
-            generator=generator,
-            discriminator=discriminator,
-            latent_dim=LATENT,
-            simultaneous=True,
+
+def synthetic_images(image_shape, n, seed=0):
+    """Per-class templates plus noise, in [0, 1]; `(x, y)`."""
+    rng = np.random.default_rng(seed)
+    h, w, c = image_shape
+    coarse = rng.random((NUM_CLASSES, 4, 4, c), dtype=np.float32)
+    templates = coarse.repeat(-(-h // 4), axis=1).repeat(-(-w // 4), axis=2)
+    templates = templates[:, :h, :w]
+    y = rng.integers(0, NUM_CLASSES, size=n).astype("int32")
+    noise = rng.random((n, h, w, c), dtype=np.float32)
+    return 0.5 * templates[y] + 0.5 * noise, y
+
+
+def _resized(x, image_shape):
+    h, w, c = image_shape
+    out = tf.image.resize(x, (h, w)).numpy().clip(0.0, 1.0)
+    if out.shape[-1] != c:
+        out = np.repeat(out, c, axis=-1)
+    return out.astype("float32")
+
+
+def _repeat_to(x, y, n):
+    index = np.arange(n) % len(x)
+    return x[index], (None if y is None else y[index])
+
+
+def load_images(data, image_shape, keras_name, n, seed=0):
+    """Training and evaluation images of one shape, in [0, 1].
+
+    Returns:
+        `((x, y), (x_eval, y_eval), note)` with exactly `n` training
+        samples (repeated when the source has fewer) and a one-line
+        description of the data for the report.
+    """
+    if data == "synthetic":
+        x, y = synthetic_images(image_shape, n + EVAL_SIZE, seed)
+        note = "synthetic (per-class templates plus noise)"
+        return (x[:n], y[:n]), (x[n:], y[n:]), note
+    if data == "digits":
+        (x, y), (x_eval, y_eval) = datasets.load_digits()
+        x, x_eval = _resized(x, image_shape), _resized(x_eval, image_shape)
+        note = f"scikit-learn digits resized to {image_shape}"
+    elif data == "keras":
+        loader = {
+            "mnist": datasets.load_mnist,
+            "cifar10": datasets.load_cifar10,
+        }[keras_name]
+        (x, y), (x_eval, y_eval) = loader()
+        note = f"{keras_name} (Keras' dataset cache)"
+    else:
+        raise ValueError(
+            f"Unknown data kind. Received: data={data!r}. Expected one of "
+            f"{DATA_KINDS}."
         )
-        self.gan.compile(
-            d_optimizer=keras.optimizers.Adam(2e-4, beta_1=0.5),
-            g_optimizer=keras.optimizers.Adam(2e-4, beta_1=0.5),
-            jit_compile=w.jit_compile,
-            steps_per_execution=self.spe,
-        )
-        self.dataset = w.dataset
-
-    def run(self):
-        history = self.gan.fit(self.dataset, epochs=1, verbose=0)
-        self._last_loss = history.history["g_loss"][-1]
-
-
-def _gan_step(generator, discriminator, g_opt, d_opt, batch, seed_var):
-    cross_entropy = keras.losses.BinaryCrossentropy(from_logits=True)
-
-    def step(images):
-        seed = tf.stack([tf.constant(0, tf.int64), seed_var])
-        noise = tf.random.stateless_normal([batch, LATENT], seed)
-        seed_var.assign_add(1)
-        with tf.GradientTape() as gen_tape, tf.GradientTape() as disc_tape:
-            generated = generator(noise, training=True)
-            real_output = discriminator(images, training=True)
-            fake_output = discriminator(generated, training=True)
-            gen_loss = cross_entropy(tf.ones_like(fake_output), fake_output)
-            disc_loss = cross_entropy(
-                tf.ones_like(real_output), real_output
-            ) + cross_entropy(tf.zeros_like(fake_output), fake_output)
-        g_grads = gen_tape.gradient(gen_loss, generator.trainable_variables)
-        d_grads = disc_tape.gradient(
-            disc_loss, discriminator.trainable_variables
-        )
-        g_opt.apply_gradients(zip(g_grads, generator.trainable_variables))
-        d_opt.apply_gradients(zip(d_grads, discriminator.trainable_variables))
-        return gen_loss
-
-    return step
-
-
-class GANLoop(Variant):
-    """The seeds' DCGAN step: two tapes, `tf.function` (or eager)."""
-
-    def __init__(self, name, compiled=True, steps_factor=1.0, floor=False):
-        super().__init__(name, steps_factor)
-        self.compiled = compiled
-        self.floor = floor
-
-    def setup(self, w):
-        generator, discriminator = dcgan_networks()
-        generator.set_weights(w.weights[0])
-        discriminator.set_weights(w.weights[1])
-        g_opt = keras.optimizers.Adam(2e-4, beta_1=0.5)
-        d_opt = keras.optimizers.Adam(2e-4, beta_1=0.5)
-        g_opt.build(generator.trainable_variables)
-        d_opt.build(discriminator.trainable_variables)
-        self.seed_var = tf.Variable(0, dtype=tf.int64)
-        step = _gan_step(
-            generator, discriminator, g_opt, d_opt, w.batch, self.seed_var
-        )
-        n = int(len(w.x) * self.steps_factor) // w.batch
-        if self.floor:
-            xs = tf.constant(
-                w.x[: n * w.batch].reshape((n, w.batch) + w.x.shape[1:])
-            )
-
-            @tf.function(jit_compile=w.jit_compile)
-            def all_steps():
-                def body(i, total):
-                    return i + 1, total + step(xs[i])
-
-                _, total = tf.while_loop(
-                    lambda i, _: i < n, body, (tf.constant(0), tf.constant(0.0))
-                )
-                return total / n
-
-            self.all_steps = all_steps
-            return
-        self.dataset = w.dataset.take(n)
-        self.step = (
-            tf.function(step, jit_compile=w.jit_compile)
-            if self.compiled
-            else step
-        )
-
-    def run(self):
-        if self.floor:
-            self._last_loss = float(self.all_steps())
-            return
-        losses = [self.step(x) for x in self.dataset]
-        self._last_loss = float(tf.reduce_mean(losses))
+    if len(x) < n:
+        note += f", {len(x)} images repeated to {n}"
+    x, y = _repeat_to(x, y, n)
+    return (x, y), (x_eval[:EVAL_SIZE], y_eval[:EVAL_SIZE]), note
 
 
 class Workload:
-    """Data, initial weights and settings shared by a workload's variants."""
+    """Data, initial weights and settings shared by a workload's variants.
 
-    def __init__(self, name, steps, batch, jit_compile):
+    Args:
+        name: One of `WORKLOADS`.
+        steps: Training steps per timed run.
+        batch: Batch size.
+        jit_compile: XLA for every compiled variant.
+        data: One of `DATA_KINDS`. Defaults to `"synthetic"`.
+    """
+
+    def __init__(self, name, steps, batch, jit_compile, data="synthetic"):
+        if name not in WORKLOADS:
+            raise ValueError(
+                f"Unknown workload. Received: name={name!r}. Expected one "
+                f"of {WORKLOADS}."
+            )
         self.name = name
-        self.batch = batch
         self.steps = steps
+        self.batch = batch
         self.jit_compile = jit_compile
+        self.is_gan = name == "dcgan"
         n = steps * batch
-        if name == "dcgan":
-            rng = np.random.default_rng(0)
-            self.x = rng.uniform(-1, 1, (n, 28, 28, 1)).astype("float32")
-            self.y = None
-            g, d = dcgan_networks()
-            self.weights = (g.get_weights(), d.get_weights())
+        if self.is_gan:
+            (x, _), (x_eval, _), note = load_images(
+                data, GAN_IMAGE_SHAPE, "mnist", n
+            )
+            self.x, self.y = 2.0 * x - 1.0, None
+            self.x_eval = 2.0 * x_eval[:GAN_EVAL_SIZE] - 1.0
+            rng = np.random.default_rng(1)
+            self.z_eval = rng.normal(size=(len(self.x_eval), LATENT_DIM))
+            self.z_eval = self.z_eval.astype("float32")
+            self.y_eval = None
+            generator, discriminator = dcgan_networks()
+            self.weights = (
+                generator.get_weights(),
+                discriminator.get_weights(),
+            )
         else:
-            self.x, self.y = classifier_data(CLASSIFIERS[name][1], n)
-            self.weights = build_classifier(name, keras.Model).get_weights()
+            _, shape, image_shape, keras_name = CLASSIFIERS[name]
+            (x, y), (x_eval, y_eval), note = load_images(
+                data, image_shape, keras_name, n
+            )
+            self.x = x.reshape((n, *shape))
+            self.x_eval = x_eval.reshape((len(x_eval), *shape))
+            self.y, self.y_eval = y, y_eval
+            self.weights = self.build_classifier(keras.Model).get_weights()
+        self.data_note = note
         # One input pipeline for every variant but the floor: the same
         # in-memory arrays, the same batches, built once.
         elements = self.x if self.y is None else (self.x, self.y)
         self.dataset = tf.data.Dataset.from_tensor_slices(elements).batch(batch)
 
-    def variants(self, spe, eager_factor):
-        if self.name == "dcgan":
-            reference = GANLoop("loop_tf_function")
-            reference.reference = True
-            return [
-                reference,
-                GANLoop("loop_tf_function_repeat"),
-                GANFit("fitcustom_fit"),
-                GANFit(f"fitcustom_fit_spe{spe}", spe),
-                GANLoop(
-                    "loop_eager", compiled=False, steps_factor=eager_factor
-                ),
-                GANLoop("floor_while_loop", floor=True),
+    def build_classifier(self, cls):
+        """The workload's classifier as `cls(inputs, outputs)`, with the
+        shared initial weights once they exist."""
+        body, shape, _, _ = CLASSIFIERS[self.name]
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input(shape)
+        model = cls(inputs, body(inputs))
+        if hasattr(self, "weights"):
+            model.set_weights(self.weights)
+        return model
+
+    def build_gan(self):
+        """`(generator, discriminator)` with the shared initial weights."""
+        generator, discriminator = dcgan_networks()
+        generator.set_weights(self.weights[0])
+        discriminator.set_weights(self.weights[1])
+        return generator, discriminator
+
+    def pre_batched(self, steps):
+        """The first `steps` batches as device tensors `(xs, ys)` of shape
+        `(steps, batch, ...)` (`ys` is `None` for the GAN)."""
+        n = steps * self.batch
+        shape = (steps, self.batch, *self.x.shape[1:])
+        xs = tf.constant(self.x[:n].reshape(shape))
+        if self.y is None:
+            return xs, None
+        return xs, tf.constant(self.y[:n].reshape((steps, self.batch)))
+
+    def evaluate(self, networks):
+        """Scores trained networks on the fixed evaluation set.
+
+        For a classifier: cross-entropy `loss` and `accuracy`. For the GAN
+        (`networks` = `(generator, discriminator)`): `loss` is the
+        discriminator's loss on fixed real images and on images generated
+        from fixed noise, `accuracy` its accuracy on both, plus `g_loss`.
+        Inference mode throughout.
+        """
+        if self.is_gan:
+            return _evaluate_gan(*networks, self.x_eval, self.z_eval)
+        logits = np.concatenate(
+            [
+                keras.ops.convert_to_numpy(
+                    networks(self.x_eval[i : i + 256], training=False)
+                )
+                for i in range(0, len(self.x_eval), 256)
             ]
-        reference = FitVariant("builtin_fit", keras.Model)
-        reference.reference = True
-        return [
-            reference,
-            FitVariant("builtin_fit_repeat", keras.Model),
-            FitVariant("fitcustom_fit", fitcustom.TapeClassifier),
-            FitVariant(f"builtin_fit_spe{spe}", keras.Model, spe),
-            FitVariant(
-                f"fitcustom_fit_spe{spe}", fitcustom.TapeClassifier, spe
-            ),
-            LoopVariant("loop_tf_function"),
-            LoopVariant(
-                "loop_eager", compiled=False, steps_factor=eager_factor
-            ),
-            FloorVariant("floor_while_loop"),
-        ]
+        )
+        loss = classification_loss()(self.y_eval, logits)
+        return {
+            "loss": float(loss),
+            "accuracy": float(np.mean(logits.argmax(-1) == self.y_eval)),
+        }
+
+
+def _evaluate_gan(generator, discriminator, real, z):
+    bce = keras.losses.BinaryCrossentropy(from_logits=True)
+    fake = generator(z, training=False)
+    real_logits = discriminator(real, training=False)
+    fake_logits = discriminator(fake, training=False)
+    ones, zeros = tf.ones_like(real_logits), tf.zeros_like(fake_logits)
+    d_loss = bce(ones, real_logits) + bce(zeros, fake_logits)
+    correct = tf.concat(
+        [
+            tf.cast(real_logits > 0, tf.float32),
+            tf.cast(fake_logits < 0, tf.float32),
+        ],
+        axis=0,
+    )
+    return {
+        "loss": float(d_loss),
+        "accuracy": float(tf.reduce_mean(correct)),
+        "g_loss": float(bce(tf.ones_like(fake_logits), fake_logits)),
+    }

@@ -1,0 +1,118 @@
+"""Statistics of the speed benchmark: paired ratios, noise band, verdicts,
+and the issue's claims (BENCHMARK.md's method).
+
+All functions take per-round times per step (seconds), one list per
+variant, rounds aligned: element `r` of every list was measured in round
+`r`.
+"""
+
+MIN_NOISE = 0.01
+
+
+def median(values):
+    """The median of a non-empty sequence."""
+    s = sorted(values)
+    n = len(s)
+    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+
+def paired_ratio(times, reference):
+    """Round-by-round ratios `times[r] / reference[r]`.
+
+    Returns:
+        `{"median", "min", "max", "rounds"}`.
+    """
+    ratios = [a / b for a, b in zip(times, reference, strict=True)]
+    return {
+        "median": median(ratios),
+        "min": min(ratios),
+        "max": max(ratios),
+        "rounds": ratios,
+    }
+
+
+def noise_band(reference, repeat):
+    """Half-width of the noise band: the largest `|A'/A - 1|` over rounds,
+    where A and A' are the same variant timed twice per round (at least
+    `MIN_NOISE`)."""
+    spread = max(abs(b / a - 1) for a, b in zip(reference, repeat, strict=True))
+    return max(MIN_NOISE, spread)
+
+
+def verdict(ratio, noise):
+    """ "faster" / "slower" only if the whole min-max interval of the paired
+    ratio lies outside `1 +- noise`; otherwise "within noise"."""
+    if ratio["max"] < 1 - noise:
+        return "faster"
+    if ratio["min"] > 1 + noise:
+        return "slower"
+    return "within noise"
+
+
+def claim(name, times, against, bound, noise, description):
+    """Checks `median(times / against) <= bound`.
+
+    Status: "holds" (median within the bound), "fails within noise" (above
+    the bound by less than the noise band: this run cannot tell), "fails"
+    (above the bound by more than the noise band). `resolved` is False when
+    the noise band is wider than the distance between the median and the
+    bound, i.e. when a quieter run could flip the status.
+    """
+    ratio = paired_ratio(times, against)
+    gap = ratio["median"] - bound
+    if gap <= 0:
+        status = "holds"
+    elif gap <= noise:
+        status = "fails within noise"
+    else:
+        status = "fails"
+    return {
+        "claim": name,
+        "description": description,
+        "bound": bound,
+        "ratio": ratio,
+        "noise": noise,
+        "status": status,
+        "resolved": abs(gap) > noise,
+    }
+
+
+def workload_claims(step_times, noise, spe, is_gan):
+    """The issue's claims for one workload, from per-step times by variant.
+
+    - fitcustom `fit()` / built-in `fit()` <= 1.02 (classifiers), or
+      `TapeGAN.fit` / the hand-written GAN loop <= 1.02 (GAN);
+    - fitcustom `fit()` with `steps_per_execution=spe` / the hand-written
+      `tf.function` loop <= 1.00.
+
+    Claims whose variants were not run are left out.
+    """
+    out = []
+    reference = "loop_tf_function" if is_gan else "builtin_fit"
+    label = "TapeGAN.fit" if is_gan else "fitcustom fit()"
+    other = "hand-written tf.function GAN loop" if is_gan else "built-in fit()"
+    if "fitcustom_fit" in step_times:
+        out.append(
+            claim(
+                f"fitcustom_fit / {reference} <= 1.02",
+                step_times["fitcustom_fit"],
+                step_times[reference],
+                1.02,
+                noise,
+                f"{label} within 2% of the {other}",
+            )
+        )
+    tuned = f"fitcustom_fit_spe{spe}"
+    if tuned in step_times and "loop_tf_function" in step_times:
+        out.append(
+            claim(
+                f"{tuned} / loop_tf_function <= 1.00",
+                step_times[tuned],
+                step_times["loop_tf_function"],
+                1.0,
+                noise,
+                f"{label} with steps_per_execution={spe} at least as fast "
+                "as the hand-written tf.function loop",
+            )
+        )
+    return out

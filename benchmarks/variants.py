@@ -1,0 +1,358 @@
+"""The ways of running a workload's training steps that the benchmark times.
+
+A variant builds its own copy of the networks from the workload's shared
+initial weights (`setup`), runs its training steps once per call (`run`:
+one epoch over the same batches), and exposes the mean training loss of its
+last run (`train_loss`) and its networks for scoring (`networks`).
+
+Classifiers: built-in `keras.Model.fit`, fitcustom's `fit()`, both with a
+larger `steps_per_execution`, the seeds' GradientTape loop under
+`tf.function` and in eager mode, and the floor. The loops track loss and
+accuracy as `fit()` does (TensorFlow tutorial style), so that every variant
+does the same work per step. GAN: fitcustom's `TapeGAN.fit`, the seeds'
+two-tape step under `tf.function` and eager, and the floor.
+"""
+
+import keras
+import tensorflow as tf
+
+import fitcustom
+from benchmarks.workloads import LATENT_DIM
+from benchmarks.workloads import classification_loss
+
+# The classifier is TapeClassifier where it exists, else the engine itself;
+# the GAN variants need TapeGAN and are skipped (with a note) without it.
+TapeClassifier = getattr(fitcustom, "TapeClassifier", fitcustom.TapeModel)
+TapeGAN = getattr(fitcustom, "TapeGAN", None)
+
+
+def _optimizer(gan=False):
+    if gan:
+        return keras.optimizers.Adam(2e-4, beta_1=0.5)
+    return keras.optimizers.Adam(1e-3)
+
+
+class Variant:
+    """One way of running a workload's steps.
+
+    Args:
+        name: Name in the report.
+        steps_factor: Fraction of the workload's steps this variant runs
+            (the eager loop runs fewer; times are compared per step).
+    """
+
+    reference = False
+
+    def __init__(self, name, steps_factor=1.0):
+        self.name = name
+        self.steps_factor = steps_factor
+        self.steps = None
+        self._loss = float("nan")
+
+    def setup(self, workload):
+        self.steps = min(
+            workload.steps,
+            max(2, int(round(workload.steps * self.steps_factor))),
+        )
+
+    def run(self):
+        raise NotImplementedError
+
+    def train_loss(self):
+        """Mean training loss over the steps of the last run."""
+        return float(self._loss)
+
+    def networks(self):
+        raise NotImplementedError
+
+
+class FitVariant(Variant):
+    """`model.fit(dataset, epochs=1)` on a functional model of class `cls`."""
+
+    def __init__(self, name, cls, steps_per_execution=1):
+        super().__init__(name)
+        self.cls = cls
+        self.spe = steps_per_execution
+
+    def setup(self, w):
+        super().setup(w)
+        self.model = w.build_classifier(self.cls)
+        self.model.compile(
+            optimizer=_optimizer(),
+            loss=classification_loss(),
+            metrics=["accuracy"],
+            jit_compile=w.jit_compile,
+            steps_per_execution=self.spe,
+        )
+        self.dataset = w.dataset
+
+    def run(self):
+        history = self.model.fit(
+            self.dataset, epochs=1, verbose=0, shuffle=False
+        )
+        self._loss = history.history["loss"][-1]
+
+    def networks(self):
+        return self.model
+
+
+class LoopVariant(Variant):
+    """The seeds' loop: a GradientTape step per batch, under `tf.function`
+    (same `jit_compile`) or eager."""
+
+    def __init__(self, name, compiled=True, steps_factor=1.0):
+        super().__init__(name, steps_factor)
+        self.compiled = compiled
+
+    def setup(self, w):
+        super().setup(w)
+        model = w.build_classifier(keras.Model)
+        optimizer = _optimizer()
+        loss_object = classification_loss()
+        loss_mean = keras.metrics.Mean()
+        accuracy = keras.metrics.SparseCategoricalAccuracy()
+
+        def step(x, y):
+            with tf.GradientTape() as tape:
+                logits = model(x, training=True)
+                loss = loss_object(y, logits)
+                if model.losses:
+                    loss += tf.add_n(model.losses)
+            grads = tape.gradient(loss, model.trainable_variables)
+            optimizer.apply_gradients(zip(grads, model.trainable_variables))
+            loss_mean.update_state(loss)
+            accuracy.update_state(y, logits)
+
+        self.step = (
+            tf.function(step, jit_compile=w.jit_compile)
+            if self.compiled
+            else step
+        )
+        self.metrics = (loss_mean, accuracy)
+        self.model = model
+        self.dataset = w.dataset.take(self.steps)
+
+    def run(self):
+        for metric in self.metrics:
+            metric.reset_state()
+        for x, y in self.dataset:
+            self.step(x, y)
+        self._loss = self.metrics[0].result()
+
+    def networks(self):
+        return self.model
+
+
+class FloorVariant(Variant):
+    """All steps in one compiled graph: a `tf.while_loop` over pre-batched
+    tensors already on the device, with the loop's step inside."""
+
+    def setup(self, w):
+        super().setup(w)
+        model = w.build_classifier(keras.Model)
+        optimizer = _optimizer()
+        optimizer.build(model.trainable_variables)
+        loss_object = classification_loss()
+        xs, ys = w.pre_batched(self.steps)
+        steps = self.steps
+
+        def body(i, total, correct):
+            with tf.GradientTape() as tape:
+                logits = model(xs[i], training=True)
+                loss = loss_object(ys[i], logits)
+            grads = tape.gradient(loss, model.trainable_variables)
+            optimizer.apply_gradients(zip(grads, model.trainable_variables))
+            predicted = tf.argmax(logits, -1, output_type=ys.dtype)
+            hits = tf.reduce_sum(tf.cast(predicted == ys[i], tf.float32))
+            return i + 1, total + loss, correct + hits
+
+        @tf.function(jit_compile=w.jit_compile)
+        def all_steps():
+            _, total, _ = tf.while_loop(
+                lambda i, *_: i < steps,
+                body,
+                (tf.constant(0), tf.constant(0.0), tf.constant(0.0)),
+            )
+            return total / steps
+
+        self.all_steps = all_steps
+        self.model = model
+
+    def run(self):
+        self._loss = self.all_steps()
+
+    def networks(self):
+        return self.model
+
+
+# ----------------------------------------------------------------------
+# DCGAN
+# ----------------------------------------------------------------------
+
+
+def gan_step(generator, discriminator, g_opt, d_opt, seed):
+    """The seeds' DCGAN step: two tapes over one forward pass,
+    non-saturating binary cross-entropy from logits; noise drawn
+    statelessly from `seed` (a `tf.Variable`, advanced every step).
+
+    Returns:
+        `step(images) -> (d_loss, g_loss)`.
+    """
+    bce = keras.losses.BinaryCrossentropy(from_logits=True)
+
+    def step(images):
+        batch = tf.shape(images)[0]
+        noise = tf.random.stateless_normal(
+            [batch, LATENT_DIM], tf.stack([tf.constant(0, tf.int64), seed])
+        )
+        seed.assign_add(1)
+        with tf.GradientTape() as g_tape, tf.GradientTape() as d_tape:
+            generated = generator(noise, training=True)
+            real = discriminator(images, training=True)
+            fake = discriminator(generated, training=True)
+            g_loss = bce(tf.ones_like(fake), fake)
+            d_loss = bce(tf.ones_like(real), real) + bce(
+                tf.zeros_like(fake), fake
+            )
+        d_grads = d_tape.gradient(d_loss, discriminator.trainable_variables)
+        g_grads = g_tape.gradient(g_loss, generator.trainable_variables)
+        d_opt.apply_gradients(zip(d_grads, discriminator.trainable_variables))
+        g_opt.apply_gradients(zip(g_grads, generator.trainable_variables))
+        return d_loss, g_loss
+
+    return step
+
+
+class GANFit(Variant):
+    """`TapeGAN.fit(dataset, epochs=1)`, both networks updated from one
+    forward pass (`simultaneous=True`), as the seeds' step does."""
+
+    def __init__(self, name, steps_per_execution=1):
+        super().__init__(name)
+        self.spe = steps_per_execution
+
+    def setup(self, w):
+        super().setup(w)
+        generator, discriminator = w.build_gan()
+        self.gan = TapeGAN(
+            generator=generator,
+            discriminator=discriminator,
+            latent_dim=LATENT_DIM,
+            simultaneous=True,
+        )
+        self.gan.compile(
+            d_optimizer=_optimizer(gan=True),
+            g_optimizer=_optimizer(gan=True),
+            loss="non_saturating",
+            jit_compile=w.jit_compile,
+            steps_per_execution=self.spe,
+        )
+        self.dataset = w.dataset
+
+    def run(self):
+        history = self.gan.fit(self.dataset, epochs=1, verbose=0, shuffle=False)
+        self._loss = history.history["d_loss"][-1]
+
+    def networks(self):
+        return self.gan.generator, self.gan.discriminator
+
+
+class GANLoop(Variant):
+    """The seeds' DCGAN loop under `tf.function` or eager, or (with
+    `floor=True`) all its steps in one `tf.while_loop` graph."""
+
+    def __init__(self, name, compiled=True, steps_factor=1.0, floor=False):
+        super().__init__(name, steps_factor)
+        self.compiled = compiled
+        self.floor = floor
+
+    def setup(self, w):
+        super().setup(w)
+        self.generator, self.discriminator = w.build_gan()
+        g_opt, d_opt = _optimizer(gan=True), _optimizer(gan=True)
+        g_opt.build(self.generator.trainable_variables)
+        d_opt.build(self.discriminator.trainable_variables)
+        self.seed = tf.Variable(0, dtype=tf.int64)
+        step = gan_step(
+            self.generator, self.discriminator, g_opt, d_opt, self.seed
+        )
+        self.d_mean = keras.metrics.Mean()
+        if self.floor:
+            xs, _ = w.pre_batched(self.steps)
+            steps = self.steps
+
+            @tf.function(jit_compile=w.jit_compile)
+            def all_steps():
+                def body(i, total):
+                    d_loss, _ = step(xs[i])
+                    return i + 1, total + d_loss
+
+                _, total = tf.while_loop(
+                    lambda i, _: i < steps,
+                    body,
+                    (tf.constant(0), tf.constant(0.0)),
+                )
+                return total / steps
+
+            self.all_steps = all_steps
+            return
+
+        def tracked(images):
+            d_loss, _ = step(images)
+            self.d_mean.update_state(d_loss)
+
+        self.step = (
+            tf.function(tracked, jit_compile=w.jit_compile)
+            if self.compiled
+            else tracked
+        )
+        self.dataset = w.dataset.take(self.steps)
+
+    def run(self):
+        if self.floor:
+            self._loss = self.all_steps()
+            return
+        self.d_mean.reset_state()
+        for images in self.dataset:
+            self.step(images)
+        self._loss = self.d_mean.result()
+
+    def networks(self):
+        return self.generator, self.discriminator
+
+
+def classifier_variants(spe, eager_factor):
+    """The classifier variants, reference first and its repeat last (the
+    two bracket every round, so that drift within a round shows up in the
+    noise band)."""
+    reference = FitVariant("builtin_fit", keras.Model)
+    reference.reference = True
+    out = [reference, FitVariant("fitcustom_fit", TapeClassifier)]
+    if spe > 1:
+        out += [
+            FitVariant(f"builtin_fit_spe{spe}", keras.Model, spe),
+            FitVariant(f"fitcustom_fit_spe{spe}", TapeClassifier, spe),
+        ]
+    return out + [
+        LoopVariant("loop_tf_function"),
+        LoopVariant("loop_eager", compiled=False, steps_factor=eager_factor),
+        FloorVariant("floor_while_loop"),
+        FitVariant("builtin_fit_repeat", keras.Model),
+    ]
+
+
+def gan_variants(spe, eager_factor):
+    """The GAN variants (reference: the seeds' loop under `tf.function`);
+    without `fitcustom.TapeGAN`, the loops only."""
+    reference = GANLoop("loop_tf_function")
+    reference.reference = True
+    out = [reference]
+    if TapeGAN is not None:
+        out.append(GANFit("fitcustom_fit"))
+        if spe > 1:
+            out.append(GANFit(f"fitcustom_fit_spe{spe}", spe))
+    return out + [
+        GANLoop("loop_eager", compiled=False, steps_factor=eager_factor),
+        GANLoop("floor_while_loop", floor=True),
+        GANLoop("loop_tf_function_repeat"),
+    ]
