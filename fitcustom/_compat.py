@@ -215,3 +215,39 @@ def seed_generators(model):
                 seen.add(id(generator))
                 found.append(generator)
     return found
+
+
+def output_operation(network):
+    """The operation (layer or `keras.ops` op) that makes `network`'s
+    first output, or `None` for a network that is not functional.
+
+    `network.layers[-1]` is not necessarily the output's producer (a final
+    `keras.ops.softmax` is no layer at all, and branches reorder layers), so
+    telling logits from probabilities needs the output tensor's history.
+    Reads the private `KerasTensor._keras_history`; there is no public
+    accessor for the node that produced a symbolic tensor.
+    """
+    outputs = getattr(network, "outputs", None)
+    if not outputs:
+        return None
+    history = getattr(outputs[0], "_keras_history", None)
+    return None if history is None else history.operation
+
+
+def build_input_shape(model):
+    """The input shape a subclassed model was built with, or `None`.
+
+    A subclassed model built by a call has no `inputs`; Keras records the
+    shape it was built for in the private `Layer._build_shapes_dict`
+    (used by its own `get_build_config`). Needed to refuse data whose
+    channel axis does not match an already built model.
+    """
+    shapes = getattr(model, "_build_shapes_dict", None)
+    if not shapes or len(shapes) != 1:
+        return None
+    shape = next(iter(shapes.values()))
+    if not isinstance(shape, (tuple, list)) or not shape:
+        return None
+    if not all(d is None or isinstance(d, int) for d in shape):
+        return None
+    return tuple(shape)

@@ -1,129 +1,290 @@
 """Input checks that Keras 3 does not make (CONTRACT.md, silent failures).
 
-Each check is vectorised over the arrays already in memory (no copy) and
-raises a `ValueError` that says what was received, what was expected and
-how to fix it, before any weight changes. For `tf.data` input only the
-element spec (shapes, dtypes) is checked: values are not scanned, since
-that would mean a pass over the dataset.
+Each check works on the arrays already in memory: reductions (`min`,
+`max`) that allocate nothing of the data's size, so a float32 image array
+is read twice and never copied. They raise a `ValueError` that says what
+was received, what was expected and how to fix it, before any weight
+changes.
+
+For `tf.data` input only what is known without reading the data is
+checked: the element spec (shapes of `x` and `y`) and an empty dataset
+whose cardinality is known. Values (NaN, label range, fractional labels)
+are *not* scanned, since that would mean a pass over the dataset; compile
+with `skip_nonfinite=True` to survive non-finite batches there.
+
+Example:
+
+```python
+import numpy as np
+from fitcustom import checks
+
+checks.check_labels(np.array([0, 2, 1]), output_shape=(3,))  # passes
+try:
+    checks.check_labels(np.array([0, 3]), output_shape=(3,))
+except ValueError as e:
+    print(e)  # Labels must be class ids in [0, 3). Received: ...
+```
 """
 
+import keras
 import numpy as np
 
+_OPT_OUT = (
+    "or pass check_inputs=False to compile() to skip the checks "
+    "(with skip_nonfinite=True to skip non-finite batches instead)"
+)
 
-def _is_array(value):
+
+def is_array(value) -> bool:
+    """Whether `value` is an in-memory array or tensor (has shape, dtype)."""
     return hasattr(value, "shape") and hasattr(value, "dtype")
 
 
-def check_not_empty(x):
-    """Refuses zero samples (Keras only warns and returns an empty history)."""
-    n = len(x) if _is_array(x) else None
-    if n == 0:
-        raise ValueError(
-            "The training data is empty. Received: x with 0 samples "
-            f"(shape {tuple(x.shape)}). Expected at least one sample."
-        )
+def _arrays(structure):
+    """The arrays in a (possibly nested) input, e.g. a dict of inputs."""
+    if structure is None:
+        return []
+    if is_array(structure):
+        return [structure]
+    if isinstance(structure, (list, tuple, dict)):
+        return [a for a in keras.tree.flatten(structure) if is_array(a)]
+    return []
+
+
+def check_not_empty(x, what="x"):
+    """Refuses zero samples (Keras only warns and returns an empty history).
+
+    Args:
+        x: An array, or a nested structure of arrays.
+        what: Its name in the message. Defaults to `"x"`.
+    """
+    for array in _arrays(x):
+        if len(array.shape) and array.shape[0] == 0:
+            raise ValueError(
+                f"The data is empty. Received: {what} with 0 samples "
+                f"(shape {tuple(array.shape)}). Expected at least one "
+                "sample. Check the filtering or slicing that produced it."
+            )
 
 
 def check_finite(name, values):
-    """Refuses NaN or inf in a float array (`name` is "x" or "y")."""
-    arr = np.asarray(values)
-    if arr.dtype.kind != "f":
-        return
-    finite = np.isfinite(arr)
-    if not finite.all():
-        bad = np.argwhere(~finite)[0]
+    """Refuses NaN or inf in float arrays.
+
+    Reads the data twice (`min` and `max`, which propagate NaN and inf)
+    without allocating a mask; the mask is built only to name the first
+    bad value once one is known to exist.
+
+    Args:
+        name: The argument's name in the message (`"x"`, `"y"`, ...).
+        values: An array, or a nested structure of arrays.
+    """
+    for array in _arrays(values):
+        arr = np.asarray(array)
+        if arr.dtype.kind not in "fc" or arr.size == 0:
+            continue
+        if np.isfinite(arr.min()) and np.isfinite(arr.max()):
+            continue
+        bad = ~np.isfinite(arr)
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
         raise ValueError(
-            f"`{name}` contains NaN or inf: {int((~finite).sum())} values, "
-            f"the first at index {tuple(int(i) for i in bad)}. Expected "
-            f"finite numbers. Clean the data, or pass check_inputs=False to "
-            "compile() to skip this check (and skip_nonfinite=True to skip "
-            "such batches instead)."
+            f"`{name}` contains NaN or inf. Received: {int(bad.sum())} "
+            f"non-finite values, the first at index {first} "
+            f"(value {arr[first]}). Expected finite numbers. Clean the "
+            f"data, {_OPT_OUT}."
         )
 
 
-def label_format(y, num_classes):
-    """ "sparse" (class ids) or "one_hot" (a width-`num_classes` last axis)."""
-    shape = tuple(np.shape(y))
-    if len(shape) >= 2 and shape[-1] == num_classes and num_classes > 1:
+def label_format(y_shape, output_shape, n="n") -> str:
+    """Tells class ids from one-hot labels by their shape.
+
+    Args:
+        y_shape: Shape of one label (without the batch axis).
+        output_shape: Shape of one model output (without the batch axis).
+        n: The number of samples, for the message. Defaults to `"n"`.
+
+    Returns:
+        `"one_hot"` when the label has the output's rank and width (the
+        width > 1), `"sparse"` for class ids (one rank less, or a last
+        axis of 1), `"binary"` for a single-unit output, `"unknown"` when
+        a width is not known (a `tf.data` spec with `None` dimensions).
+
+    Raises:
+        ValueError: The label shape fits neither format (e.g. one-hot
+            labels narrower or wider than the output).
+    """
+    y_shape = tuple(y_shape)
+    out = tuple(output_shape)
+    width = out[-1] if out else None
+    if width == 1:
+        return "binary"
+    if width is None or (len(y_shape) == len(out) and y_shape[-1] is None):
+        return "unknown"
+    if len(y_shape) == len(out) and y_shape and y_shape[-1] == width:
         return "one_hot"
-    if len(shape) >= 2 and shape[-1] != 1:
+    if len(y_shape) == len(out) and y_shape and y_shape[-1] == 1:
+        return "sparse"
+    if len(y_shape) == len(out) - 1:
+        return "sparse"
+    if len(y_shape) == len(out):
         raise ValueError(
             "The labels look one-hot but their width differs from the "
-            f"model's {num_classes} outputs. Received: y of shape {shape}. "
-            f"Expected class ids of shape (n,) or one-hot labels of shape "
-            f"(n, {num_classes})."
+            f"model's {width} outputs. Received: labels of shape "
+            f"{(n, *y_shape)}. Expected class ids of "
+            f"shape (n,) or one-hot labels of shape (n, {width}). "
+            f"Re-encode them with keras.utils.to_categorical(ids, {width}) "
+            "or give the model as many outputs as classes."
         )
-    return "sparse"
+    raise ValueError(
+        "The labels do not fit the model's output. Received: labels of "
+        f"shape {(n, *y_shape)} for outputs of sample shape {out}. "
+        f"Expected class ids of shape {out[:-1]} or one-hot labels of "
+        f"shape {out}."
+    )
 
 
-def check_labels(y, num_classes):
-    """Checks class-id labels (range, integrality) or one-hot labels."""
+def check_labels(y, output_shape):
+    """Checks labels against the model's output.
+
+    Class ids: whole numbers (Keras truncates fractional ones silently) in
+    `[0, num_classes)` (Keras gives NaN on GPU, or counts them wrong).
+    One-hot or soft labels: the output's width, values in [0, 1]. A
+    single-unit (binary) output: values in [0, 1].
+
+    Args:
+        y: Array of labels.
+        output_shape: Shape of one model output (without the batch axis).
+    """
     y = np.asarray(y)
-    if label_format(y, num_classes) == "one_hot":
+    if y.size == 0 or y.dtype.kind not in "biuf":
         return
+    check_finite("y", y)
+    kind = label_format(y.shape[1:], output_shape, n=len(y))
+    if kind == "unknown":
+        return
+    low, high = y.min(), y.max()
+    if kind in ("one_hot", "binary"):
+        if low < 0 or high > 1:
+            what = "one-hot" if kind == "one_hot" else "binary"
+            raise ValueError(
+                f"{what.capitalize()} labels must lie in [0, 1]. Received: "
+                f"labels from {low} to {high}. Expected 0/1 (or soft "
+                "targets between them). Pass class ids of shape (n,) "
+                "instead, or rescale the labels."
+            )
+        return
+    num_classes = output_shape[-1]
     if y.dtype.kind == "f":
-        if not np.all(np.isfinite(y)):
-            check_finite("y", y)
         fractional = y != np.round(y)
         if fractional.any():
             first = y[fractional].ravel()[0]
             raise ValueError(
                 "Sparse class labels must be whole numbers; Keras would "
-                f"truncate them silently. Received: y with "
+                "truncate them silently. Received: labels with "
                 f"{int(fractional.sum())} non-integer values, e.g. "
                 f"{float(first)}. Expected integer class ids in "
                 f"[0, {num_classes}), or one-hot labels of width "
                 f"{num_classes}."
             )
-    if y.dtype.kind in "biuf" and y.size:
-        low, high = y.min(), y.max()
-        if low < 0 or high >= num_classes:
-            raise ValueError(
-                f"Labels must be class ids in [0, {num_classes}). Received: "
-                f"labels from {low} to {high}. Keras would give NaN on GPU "
-                "or count them as wrong. Fix the labels, or give the model "
-                f"{int(high) + 1} outputs."
-            )
+    if low < 0 or high >= num_classes:
+        raise ValueError(
+            f"Labels must be class ids in [0, {num_classes}). Received: "
+            f"labels from {low} to {high}. Keras would give NaN on GPU or "
+            "count them as wrong. Fix the labels, or give the model "
+            f"{int(high) + 1} outputs."
+        )
 
 
 def check_input_shape(x_shape, expected, what="x"):
     """Compares a sample shape with the model's input shape.
 
     Names the channels-first case (e.g. (3, 32, 32) for (32, 32, 3)).
+
+    Args:
+        x_shape: Shape of one sample of the data.
+        expected: Shape of one sample the model takes (`None` = any).
+        what: The data's name in the message.
     """
     x_shape = tuple(x_shape)
     expected = tuple(expected)
-    if len(x_shape) != len(expected) or any(
-        e is not None and s is not None and s != e
-        for s, e in zip(x_shape, expected)
+    if len(x_shape) == len(expected) and all(
+        e is None or s is None or s == e for s, e in zip(x_shape, expected)
     ):
-        hint = ""
-        if (
-            len(x_shape) == 3
-            and len(expected) == 3
-            and x_shape[0] == expected[-1]
-            and x_shape[1:] == expected[:-1]
-        ):
-            hint = (
-                " This looks like channels-first data for a channels-last "
-                "model: transpose it with np.transpose(x, (0, 2, 3, 1))."
-            )
-        raise ValueError(
-            f"`{what}` does not fit the model's input. Received: samples of "
-            f"shape {x_shape}. Expected: {expected}.{hint}"
+        return
+    hint = ""
+    if (
+        len(x_shape) == 3
+        and len(expected) == 3
+        and x_shape[0] == expected[-1]
+        and x_shape[1:] == expected[:-1]
+    ):
+        hint = (
+            " This looks like channels-first data for a channels-last "
+            "model: transpose it with np.transpose(x, (0, 2, 3, 1))."
         )
+    raise ValueError(
+        f"`{what}` does not fit the model's input. Received: samples of "
+        f"shape {x_shape}. Expected: {expected}.{hint}"
+    )
 
 
-def check_element_spec(spec, input_shape, num_classes):
-    """Checks a `tf.data` element spec (shapes and dtypes only)."""
+def check_arrays(
+    x, y=None, sample_weight=None, input_shape=None, output_shape=None
+):
+    """All the checks on in-memory data, in the order a user fixes them.
+
+    Args:
+        x: Inputs: an array or a nested structure of arrays.
+        y: Optional labels (an array; other structures are not checked).
+        sample_weight: Optional array of per-sample weights.
+        input_shape: Shape of one model input, or `None` to skip.
+        output_shape: Shape of one model output, or `None` to skip the
+            label checks.
+    """
+    check_not_empty(x)
+    if input_shape is not None and is_array(x):
+        check_input_shape(x.shape[1:], input_shape)
+    check_finite("x", x)
+    if sample_weight is not None:
+        check_finite("sample_weight", sample_weight)
+    if is_array(y):
+        check_finite("y", y)
+        if output_shape is not None:
+            check_labels(y, output_shape)
+
+
+def check_dataset(dataset, input_shape=None, output_shape=None):
+    """Checks a `tf.data.Dataset` without reading its elements.
+
+    Refuses a dataset known to be empty and one whose element spec does
+    not fit the model (input sample shape, label shape). Values are not
+    scanned.
+
+    Args:
+        dataset: A `tf.data.Dataset` of batches.
+        input_shape: Shape of one model input, or `None` to skip.
+        output_shape: Shape of one model output, or `None` to skip.
+    """
     import tensorflow as tf
 
-    if not isinstance(spec, tuple) or len(spec) < 2:
-        return
-    x_spec, y_spec = spec[0], spec[1]
+    if int(dataset.cardinality()) == 0:
+        raise ValueError(
+            "The dataset is empty. Received: a tf.data.Dataset of "
+            "cardinality 0. Expected at least one batch. Check its "
+            "filtering, take() or batch(drop_remainder=True) with fewer "
+            "samples than a batch."
+        )
+    spec = dataset.element_spec
+    if not isinstance(spec, tuple) or not spec:
+        spec = (spec,)
+    x_spec = spec[0]
     if isinstance(x_spec, tf.TensorSpec) and input_shape is not None:
-        check_input_shape(x_spec.shape[1:], input_shape, what="dataset x")
-    if isinstance(y_spec, tf.TensorSpec) and num_classes:
-        shape = tuple(y_spec.shape)
-        if len(shape) >= 2 and shape[-1] not in (None, 1, num_classes):
-            label_format(np.zeros([1] + list(shape[1:])), num_classes)
+        if x_spec.shape.rank is not None:
+            check_input_shape(x_spec.shape[1:], input_shape, "dataset x")
+    if len(spec) < 2 or output_shape is None:
+        return
+    y_spec = spec[1]
+    if isinstance(y_spec, tf.TensorSpec) and y_spec.shape.rank is not None:
+        label_format(
+            tuple(y_spec.shape[1:]) if y_spec.shape.rank else (),
+            output_shape,
+        )

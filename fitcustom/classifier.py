@@ -1,13 +1,17 @@
 """`TapeClassifier`: a classifier on the step engine."""
 
+import warnings
+
 import keras
 import numpy as np
 import tensorflow as tf
 
+from fitcustom import _compat
 from fitcustom import checks
 from fitcustom import distribute
 from fitcustom.engine import TapeModel
 from fitcustom.engine import _loss_scale
+from fitcustom.transforms import ScaleByLayer
 
 
 @keras.saving.register_keras_serializable(package="fitcustom")
@@ -45,6 +49,8 @@ class ClassifierLoss(keras.losses.Loss):
     def call(self, y_true, y_pred):
         width = y_pred.shape[-1]
         if width == 1:
+            if len(y_true.shape) == len(y_pred.shape) - 1:
+                y_true = tf.expand_dims(y_true, -1)  # 0/1 ids of shape (n,)
             return keras.losses.binary_crossentropy(
                 y_true,
                 y_pred,
@@ -77,48 +83,145 @@ class ClassifierLoss(keras.losses.Loss):
         return config
 
 
-_PROBABILITY_ACTIVATIONS = ("softmax", "sigmoid", "log_softmax")
+_PROBABILITY_ACTIVATIONS = ("softmax", "sigmoid")
+
+
+def _makes_probabilities(operation):
+    """Whether a layer or op ends in softmax/sigmoid (None: cannot tell)."""
+    if operation is None:
+        return None
+    if isinstance(operation, keras.Model):
+        return not outputs_logits(operation)
+    if isinstance(operation, keras.layers.Softmax):
+        return True
+    activation = getattr(operation, "activation", None)
+    if activation is not None:
+        name = getattr(activation, "__name__", str(activation))
+        return name in _PROBABILITY_ACTIVATIONS
+    # A `keras.ops.softmax(...)` / `keras.ops.sigmoid(...)` in the graph.
+    return type(operation).__name__.lower() in _PROBABILITY_ACTIVATIONS
 
 
 def outputs_logits(network) -> bool:
-    """Whether a network's last layer outputs logits (no softmax/sigmoid)."""
-    layers = getattr(network, "layers", None) or [network]
-    last = layers[-1]
-    if isinstance(last, keras.layers.Softmax):
-        return False
-    activation = getattr(last, "activation", None)
-    if activation is None:
-        return True
-    name = getattr(activation, "__name__", str(activation))
-    return name not in _PROBABILITY_ACTIVATIONS
+    """Whether a network outputs logits rather than probabilities.
+
+    Looks at the operation that produces the (first) output: a
+    `softmax` / `sigmoid` activation, a `Softmax` layer or a
+    `keras.ops.softmax` / `keras.ops.sigmoid` means probabilities;
+    anything else (including `log_softmax`, whose outputs are valid
+    logits) means logits. For a network that is not functional, the last
+    of its layers is used; a subclassed model's `call()` cannot be read,
+    so declare `from_logits=False` for one that ends in a softmax.
+
+    Args:
+        network: A `keras.Model` or layer.
+
+    Returns:
+        `True` for logits.
+    """
+    found = _makes_probabilities(_compat.output_operation(network))
+    if found is None:
+        layers = getattr(network, "layers", None) or [network]
+        found = _makes_probabilities(layers[-1])
+    return not found
+
+
+def _assign_everywhere(variables, values):
+    """`variable.assign(value)` pairwise, on every replica.
+
+    Like `fitcustom.distribute.assign_add_everywhere`, but an exact
+    restore: `(w + e) - e` is not `w` in floating point.
+    """
+    pairs = [
+        (v.value if hasattr(v, "value") else v, value)
+        for v, value in zip(variables, values)
+    ]
+
+    def update(strategy, pairs_):
+        for variable, value in pairs_:
+            strategy.extended.update(
+                variable,
+                lambda var, val: var.assign(val),
+                args=(value,),
+                group=False,
+            )
+
+    tf.distribute.get_replica_context().merge_call(update, args=(pairs,))
+
+
+def _warn_if_scaling_is_lost(gradient_transforms, optimizer):
+    """Warns where a `ScaleByLayer` cannot do what it says."""
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    for transform in gradient_transforms:
+        if not isinstance(transform, ScaleByLayer):
+            continue
+        partial = sorted(
+            k for k, f in transform.scales.items() if f not in (0.0, 1.0)
+        )
+        if partial and not isinstance(inner, keras.optimizers.SGD):
+            warnings.warn(
+                f"ScaleByLayer scales the gradients of {partial}, but "
+                f"{type(inner).__name__} normalises gradient magnitudes, so "
+                "their updates hardly change (Adam: a 0.1 factor changes "
+                "the first epoch's update by ~0.2%). Use "
+                "optimizer=keras.optimizers.SGD(...) for a scaled step, or "
+                "freeze the layers with a factor of 0.",
+                stacklevel=3,
+            )
+        frozen = sorted(k for k, f in transform.scales.items() if f == 0.0)
+        if frozen and getattr(inner, "weight_decay", None):
+            warnings.warn(
+                f"ScaleByLayer freezes the gradients of {frozen}, but the "
+                f"optimizer's weight_decay={inner.weight_decay} still "
+                "shrinks their weights. Set layer.trainable = False to "
+                "exclude them from the optimizer entirely.",
+                stacklevel=3,
+            )
 
 
 @keras.saving.register_keras_serializable(package="fitcustom")
 class TapeClassifier(TapeModel):
     """A classifier trained by the `TapeModel` step engine.
 
-    Built functionally (`TapeClassifier(inputs, outputs)`), by subclassing
-    with a `call()`, by wrapping a whole classifier
-    (`TapeClassifier(network=model)`), or by putting a head on a backbone
-    (`TapeClassifier(backbone=model, num_classes=10)`: a `Dense` head
-    named `"classifier_head"` that outputs logits).
+    Three ways to build one:
 
-    `compile()` fills in what is omitted: Adam, a cross-entropy that
-    follows the labels (class ids or one-hot) and the output (logits or
-    probabilities, detected from the last layer's activation unless
-    `from_logits` is given), and accuracy. `predict()` always returns
-    probabilities; `predict_classes()` returns class ids. Array inputs are
-    checked before training (labels in range and whole, one-hot width,
-    NaN/inf, empty data, input shape); pass `check_inputs=False` to
-    `compile()` to skip the scans.
+    - functionally: `TapeClassifier(inputs, outputs)` or
+      `TapeClassifier(inputs=..., outputs=...)`;
+    - by subclassing with a `call()`;
+    - by wrapping a Keras model: `TapeClassifier(network=model)` when the
+      model is already a classifier, or
+      `TapeClassifier(backbone=model, num_classes=10)` to put a `Dense`
+      head (named `"classifier_head"`, logits) on a feature extractor.
+
+    `compile()` fills in what is omitted (anything passed wins): Adam, a
+    `ClassifierLoss` that follows the labels (class ids or one-hot) and the
+    output (logits or probabilities: read from the operation making the
+    output, or `from_logits=`), and accuracy (on logits for a
+    single-unit output). Extra options: `label_smoothing` (both label
+    formats), `sam_rho` (sharpness-aware minimization) and `check_inputs`.
+    Per-layer gradient control is a gradient transform:
+    `gradient_transforms=[fitcustom.ScaleByLayer({"backbone": 0.1})]`.
+
+    `predict()` returns probabilities even when the network outputs
+    logits; `predict_classes()` returns class ids.
+
+    Before `fit()` and `evaluate()`, in-memory data is checked and refused
+    with a `ValueError`, before any weight changes: labels outside
+    `[0, num_classes)`, fractional labels for class ids, one-hot labels of
+    the wrong width, NaN/inf in `x`, `y` or `sample_weight`, empty data,
+    samples whose shape (e.g. channel axis) does not match the model's
+    input. A `tf.data.Dataset` is checked without being read: its element
+    shapes, and emptiness when its cardinality is known; values are not
+    scanned. See `fitcustom.checks`.
 
     Args:
         backbone: Optional model to put a classification head on.
-        num_classes: Number of classes of that head. Required with
-            `backbone`.
+        num_classes: Width of that head. Required with `backbone`.
         from_logits: Whether the network outputs logits. Defaults to
-            detection from the last layer.
-        *args, **kwargs: As for `fitcustom.TapeModel`.
+            `None`: read from the output (logits when it cannot be read,
+            e.g. for subclassed models).
+        *args: `inputs, outputs` for a functional classifier.
+        **kwargs: As for `fitcustom.TapeModel` (`network`, `name`, ...).
 
     Example:
 
@@ -143,9 +246,9 @@ class TapeClassifier(TapeModel):
     def __init__(
         self,
         *args,
-        backbone=None,
-        num_classes=None,
-        from_logits=None,
+        backbone: keras.Layer | None = None,
+        num_classes: int | None = None,
+        from_logits: bool | None = None,
         **kwargs,
     ):
         if backbone is not None:
@@ -166,7 +269,8 @@ class TapeClassifier(TapeModel):
             if "network" in kwargs or args:
                 raise ValueError(
                     "Pass `backbone=` alone, not with `network=` or "
-                    "inputs/outputs."
+                    "inputs/outputs. Received: backbone and "
+                    f"{'network' if 'network' in kwargs else 'inputs'}."
                 )
             kwargs["network"] = keras.Sequential(
                 [
@@ -182,6 +286,11 @@ class TapeClassifier(TapeModel):
                 "`num_classes` is only used with `backbone=`. Received: "
                 f"num_classes={num_classes!r} without a backbone."
             )
+        if from_logits is not None and not isinstance(from_logits, bool):
+            raise ValueError(
+                "`from_logits` must be True, False or None. "
+                f"Received: from_logits={from_logits!r}."
+            )
         super().__init__(*args, **kwargs)
         if from_logits is None:
             from_logits = (
@@ -189,10 +298,11 @@ class TapeClassifier(TapeModel):
                 if self.network is not None
                 else True
             )
-        self.from_logits = bool(from_logits)
+        self.from_logits = from_logits
         self._classifier_compile_args = {}
         self._sam_rho = None
         self._check_inputs = True
+        self._probed_output_shape = None
 
     def get_config(self):
         config = super().get_config()
@@ -217,19 +327,25 @@ class TapeClassifier(TapeModel):
         """Configures training; fills in what is omitted.
 
         Args:
-            optimizer: Defaults to `"adam"`.
+            optimizer: Defaults to `"adam"` (Keras' Adam, learning rate
+                0.001).
             loss: Defaults to `ClassifierLoss(from_logits=self.from_logits,
                 label_smoothing=label_smoothing)`, which follows the label
                 format. An explicit loss wins.
-            metrics: Defaults to `["accuracy"]`; pass `[]` for none.
+            metrics: Defaults to accuracy (`["accuracy"]`, or a
+                `BinaryAccuracy(threshold=0)` for one logit); pass `[]`
+                for none.
             label_smoothing: Float in [0, 1) for the default loss (both
                 label formats). Defaults to `0.0`.
             sam_rho: Turns on sharpness-aware minimization with this
-                neighbourhood radius (two forward/backward passes per
-                step). Defaults to `None` (off).
-            check_inputs: Check array inputs before `fit()`/`evaluate()`.
-                Defaults to `True`.
-            **kwargs: Other arguments of `fitcustom.TapeModel.compile`.
+                neighbourhood radius: two forward/backward passes per step,
+                the update uses the gradient at `w + rho * g / ||g||`
+                (global norm over replicas). Defaults to `None` (off).
+            check_inputs: Check in-memory data before `fit()` /
+                `evaluate()` (see `fitcustom.checks`). Defaults to `True`.
+            **kwargs: Other arguments of `fitcustom.TapeModel.compile`
+                (`gradient_transforms`, `skip_nonfinite`, `run_eagerly`,
+                `jit_compile`, ...).
         """
         if loss is not None and label_smoothing:
             raise ValueError(
@@ -238,10 +354,10 @@ class TapeClassifier(TapeModel):
                 f"{label_smoothing}. Set the smoothing on your loss, or "
                 "drop `loss=`."
             )
-        if sam_rho is not None and (
+        if (
             isinstance(sam_rho, bool)
-            or not isinstance(sam_rho, (int, float))
-            or sam_rho <= 0
+            or sam_rho is not None
+            and (not isinstance(sam_rho, (int, float)) or not sam_rho > 0)
         ):
             raise ValueError(
                 "`sam_rho` must be a positive number (e.g. 0.05) or None. "
@@ -264,12 +380,21 @@ class TapeClassifier(TapeModel):
                 from_logits=self.from_logits, label_smoothing=label_smoothing
             )
         if metrics is None:
-            metrics = ["accuracy"]
+            metrics = self._default_metrics()
         super().compile(
             optimizer=optimizer, loss=loss, metrics=metrics, **kwargs
         )
+        _warn_if_scaling_is_lost(self.gradient_transforms, self.optimizer)
         self._sam_rho = None if sam_rho is None else float(sam_rho)
         self._check_inputs = check_inputs
+
+    def _default_metrics(self):
+        shape = self._output_shape()
+        if self.from_logits and shape is not None and shape[-1] == 1:
+            # Keras' "accuracy" thresholds a single output at 0.5, which is
+            # wrong for a logit.
+            return [keras.metrics.BinaryAccuracy("accuracy", threshold=0.0)]
+        return ["accuracy"]
 
     def get_compile_config(self):
         config = super().get_compile_config()
@@ -281,76 +406,106 @@ class TapeClassifier(TapeModel):
             )
         return config
 
+    @property
+    def sam_rho(self):
+        """The compiled SAM radius, or `None` when SAM is off."""
+        return self._sam_rho
+
     # ------------------------------------------------------------------
-    # fit / evaluate with input checks
+    # Shapes and input checks
     # ------------------------------------------------------------------
 
     @property
     def num_classes(self):
-        """Width of the output (None until the network is built)."""
-        network = self.network
-        if network is None:
-            return None
-        outputs = getattr(network, "outputs", None)
-        if outputs:
-            return outputs[0].shape[-1]
-        if network.built:
-            try:
-                return network.layers[-1].units
-            except AttributeError:
-                return None
-        return None
+        """Width of the output (None while it is unknown)."""
+        shape = self._output_shape()
+        return None if shape is None else shape[-1]
+
+    def _output_shape(self):
+        outputs = getattr(self.network, "outputs", None)
+        if outputs and len(outputs) == 1:
+            return tuple(outputs[0].shape[1:])
+        return self._probed_output_shape
 
     def _input_shape(self):
         inputs = getattr(self.network, "inputs", None)
         if inputs:
+            if len(inputs) != 1:
+                return None
             return tuple(inputs[0].shape[1:])
+        if self.built:
+            shape = _compat.build_input_shape(self)
+            return None if shape is None else shape[1:]
         return None
 
-    def check_data(self, x, y=None):
-        """Runs the input checks on arrays (or a `tf.data` spec).
+    def _probe_output_shape(self, x):
+        """Runs one sample through the model to learn its output shape."""
+        if self._output_shape() is not None or not checks.is_array(x):
+            return
+        if len(x) == 0:
+            return
+        out = self(x[:1], training=False)
+        if checks.is_array(out):
+            self._probed_output_shape = tuple(out.shape[1:])
+
+    def check_data(self, x, y=None, sample_weight=None):
+        """Runs the input checks (`fitcustom.checks`) on data for this model.
+
+        In-memory arrays are checked fully; a `tf.data.Dataset` only by
+        its element spec and known cardinality. Generators and
+        `keras.utils.PyDataset` are not checked.
+
+        Args:
+            x: Inputs: arrays, or a `tf.data.Dataset` of batches.
+            y: Labels (arrays only).
+            sample_weight: Optional per-sample weights.
 
         Raises:
             ValueError: Naming what was received and how to fix it.
         """
         if isinstance(x, tf.data.Dataset):
-            checks.check_element_spec(
-                x.element_spec, self._input_shape(), self.num_classes
-            )
+            checks.check_dataset(x, self._input_shape(), self._output_shape())
             return
-        if not checks._is_array(x):
+        if not checks.is_array(x) and not isinstance(x, (list, tuple, dict)):
             return
         checks.check_not_empty(x)
-        if not self.built and self.network is not None and len(x):
-            self(x[:1], training=False)  # builds: shapes become known
         expected = self._input_shape()
-        if expected is not None:
+        if expected is not None and checks.is_array(x):
             checks.check_input_shape(x.shape[1:], expected)
-        checks.check_finite("x", x)
-        if y is not None and checks._is_array(y):
-            checks.check_finite("y", y)
-            if self.num_classes:
-                checks.check_labels(y, self.num_classes)
+        self._probe_output_shape(x)
+        checks.check_arrays(
+            x,
+            y,
+            sample_weight,
+            input_shape=self._input_shape(),
+            output_shape=self._output_shape(),
+        )
 
     def fit(self, x=None, y=None, *args, **kwargs):
-        """Trains; see `keras.Model.fit`. Checks array inputs first."""
+        """Trains; see `keras.Model.fit`. Checks the data first.
+
+        `x`, `y`, `sample_weight` and `validation_data` are checked before
+        the first step (unless compiled with `check_inputs=False`).
+        """
         self._require_compiled("fit")
         if self._check_inputs:
-            self.check_data(x, y)
+            self.check_data(x, y, kwargs.get("sample_weight"))
             validation = kwargs.get("validation_data")
-            if isinstance(validation, (list, tuple)) and len(validation) >= 2:
-                self.check_data(validation[0], validation[1])
+            if isinstance(validation, tf.data.Dataset):
+                self.check_data(validation)
+            elif isinstance(validation, (list, tuple)) and validation:
+                self.check_data(*validation[:3])
         return super().fit(x, y, *args, **kwargs)
 
     def evaluate(self, x=None, y=None, *args, **kwargs):
-        """Evaluates; see `keras.Model.evaluate`. Checks array inputs."""
+        """Evaluates; see `keras.Model.evaluate`. Checks the data first."""
         self._require_compiled("evaluate")
         if self._check_inputs:
-            self.check_data(x, y)
+            self.check_data(x, y, kwargs.get("sample_weight"))
         return super().evaluate(x, y, *args, **kwargs)
 
     # ------------------------------------------------------------------
-    # Steps
+    # Prediction
     # ------------------------------------------------------------------
 
     def predict_step(self, data):
@@ -361,57 +516,105 @@ class TapeClassifier(TapeModel):
             return tf.sigmoid(y_pred)
         return tf.nn.softmax(y_pred, axis=-1)
 
-    def predict_classes(self, x, **kwargs):
-        """Class ids (argmax, or probability > 0.5 for one output)."""
+    def predict_classes(self, x, **kwargs) -> np.ndarray:
+        """Class ids: the argmax, or probability > 0.5 for one output.
+
+        Args:
+            x: Inputs, as for `predict()`.
+            **kwargs: Passed to `predict()` (`verbose` defaults to 0).
+
+        Returns:
+            An int64 array of class ids.
+        """
         kwargs.setdefault("verbose", 0)
         probabilities = self.predict(x, **kwargs)
         if probabilities.shape[-1] == 1:
             return (probabilities[..., 0] > 0.5).astype("int64")
         return np.argmax(probabilities, axis=-1)
 
+    # ------------------------------------------------------------------
+    # Steps
+    # ------------------------------------------------------------------
+
     def train_step(self, data):
         if self._sam_rho is None:
             return super().train_step(data)
-        return self._sam_train_step(data)
+        return self.sam_train_step(data)
 
-    def _sam_train_step(self, data):
-        """Sharpness-aware minimization (Foret et al., 2021).
+    def sam_perturbation(self, grads):
+        """SAM's `e = rho * g / ||g||` from the (loss-scaled) gradients.
 
-        1. gradient g at the weights w (replica-summed, unscaled);
-        2. perturbation e = rho * g / ||g|| (global norm, all replicas);
-        3. gradient at w + e, then w is restored and that gradient goes
-           through the usual transforms, guard and optimizer.
+        `g` is the gradient summed over replicas and unscaled, `||g||` its
+        global norm, so one and several replicas perturb alike. Zero where
+        `g` is not finite (a mixed-precision overflow, a NaN batch), so the
+        weights are never moved to NaN.
+        """
+        grads = [None if g is None else tf.convert_to_tensor(g) for g in grads]
+        summed = distribute.all_reduce_sum(grads)
+        scale = _loss_scale(self.optimizer)
+        scale = tf.constant(1.0) if scale is None else tf.cast(scale, "float32")
+        norm = distribute.global_norm_of(summed) / scale
+        ok = tf.logical_and(tf.math.is_finite(norm), norm > 0.0)
+        factor = tf.where(ok, self._sam_rho / (norm + 1e-12) / scale, 0.0)
+        return [
+            None
+            if g is None
+            else tf.where(ok, g * tf.cast(factor, g.dtype), tf.zeros_like(g))
+            for g in summed
+        ]
+
+    def sam_train_step(self, data):
+        """Sharpness-aware minimization (Foret et al., 2021), one step.
+
+        1. loss and gradient `g` at the weights `w` (this pass is what the
+           `loss` metric and the compiled metrics report, and the only one
+           that updates BatchNormalization's moving statistics);
+        2. `e = sam_perturbation(g)`;
+        3. gradient at `w + e`; then `w` (and the moving statistics) are
+           restored exactly, and that gradient goes through the engine's
+           gradient transforms, non-finite guard and optimizer.
         """
         x, y, sample_weight = self.unpack_data(data)
         self._check_targets(y)
+        guard = self._skip_nonfinite
         variables = self.trainable_weights
         with tf.GradientTape() as tape:
             y_pred, loss = self.forward_and_loss(x, y, sample_weight, True)
-            scaled = self.scale_loss(loss)
-        grads = self.compute_gradients(tape, scaled, variables)
-        grads = [None if g is None else tf.convert_to_tensor(g) for g in grads]
-        scale = _loss_scale(self.optimizer)
-        scale = tf.constant(1.0) if scale is None else tf.cast(scale, "float32")
-        summed = distribute.all_reduce_sum(grads)
-        norm = distribute.global_norm_of(summed) / scale
-        factor = self._sam_rho / (norm + 1e-12)
-        perturbation = [
-            None if g is None else g * tf.cast(factor / scale, g.dtype)
-            for g in summed
-        ]
+            if not guard:
+                self.track_loss(loss, x)
+            scaled_loss = self.scale_loss(loss)
+        if not variables:
+            warnings.warn(
+                f"{type(self).__name__} has no trainable weights: "
+                "train_step updates only the metrics.",
+                stacklevel=2,
+            )
+            return self.compute_metrics(x, y, y_pred, sample_weight)
+        grads = self.compute_gradients(tape, scaled_loss, variables)
+        perturbation = self.sam_perturbation(grads)
+        stats = list(self.non_trainable_weights)
+        saved = [tf.identity(v.value) for v in variables + stats]
         distribute.assign_add_everywhere(variables, perturbation)
         with tf.GradientTape() as tape:
-            _, loss_sharp = self.forward_and_loss(x, y, sample_weight, True)
-            scaled_sharp = self.scale_loss(loss_sharp)
+            _, sharp_loss = self.forward_and_loss(x, y, sample_weight, True)
+            scaled_sharp = self.scale_loss(sharp_loss)
         sharp_grads = self.compute_gradients(tape, scaled_sharp, variables)
-        distribute.assign_add_everywhere(
-            variables, [None if e is None else -e for e in perturbation]
-        )
-        guard = self._skip_nonfinite
-        finite = self.check_finite(loss_sharp, sharp_grads) if guard else None
+        _assign_everywhere(variables + stats, saved)
+        finite = None
+        if guard:
+            finite = tf.logical_and(
+                self.check_finite(loss, grads),
+                self.check_finite(sharp_loss, sharp_grads),
+            )
         sharp_grads = self.transform_gradients(sharp_grads, variables)
         self.apply_gradients(sharp_grads, variables, finite=finite)
+        if not guard:
+            return self.compute_metrics(x, y, y_pred, sample_weight)
         self.track_loss(loss, x, finite)
-        if guard:
-            self.count_nonfinite([finite])
-        return self.compute_metrics(x, y, y_pred, sample_weight)
+        self.count_nonfinite([finite])
+        _compat.build_compiled_metrics(self, y, y_pred)
+        return tf.cond(
+            finite,
+            lambda: self.compute_metrics(x, y, y_pred, sample_weight),
+            self.get_metrics_result,
+        )
