@@ -94,6 +94,10 @@ def check_finite(name, values):
         )
 
 
+def _shape_text(n, sample_shape):
+    return "(" + ", ".join(str(d) for d in (n, *sample_shape)) + ")"
+
+
 def label_format(y_shape, output_shape, n="n") -> str:
     """Tells class ids from one-hot labels by their shape.
 
@@ -129,14 +133,14 @@ def label_format(y_shape, output_shape, n="n") -> str:
         raise ValueError(
             "The labels look one-hot but their width differs from the "
             f"model's {width} outputs. Received: labels of shape "
-            f"{(n, *y_shape)}. Expected class ids of "
+            f"{_shape_text(n, y_shape)}. Expected class ids of "
             f"shape (n,) or one-hot labels of shape (n, {width}). "
             f"Re-encode them with keras.utils.to_categorical(ids, {width}) "
             "or give the model as many outputs as classes."
         )
     raise ValueError(
         "The labels do not fit the model's output. Received: labels of "
-        f"shape {(n, *y_shape)} for outputs of sample shape {out}. "
+        f"shape {_shape_text(n, y_shape)} for outputs of sample shape {out}. "
         f"Expected class ids of shape {out[:-1]} or one-hot labels of "
         f"shape {out}."
     )
@@ -181,7 +185,7 @@ def check_labels(y, output_shape):
                 "Sparse class labels must be whole numbers; Keras would "
                 "truncate them silently. Received: labels with "
                 f"{int(fractional.sum())} non-integer values, e.g. "
-                f"{float(first)}. Expected integer class ids in "
+                f"{float(first):.6g}. Expected integer class ids in "
                 f"[0, {num_classes}), or one-hot labels of width "
                 f"{num_classes}."
             )

@@ -48,21 +48,33 @@ class ClassifierLoss(keras.losses.Loss):
 
     def call(self, y_true, y_pred):
         width = y_pred.shape[-1]
+        rank, pred_rank = y_true.shape.rank, y_pred.shape.rank
         if width == 1:
-            if len(y_true.shape) == len(y_pred.shape) - 1:
-                y_true = tf.expand_dims(y_true, -1)  # 0/1 ids of shape (n,)
+            y_true = tf.reshape(tf.cast(y_true, y_pred.dtype), tf.shape(y_pred))
             return keras.losses.binary_crossentropy(
                 y_true,
                 y_pred,
                 from_logits=self.from_logits,
                 label_smoothing=self.label_smoothing,
             )
-        one_hot = (
-            len(y_true.shape) == len(y_pred.shape) and y_true.shape[-1] == width
-        )
+        if rank is None or (rank == pred_rank and y_true.shape[-1] is None):
+            # Shapes relaxed by a retrace: tell the formats apart at run
+            # time, and use the one-hot form for both.
+            y_true = tf.cond(
+                tf.logical_and(
+                    tf.equal(tf.rank(y_true), tf.rank(y_pred)),
+                    tf.equal(tf.shape(y_true)[-1], width),
+                ),
+                lambda: tf.reshape(
+                    tf.cast(y_true, y_pred.dtype), tf.shape(y_pred)
+                ),
+                lambda: self._one_hot(y_true, y_pred),
+            )
+            one_hot = True
+        else:
+            one_hot = rank == pred_rank and y_true.shape[-1] == width
         if not one_hot and self.label_smoothing:
-            ids = tf.cast(tf.reshape(y_true, tf.shape(y_pred)[:-1]), tf.int32)
-            y_true = tf.one_hot(ids, width, dtype=y_pred.dtype)
+            y_true = self._one_hot(y_true, y_pred)
             one_hot = True
         if one_hot:
             return keras.losses.categorical_crossentropy(
@@ -74,6 +86,11 @@ class ClassifierLoss(keras.losses.Loss):
         return keras.losses.sparse_categorical_crossentropy(
             y_true, y_pred, from_logits=self.from_logits
         )
+
+    @staticmethod
+    def _one_hot(ids, y_pred):
+        ids = tf.cast(tf.reshape(ids, tf.shape(y_pred)[:-1]), tf.int32)
+        return tf.one_hot(ids, y_pred.shape[-1], dtype=y_pred.dtype)
 
     def get_config(self):
         config = super().get_config()

@@ -211,6 +211,26 @@ def test_one_hot_labels_and_label_smoothing_for_both_formats():
     assert abs(h_plain["loss"][0] - h_ref["loss"][0]) > 1e-3
 
 
+def test_classifier_loss_with_unknown_label_rank():
+    """After a retrace with relaxed shapes the labels' rank is unknown; the
+    loss then tells the formats apart at run time."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(6, 4)).astype("float32")
+    ids = rng.integers(0, 4, size=6)
+    loss = fitcustom.ClassifierLoss(label_smoothing=0.1)
+    relaxed = tf.function(
+        lambda t, p: loss(t, p),
+        input_signature=[
+            tf.TensorSpec(None, tf.float32),
+            tf.TensorSpec([None, 4], tf.float32),
+        ],
+    )
+    expected = float(loss(keras.utils.to_categorical(ids, 4), logits))
+    for labels in (ids, ids[:, None], keras.utils.to_categorical(ids, 4)):
+        got = float(relaxed(labels.astype("float32"), logits))
+        assert got == pytest.approx(expected, rel=1e-6)
+
+
 def test_backbone_head_and_layer_scaling():
     x, y = images(64, (28, 28))
     keras.utils.set_random_seed(0)
@@ -243,8 +263,20 @@ def test_backbone_head_and_layer_scaling():
     assert model.predict(x, verbose=0).shape == (64, 10)
 
 
+def mlp_bn(inputs):
+    """The MLP with BatchNorm and Dropout: SAM must restore the moving
+    statistics after its second pass."""
+    h = keras.layers.Flatten()(inputs)
+    h = keras.layers.Dense(64, activation="relu")(h)
+    h = keras.layers.BatchNormalization()(h)
+    h = keras.layers.Dense(64, activation="relu")(h)
+    return keras.layers.Dense(10)(h)
+
+
 def _hand_sam(model, x, y, rho, lr, steps, batch):
+    """SAM written out: perturb, second gradient, restore, SGD step."""
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    optimizer = keras.optimizers.SGD(lr)
     variables = model.trainable_weights
     for step in range(steps):
         xb = x[step * batch : (step + 1) * batch]
@@ -253,26 +285,33 @@ def _hand_sam(model, x, y, rho, lr, steps, batch):
             loss = loss_fn(yb, model(xb, training=True))
         grads = tape.gradient(loss, variables)
         norm = tf.linalg.global_norm(grads)
-        eps = [g * rho / (norm + 1e-12) for g in grads]
-        for v, e in zip(variables, eps):
-            v.assign_add(e)
+        saved = [v.numpy() for v in variables]
+        stats = [v.numpy() for v in model.non_trainable_weights]
+        for v, g in zip(variables, grads):
+            v.assign_add(g * (rho / (norm + 1e-12)))
         with tf.GradientTape() as tape:
             loss = loss_fn(yb, model(xb, training=True))
         sharp = tape.gradient(loss, variables)
-        for v, e, g in zip(variables, eps, sharp):
-            v.assign_sub(e)
-            v.assign_sub(lr * g)
+        for v, w in zip(variables, saved):
+            v.assign(w)
+        for v, w in zip(model.non_trainable_weights, stats):
+            v.assign(w)
+        optimizer.apply_gradients(zip(sharp, variables))
 
 
-def test_sam_equals_hand_written_sam_loop():
+@pytest.mark.parametrize("mode", list(MODES), ids=list(MODES))
+def test_sam_equals_hand_written_sam_loop(mode):
     x, y = images(48, (28, 28))
-    reference, ours = pair(mlp, (28, 28))
+    reference, ours = pair(mlp_bn, (28, 28))
     _hand_sam(reference, x, y, rho=0.05, lr=0.1, steps=3, batch=16)
-    ours.compile(optimizer=keras.optimizers.SGD(0.1), sam_rho=0.05)
+    ours.compile(
+        optimizer=keras.optimizers.SGD(0.1), sam_rho=0.05, **MODES[mode]
+    )
     ours.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    # Trainable weights and BatchNorm's moving statistics.
     assert_weights_close(reference.get_weights(), ours.get_weights())
     # SAM differs from the plain step (the comparison can fail).
-    _, plain = pair(mlp, (28, 28))
+    _, plain = pair(mlp_bn, (28, 28))
     plain.compile(optimizer=keras.optimizers.SGD(0.1))
     plain.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
     assert (
@@ -282,6 +321,38 @@ def test_sam_equals_hand_written_sam_loop():
         )
         > 1e-5
     )
+
+
+def test_sam_skips_a_nan_batch_without_corrupting_weights():
+    """The first pass's NaN gradient must not become the perturbation."""
+    x, y = images(48, (28, 28))
+    x[20, 3, 3] = np.nan  # in the second batch of 16
+    _, ours = pair(mlp, (28, 28))
+    ours.compile(sam_rho=0.05, skip_nonfinite=True, check_inputs=False)
+    history = ours.fit(
+        x, y, batch_size=16, epochs=1, shuffle=False, verbose=0
+    ).history
+    assert history["nonfinite_steps"] == [1.0]
+    assert np.isfinite(history["loss"][0])
+    assert all(np.isfinite(w).all() for w in ours.get_weights())
+
+
+def test_sam_survives_loss_scale_overflow():
+    """Under mixed precision an overflowing first gradient (inf) must not
+    move the weights: the optimizer skips the step and lowers its scale."""
+    keras.config.set_dtype_policy("mixed_float16")
+    x, y = images(64, (28, 28))
+    _, ours = pair(mlp, (28, 28))
+    before = ours.get_weights()
+    optimizer = keras.optimizers.LossScaleOptimizer(
+        keras.optimizers.SGD(0.1), initial_scale=2.0**24
+    )
+    ours.compile(optimizer=optimizer, sam_rho=0.05)
+    ours.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+    after = ours.get_weights()
+    assert all(np.isfinite(w).all() for w in after)
+    assert float(ours.optimizer.dynamic_scale) < 2.0**24
+    assert max(np.abs(a - b).max() for a, b in zip(before, after)) > 1e-4
 
 
 def test_sam_two_replicas_match_one_device(two_replicas):
