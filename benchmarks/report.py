@@ -188,6 +188,7 @@ def chart(results, path):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     workloads = results["workloads"]
     fig, axes = plt.subplots(
@@ -203,6 +204,7 @@ def chart(results, path):
         ax.axvline(1.0, color="black", lw=1)
         ax.axvspan(1 - w["noise"], 1 + w["noise"], color="grey", alpha=0.25)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
         ax.set_xlabel(f"time per step / {w['reference']} (log)")
         ax.set_title(f"{w['name']} (grey: noise band)")
         ax.invert_yaxis()
