@@ -1,6 +1,7 @@
 """fitcustom: custom GradientTape training steps that keep `fit()`."""
 
 from fitcustom import architectures as architectures
+from fitcustom import checks as checks
 from fitcustom import distribute as distribute
 from fitcustom import gan_losses as gan_losses
 from fitcustom.callbacks import SampleGrid as SampleGrid
@@ -24,6 +25,7 @@ __all__ = [
     "TapeGAN",
     "TapeModel",
     "architectures",
+    "checks",
     "distribute",
     "gan_losses",
 ]

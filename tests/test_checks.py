@@ -1,6 +1,7 @@
 """Input checks: each bad input is refused with a clear ValueError before
 any weight changes; good input passes; the checks cost little."""
 
+import re
 import time
 
 import keras
@@ -244,3 +245,9 @@ def test_check_overhead_is_small_next_to_an_epoch():
     seconds = time.perf_counter() - start
     print(f"checks: {seconds * 1e3:.1f} ms for 60000 images")
     assert seconds < 0.5, f"checks took {seconds:.2f} s"
+
+
+def test_module_docstring_example_runs(capsys):
+    (example,) = re.findall(r"```python\n(.*?)```", checks.__doc__, re.S)
+    exec(compile(example, "<checks example>", "exec"), {})
+    assert "Labels must be class ids in [0, 3)" in capsys.readouterr().out

@@ -273,6 +273,79 @@ def mlp_bn(inputs):
     return keras.layers.Dense(10)(h)
 
 
+def test_layer_scaling_composes_with_clipping_and_guard():
+    """ScaleByLayer then ClipByGlobalNorm under the guard equals scaling and
+    clipping by hand before an SGD step; a NaN batch changes nothing."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 6)).astype("float32")
+    y = rng.integers(0, 3, size=16)
+
+    def build():
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((6,))
+        h = keras.layers.Dense(8, activation="relu", name="body")(inputs)
+        return inputs, keras.layers.Dense(3, name="head")(h)
+
+    reference = keras.Model(*build())
+    ours = fitcustom.TapeClassifier(*build())
+    ours.compile(
+        optimizer=keras.optimizers.SGD(0.5),
+        gradient_transforms=[
+            fitcustom.ScaleByLayer({"body": 0.1}),
+            fitcustom.ClipByGlobalNorm(0.05),
+        ],
+        skip_nonfinite=True,
+    )
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    variables = reference.trainable_weights
+    with tf.GradientTape() as tape:
+        loss = loss_fn(y, reference(x, training=True))
+    grads = tape.gradient(loss, variables)
+    body = {id(v) for v in reference.get_layer("body").trainable_weights}
+    grads = [g * 0.1 if id(v) in body else g for g, v in zip(grads, variables)]
+    norm = float(tf.linalg.global_norm(grads))
+    assert norm > 0.05  # the clip is active
+    for v, g in zip(variables, grads):
+        v.assign_sub(0.5 * g * (0.05 / norm))
+    ours.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    assert_weights_close(reference.get_weights(), ours.get_weights())
+    before = ours.get_weights()
+    x_bad = x.copy()
+    x_bad[0, 0] = np.nan
+    ours.compile(
+        optimizer=keras.optimizers.SGD(0.5),
+        gradient_transforms=list(ours.gradient_transforms),
+        skip_nonfinite=True,
+        check_inputs=False,
+    )
+    logs = ours.fit(x_bad, y, batch_size=16, verbose=0).history
+    assert logs["nonfinite_steps"] == [1.0]
+    assert_weights_close(before, ours.get_weights(), atol=0)
+
+
+@pytest.mark.parametrize(
+    "optimizer, scales, match",
+    [
+        (lambda: "adam", {"body": 0.1}, "Adam normalises"),
+        (
+            lambda: keras.optimizers.SGD(0.1, weight_decay=0.01),
+            {"body": 0.0},
+            "weight_decay=0.01 still",
+        ),
+    ],
+    ids=["adaptive_optimizer", "weight_decay_on_frozen"],
+)
+def test_scaling_that_cannot_work_warns(optimizer, scales, match):
+    inputs = keras.Input((6,))
+    h = keras.layers.Dense(8, name="body")(inputs)
+    model = fitcustom.TapeClassifier(inputs, keras.layers.Dense(3)(h))
+    with pytest.warns(UserWarning, match=match):
+        model.compile(
+            optimizer=optimizer(),
+            gradient_transforms=[fitcustom.ScaleByLayer(scales)],
+        )
+
+
 def _hand_sam(model, x, y, rho, lr, steps, batch):
     """SAM written out: perturb, second gradient, restore, SGD step."""
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -433,6 +506,10 @@ CONTINUE = textwrap.dedent(
     path, data, out = sys.argv[1:4]
     model = keras.models.load_model(path, safe_mode=True)
     assert isinstance(model, fitcustom.TapeClassifier), type(model)
+    assert model.sam_rho == 0.05, model.sam_rho
+    assert model.loss.label_smoothing == 0.1, model.loss
+    assert model.gradient_transforms[0].max_norm == 2.0
+    assert model.optimizer.iterations.numpy() == 4
     with np.load(data) as f:
         x, y = f["x"], f["y"]
     model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
@@ -442,12 +519,12 @@ CONTINUE = textwrap.dedent(
 )
 
 
-@pytest.mark.slow
 def test_save_load_in_fresh_process_continues_exactly(tmp_path):
     x, y = images(64, (28, 28))
-    _, model = pair(mlp, (28, 28))
+    _, model = pair(mlp_bn, (28, 28))
     model.compile(
         label_smoothing=0.1,
+        sam_rho=0.05,
         gradient_transforms=[fitcustom.ClipByGlobalNorm(2.0)],
     )
     model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
@@ -467,6 +544,7 @@ def test_save_load_in_fresh_process_continues_exactly(tmp_path):
     assert_weights_close(model.get_weights(), loaded, atol=0)
     config = json.loads(json.dumps(model.get_compile_config()))
     assert config["label_smoothing"] == 0.1
+    assert config["sam_rho"] == 0.05
 
 
 def test_subclass_with_call_trains_like_builtin():
