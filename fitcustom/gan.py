@@ -8,7 +8,9 @@ from fitcustom import distribute
 from fitcustom import gan_losses
 from fitcustom.engine import TapeModel
 
-_STREAMS = 8  # stateless seed streams per draw: latent, targets, penalty
+# What a stateless draw is for; folded into the step's seed with the index
+# of the draw within the step, so no two draws of a run share a seed.
+_LATENT, _TARGETS, _INTERPOLATION = 0, 1, 2
 
 
 @keras.saving.register_keras_serializable(package="fitcustom")
@@ -16,30 +18,45 @@ class TapeGAN(TapeModel):
     """A GAN trained with `compile()` / `fit(real_images)`.
 
     Each step runs `n_critic` discriminator updates, each on its own slice
-    of the real batch, then one generator update; with `simultaneous=True`
-    (and `n_critic=1`) both networks are updated from one forward pass, as
-    in TensorFlow's DCGAN tutorial. Both networks are called with
-    `training=True`. Losses are reduced per replica and divided by the
-    number of replicas, like Keras' own; both optimizers get loss scaling
-    under `mixed_float16`. The step reuses the engine's pieces, so
+    of the real batch (update `k` uses images `k, k + n_critic,
+    k + 2 * n_critic, ...`: `batch_size // n_critic` images; make
+    `batch_size` a multiple of `n_critic` times the number of replicas, or
+    the remainder is not used), then one generator update on as many latent
+    vectors (with the labels of the first slice when conditional). With
+    `simultaneous=True` (and `n_critic=1`) both networks are updated from
+    one forward pass, as in TensorFlow's DCGAN tutorial. Both networks are
+    called with `training=True`. Losses are reduced per replica and divided
+    by the number of replicas, like Keras' own; both optimizers get loss
+    scaling under `mixed_float16`. The step reuses the engine's pieces, so
     `gradient_transforms`, `log_gradient_norm` and `skip_nonfinite` apply
     to both networks.
 
-    Latent noise is drawn with stateless RNG from `(seed, step)` and the
-    replica id, where the step is the generator optimizer's `iterations`:
-    replicas draw different noise, and a model restored by
+    Randomness (latent vectors, label noise, the gradient penalty's
+    interpolation weights) is drawn with stateless RNG from `seed`, the
+    step (the generator optimizer's `iterations`), what the draw is for and
+    the replica id: replicas draw different noise, and a model restored by
     `BackupAndRestore` or `load_model` continues with exactly the noise the
     uninterrupted run would have drawn (the RNG state is the optimizer
-    state). Override `sample_latent` to feed noise yourself.
+    state, saved with it). Override `sample_latent` (and
+    `interpolation_weights`) to feed noise yourself.
 
     When the data is `(images, labels)`, the GAN is conditional: the
     generator is called on `[z, labels]` and the discriminator on
     `[images, labels]`.
 
-    Logged (epoch means): `d_loss`, `g_loss`, `gradient_penalty` /
-    `r1_penalty` when used, and `loss` = `d_loss + g_loss`, which is NaN
-    as soon as either is, so that `TerminateOnNaN` works; monitor `g_loss`
-    or `d_loss` for `EarlyStopping` / `ModelCheckpoint`.
+    Logged (epoch means over the samples seen): `d_loss` (without
+    penalties), `g_loss`, `gradient_penalty` / `r1_penalty` when used, and
+    `loss` = `d_loss + g_loss` (per step, the mean of its discriminator
+    losses plus its generator loss). `loss` is no quantity any network
+    minimises; it is there so that `TerminateOnNaN` (which reads `loss`)
+    stops a run as soon as either loss is NaN, and as a default `monitor`.
+    Monitor `g_loss` or `d_loss` for `EarlyStopping` / `ModelCheckpoint`.
+
+    `evaluate()` reports `d_loss`, `g_loss` and `loss` on held-out images
+    with both networks in inference mode, fixed latent vectors and no
+    label noise, and updates nothing. `call()` (hence `predict()`) returns
+    the discriminator's scores for images (`[images, labels]` when
+    conditional); `generate()` samples images.
 
     Args:
         generator: `keras.Model` mapping `latent_dim` vectors (and labels)
@@ -177,7 +194,7 @@ class TapeGAN(TapeModel):
     @property
     def metrics(self):
         hidden = []
-        if not getattr(self.gan_loss, "gradient_penalty", False):
+        if not self._gan_compile_args.get("gp_weight"):
             hidden.append(self.gp_tracker)
         if not self._gan_compile_args.get("r1_gamma"):
             hidden.append(self.r1_tracker)
@@ -193,7 +210,7 @@ class TapeGAN(TapeModel):
         g_optimizer="adam",
         loss="non_saturating",
         *,
-        gp_weight: float = 10.0,
+        gp_weight: float | None = None,
         r1_gamma: float | None = None,
         label_smoothing: float = 0.0,
         label_noise: float = 0.0,
@@ -210,16 +227,21 @@ class TapeGAN(TapeModel):
                 (`"non_saturating"`, `"minimax"`, `"wasserstein"`,
                 `"hinge"`, `"least_squares"`). Defaults to
                 `"non_saturating"`.
-            gp_weight: Weight of the gradient penalty (Wasserstein only).
-                Defaults to 10.
+            gp_weight: Weight of the gradient penalty
+                `(||grad D(x_hat)||_2 - 1)^2` on points `x_hat` between real
+                and fake images (interpolation weight uniform in [0, 1]).
+                Defaults to `None`: 10 for `"wasserstein"`, 0 (off) for the
+                other families; any value > 0 adds it to any family.
             r1_gamma: If set, adds `r1_gamma / 2 * ||grad D(real)||^2` to
                 the discriminator loss. Defaults to `None`.
             label_smoothing: Real-image target `1 - label_smoothing` for
-                the discriminator (cross-entropy and least-squares
-                losses). Defaults to 0.
-            label_noise: Adds `label_noise * U[0, 1]` to the
-                discriminator's targets (the seeds use 0.05). Defaults
+                the discriminator. Only for the families with targets
+                (`non_saturating`, `minimax`, `least_squares`). Defaults
                 to 0.
+            label_noise: Adds `label_noise * U[0, 1]` to the
+                discriminator's real and fake targets, drawn anew for every
+                discriminator update (the seeds use 0.05). Same families
+                as `label_smoothing`. Defaults to 0.
             optimizer: Unused (a GAN has two); must stay `None`.
             **kwargs: `fitcustom.TapeModel.compile` options
                 (`gradient_transforms`, `skip_nonfinite`, `run_eagerly`,
@@ -231,21 +253,44 @@ class TapeGAN(TapeModel):
                 f"g_optimizer=. Received: optimizer={optimizer!r}."
             )
         gan_loss = gan_losses.get(loss)
+        for name in ("metrics", "weighted_metrics", "loss_weights"):
+            if kwargs.get(name) is not None:
+                raise ValueError(
+                    f"TapeGAN logs its own losses and takes no `{name}`. "
+                    f"Received: {name}={kwargs[name]!r}. Remove it; compute "
+                    "sample quality in a callback (see "
+                    "fitcustom.SampleGrid)."
+                )
+            kwargs.pop(name, None)
         for name, value in (
             ("label_smoothing", label_smoothing),
             ("label_noise", label_noise),
         ):
-            if not 0.0 <= value < 1.0:
+            if not _is_number(value) or not 0.0 <= value < 1.0:
                 raise ValueError(
-                    f"`{name}` must be in [0, 1). Received: {name}={value}."
+                    f"`{name}` must be a number in [0, 1). "
+                    f"Received: {name}={value!r}."
                 )
-        if r1_gamma is not None and r1_gamma <= 0:
+            if value and not gan_loss.uses_targets:
+                raise ValueError(
+                    f"The {gan_loss.name!r} loss has no targets, so "
+                    f"`{name}` would be ignored. Received: {name}={value} "
+                    f"with loss={gan_loss.name!r}. Remove it, or use one of "
+                    "'non_saturating', 'minimax', 'least_squares'."
+                )
+        if r1_gamma is not None and (not _is_number(r1_gamma) or r1_gamma <= 0):
             raise ValueError(
-                f"`r1_gamma` must be > 0 or None. Received: {r1_gamma}."
+                "`r1_gamma` must be a number > 0 or None. "
+                f"Received: r1_gamma={r1_gamma!r}."
             )
-        kwargs.pop("loss_weights", None)
-        kwargs.pop("metrics", None)
-        super().compile(optimizer=None, loss=None, metrics=None, **kwargs)
+        if gp_weight is None:
+            gp_weight = 10.0 if gan_loss.gradient_penalty else 0.0
+        if not _is_number(gp_weight) or gp_weight < 0:
+            raise ValueError(
+                "`gp_weight` must be a number >= 0 or None. "
+                f"Received: gp_weight={gp_weight!r}."
+            )
+        super().compile(optimizer=None, loss=None, **kwargs)
         self.d_optimizer = _wrap(keras.optimizers.get(d_optimizer), self)
         self.g_optimizer = _wrap(keras.optimizers.get(g_optimizer), self)
         if self.d_optimizer is self.g_optimizer:
@@ -328,21 +373,36 @@ class TapeGAN(TapeModel):
         d_shape = _input_shape(self.discriminator)
         if d_shape is not None:
             expected = tuple(d_shape[1:])
-            if tuple(fake.shape[1:]) != expected:
+            if not _fits(fake.shape[1:], expected):
                 raise ValueError(
                     "The generator's output does not fit the "
                     f"discriminator. Received: generator output shape "
                     f"{tuple(fake.shape[1:])}. Expected: the "
                     f"discriminator's input shape {expected}."
                 )
-            if tuple(image_shape[1:]) != expected:
+            if not _fits(image_shape[1:], expected):
                 raise ValueError(
                     "The real images do not fit the discriminator. "
                     f"Received: images of shape {tuple(image_shape[1:])}. "
                     f"Expected: {expected}. Resize or reshape the data, or "
                     "change the discriminator's input."
                 )
-        self._discriminate(fake, conditions, training=False)
+        try:
+            self._discriminate(fake, conditions, training=False)
+        except Exception as e:
+            raise ValueError(
+                "The generator's output does not fit the discriminator. "
+                f"Received: generator output of shape {tuple(fake.shape)}"
+                + (" with labels" if conditions is not None else "")
+                + f"; the discriminator raised {type(e).__name__}: {e}"
+            ) from e
+        if not _fits(image_shape[1:], fake.shape[1:]):
+            raise ValueError(
+                "The real images do not fit the discriminator. Received: "
+                f"images of shape {tuple(image_shape[1:])}. Expected: "
+                f"{tuple(fake.shape[1:])}, the generator's output shape. "
+                "Resize or reshape the data, or change the networks."
+            )
         if self.ema_generator is not None and not self.ema_generator.built:
             self._generate(z, conditions, training=False, ema=True)
             self.ema_generator.set_weights(self.generator.get_weights())
@@ -353,24 +413,47 @@ class TapeGAN(TapeModel):
     # Pieces
     # ------------------------------------------------------------------
 
-    def _seed(self, stream, counter=None):
-        if counter is None:
-            counter = self.g_optimizer.iterations
-        counter = tf.cast(counter, tf.int64) * _STREAMS + stream
-        seed = tf.stack([tf.constant(self.seed, tf.int64), counter])
-        return tf.random.experimental.stateless_fold_in(
-            seed, distribute.replica_id()
-        )
+    def _seed(self, kind, index):
+        """Stateless seed of one draw: (seed, step, kind, index, replica)."""
+        step = tf.cast(self.g_optimizer.iterations, tf.int64)
+        seed = tf.stack([tf.constant(self.seed, tf.int64), step])
+        fold_in = tf.random.experimental.stateless_fold_in
+        seed = fold_in(fold_in(seed, kind), index)
+        return fold_in(seed, distribute.replica_id())
 
     def sample_latent(self, batch_size, stream):
         """Latent vectors for one draw of a step (override to feed noise).
 
+        Standard normal, from a stateless seed of (`seed`, step, `stream`,
+        replica id): different on every replica and reproducible after a
+        restore.
+
         Args:
-            batch_size: Number of vectors.
-            stream: Index of the draw within the step (0..n_critic).
+            batch_size: Number of vectors (this replica's).
+            stream: Index of the draw within the step: `0..n_critic - 1`
+                for the discriminator updates, `n_critic` for the
+                generator update (0 for both with `simultaneous=True`).
+
+        Returns:
+            float32 tensor of shape `(batch_size, latent_dim)`.
         """
         return tf.random.stateless_normal(
-            [batch_size, self.latent_dim], self._seed(stream)
+            [batch_size, self.latent_dim], self._seed(_LATENT, stream)
+        )
+
+    def interpolation_weights(self, batch_size, index):
+        """Weights `eps ~ U[0, 1]` of the gradient penalty's points
+        `eps * real + (1 - eps) * fake`, one per example (override to feed).
+
+        Args:
+            batch_size: Number of weights (this replica's).
+            index: Index of the discriminator update within the step.
+
+        Returns:
+            float32 tensor of shape `(batch_size,)`.
+        """
+        return tf.random.stateless_uniform(
+            [batch_size], self._seed(_INTERPOLATION, index)
         )
 
     def _generate(self, z, conditions, training, ema=False):
@@ -382,13 +465,13 @@ class TapeGAN(TapeModel):
         inputs = images if conditions is None else [images, conditions]
         return self.discriminator(inputs, training=training)
 
-    def _targets(self, batch_size, stream):
+    def _targets(self, batch_size, index):
         args = self._gan_compile_args
         real = tf.fill([batch_size, 1], 1.0 - args.get("label_smoothing", 0))
         fake = tf.zeros([batch_size, 1])
         noise = args.get("label_noise", 0.0)
         if noise:
-            seed = self._seed(stream)
+            seed = self._seed(_TARGETS, index)
             u = tf.random.stateless_uniform([2, batch_size, 1], seed)
             real = real + noise * u[0]
             fake = fake + noise * u[1]
@@ -399,11 +482,12 @@ class TapeGAN(TapeModel):
             return 0.0
         return distribute.scale_loss_for_replicas(tf.add_n(net.losses))
 
-    def _discriminator_loss(self, real, fake, conditions, stream):
+    def _discriminator_loss(self, real, fake, conditions, index):
         args = self._gan_compile_args
+        batch = tf.shape(real)[0]
         real_logits = self._discriminate(real, conditions, training=True)
         fake_logits = self._discriminate(fake, conditions, training=True)
-        real_t, fake_t = self._targets(tf.shape(real)[0], _STREAMS - 1)
+        real_t, fake_t = self._targets(batch, index)
         d_loss = distribute.mean_loss(
             self.gan_loss.discriminator(
                 real_logits, fake_logits, real_t, fake_t
@@ -411,13 +495,13 @@ class TapeGAN(TapeModel):
         )
         total = d_loss + self._extra_losses(self.discriminator)
         penalties = {}
-        if self.gan_loss.gradient_penalty:
+        if args.get("gp_weight"):
             gp = distribute.mean_loss(
                 gan_losses.gradient_penalty(
                     self.discriminator,
                     real,
                     fake,
-                    self._seed(_STREAMS - 2 - stream % 2),
+                    self.interpolation_weights(batch, index),
                     conditions,
                 )
             )
@@ -468,7 +552,8 @@ class TapeGAN(TapeModel):
         if self.d_optimizer is None:
             self._require_compiled("fit")
         batch = tf.shape(real)[0]
-        m = batch // self.n_critic
+        n = self.n_critic
+        m = batch // n
         d_vars = self.discriminator.trainable_weights
         g_vars = self.generator.trainable_weights
         oks = []
@@ -497,11 +582,12 @@ class TapeGAN(TapeModel):
         else:
             d_losses = []
             for k in range(self.n_critic):
-                real_k = real[k * m : (k + 1) * m]
+                # Strided slices: update k uses images k, k + n, k + 2n...
+                # of the batch, so N replicas (each with a contiguous part
+                # of the global batch) use the same images as one device.
+                real_k = real[k : m * n : n]
                 cond_k = (
-                    None
-                    if conditions is None
-                    else conditions[k * m : (k + 1) * m]
+                    None if conditions is None else conditions[k : m * n : n]
                 )
                 z = self.sample_latent(m, k)
                 with tf.GradientTape() as tape:
@@ -514,7 +600,7 @@ class TapeGAN(TapeModel):
                     tape, d_scaled, d_total, d_vars, self.d_optimizer
                 )
                 d_losses.append((d_loss, penalties, ok, m))
-            cond_g = None if conditions is None else conditions[:m]
+            cond_g = None if conditions is None else conditions[0 : m * n : n]
             z = self.sample_latent(m, self.n_critic)
             with tf.GradientTape() as tape:
                 fake = self._generate(z, cond_g, training=True)
@@ -596,10 +682,26 @@ class TapeGAN(TapeModel):
         """
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"`n` must be an int >= 1. Received: n={n!r}.")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise ValueError(f"`seed` must be an int. Received: seed={seed!r}.")
+        inputs = getattr(self.generator, "inputs", None) or []
+        if labels is None and len(inputs) > 1:
+            raise ValueError(
+                "The generator takes labels (a conditional GAN): pass "
+                f"`labels=` with one class label per sample. Received: "
+                f"labels=None for n={n}."
+            )
+        conditions = None
+        if labels is not None:
+            conditions = tf.convert_to_tensor(labels)
+            if conditions.shape.rank == 0 or conditions.shape[0] != n:
+                raise ValueError(
+                    "`labels` must hold one label per sample. Received: "
+                    f"labels of shape {tuple(conditions.shape)} for n={n}."
+                )
         z = tf.random.stateless_normal(
-            [n, self.latent_dim], tf.constant([seed, 0], tf.int64)
+            [n, self.latent_dim], tf.constant([int(seed), 0], tf.int64)
         )
-        conditions = None if labels is None else tf.convert_to_tensor(labels)
         ema = use_ema and self.ema_generator is not None
         out = self._generate(z, conditions, training=False, ema=ema)
         return np.asarray(keras.ops.convert_to_numpy(out), dtype="float32")
@@ -617,6 +719,18 @@ def _wrap(optimizer, model):
     ):
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer
+
+
+def _fits(shape, expected):
+    """Whether two shapes agree, `None` matching any size."""
+    shape, expected = tuple(shape), tuple(expected)
+    return len(shape) == len(expected) and all(
+        a is None or b is None or a == b for a, b in zip(shape, expected)
+    )
+
+
+def _is_number(value):
+    return not isinstance(value, bool) and isinstance(value, (int, float))
 
 
 def _input_shape(model):

@@ -12,8 +12,23 @@ the number of replicas), so that N replicas train like one device.
 | `hinge` | relu(1 - D(real)) + relu(1 + D(fake)) | -D(fake) |
 | `least_squares` | ((D(real) - 1)^2 + D(fake)^2) / 2 | (D(fake) - 1)^2 / 2 |
 
-BCE is the sigmoid cross-entropy on logits; its targets may be smoothed or
-noisy (`real_target`, `fake_target`).
+BCE is the sigmoid cross-entropy on logits. The families that compare
+with targets (`uses_targets`: the two cross-entropy families and
+least-squares) accept smoothed or noisy ones (`real_target`, `fake_target`,
+scalars or one per example); Wasserstein and hinge have none.
+
+Example:
+
+```python
+import numpy as np
+from fitcustom import gan_losses
+
+loss = gan_losses.get("hinge")
+real = np.array([[2.0], [0.5]], "float32")  # D(x) on real images
+fake = np.array([[-3.0], [0.2]], "float32")  # D(G(z))
+d = loss.discriminator(real, fake)  # relu(1 - real) + relu(1 + fake)
+np.testing.assert_allclose(d.numpy(), [0.0, 0.5 + 1.2], rtol=1e-6)
+```
 """
 
 import tensorflow as tf
@@ -36,12 +51,20 @@ def _bce(logits, target):
 class GANLoss:
     """A loss family: `discriminator(real, fake)` and `generator(fake)`.
 
+    Both return one loss per example (shape `(batch,)`, float32), computed
+    from the discriminator's outputs (logits or scores); the caller reduces
+    them.
+
     Args:
         name: The family's name (see the module table).
     """
 
-    #: Whether the family uses a gradient penalty (Wasserstein).
+    #: Whether the family is meant to be used with the gradient penalty
+    #: (Wasserstein: `TapeGAN` then adds it with weight 10 by default).
     gradient_penalty = False
+    #: Whether `discriminator()` uses `real_target` / `fake_target` (label
+    #: smoothing and label noise apply).
+    uses_targets = False
 
     def __init__(self, name):
         self.name = name
@@ -56,6 +79,11 @@ class GANLoss:
 
 
 class NonSaturating(GANLoss):
+    """Goodfellow et al.'s non-saturating loss: D minimises
+    BCE(D(x), 1) + BCE(D(G(z)), 0), G minimises BCE(D(G(z)), 1)."""
+
+    uses_targets = True
+
     def __init__(self):
         super().__init__("non_saturating")
 
@@ -71,6 +99,8 @@ class NonSaturating(GANLoss):
 
 
 class Minimax(NonSaturating):
+    """The original minimax game: G minimises log(1 - D(G(z)))."""
+
     def __init__(self):
         GANLoss.__init__(self, "minimax")
 
@@ -80,6 +110,9 @@ class Minimax(NonSaturating):
 
 
 class Wasserstein(GANLoss):
+    """Wasserstein critic loss D(G(z)) - D(x); G minimises -D(G(z)). Use
+    with the gradient penalty (`TapeGAN` adds it by default)."""
+
     gradient_penalty = True
 
     def __init__(self):
@@ -97,6 +130,9 @@ class Wasserstein(GANLoss):
 
 
 class Hinge(GANLoss):
+    """Hinge loss: D minimises relu(1 - D(x)) + relu(1 + D(G(z)));
+    G minimises -D(G(z))."""
+
     def __init__(self):
         super().__init__("hinge")
 
@@ -112,6 +148,11 @@ class Hinge(GANLoss):
 
 
 class LeastSquares(GANLoss):
+    """Least-squares GAN (Mao et al., 2017) with targets 1 (real) and 0
+    (fake); G pulls D(G(z)) towards 1."""
+
+    uses_targets = True
+
     def __init__(self):
         super().__init__("least_squares")
 
@@ -136,10 +177,14 @@ LOSSES = {
 
 
 def get(name):
-    """The loss family called `name`; a `ValueError` names the choices."""
+    """The loss family called `name` (or `name` itself if it is a `GANLoss`).
+
+    Raises:
+        ValueError: `name` is not one of `LOSSES`; the message lists them.
+    """
     if isinstance(name, GANLoss):
         return name
-    if name not in LOSSES:
+    if not isinstance(name, str) or name not in LOSSES:
         raise ValueError(
             f"Unknown GAN loss. Received: loss={name!r}. Expected one of "
             f"{sorted(LOSSES)}."
@@ -147,16 +192,28 @@ def get(name):
     return LOSSES[name]()
 
 
-def gradient_penalty(discriminator, real, fake, weight_seed, conditions=None):
+def gradient_penalty(discriminator, real, fake, epsilon, conditions=None):
     """Per-example WGAN-GP term (||grad D(x_hat)||_2 - 1)^2.
 
-    `x_hat = eps * real + (1 - eps) * fake` with `eps ~ U[0, 1]` per
-    example (Gulrajani et al., 2017), drawn from the stateless seed
-    `weight_seed`.
+    `x_hat = eps * real + (1 - eps) * fake` (Gulrajani et al., 2017), where
+    the caller draws one `eps ~ U[0, 1]` per example (`TapeGAN` does it in
+    `interpolation_weights`). Call it inside the outer tape: the penalty's
+    gradient flows to the discriminator's weights.
+
+    Args:
+        discriminator: Callable `discriminator(inputs, training=True)`.
+        real: Batch of real images.
+        fake: Batch of generated images, same shape.
+        epsilon: Interpolation weights, shape `(batch,)`, in [0, 1].
+        conditions: Optional labels (conditional GAN), passed with the
+            images as `[images, conditions]`.
+
+    Returns:
+        float32 tensor of shape `(batch,)`.
     """
     batch = tf.shape(real)[0]
     shape = tf.concat([[batch], tf.ones([tf.rank(real) - 1], tf.int32)], 0)
-    eps = tf.random.stateless_uniform(shape, weight_seed, dtype=real.dtype)
+    eps = tf.reshape(tf.cast(epsilon, real.dtype), shape)
     mixed = eps * real + (1.0 - eps) * tf.cast(fake, real.dtype)
     with tf.GradientTape() as tape:
         tape.watch(mixed)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from helpers import assert_weights_close
+from helpers import max_abs_diff
 from helpers import run_python
 
 import fitcustom
@@ -16,7 +17,7 @@ from fitcustom import architectures
 LATENT = 8
 
 
-def make_generator(conditional=False):
+def make_generator(conditional=False, batch_norm=True):
     z = keras.Input((LATENT,))
     inputs = z
     if conditional:
@@ -25,6 +26,8 @@ def make_generator(conditional=False):
         z = keras.layers.Concatenate()([z, embedded])
         inputs = [inputs, labels]
     h = keras.layers.Dense(4 * 4 * 8)(z)
+    if batch_norm:  # training=True must reach it
+        h = keras.layers.BatchNormalization()(h)
     h = keras.layers.LeakyReLU(0.2)(h)
     h = keras.layers.Reshape((4, 4, 8))(h)
     h = keras.layers.Conv2DTranspose(8, 3, strides=2, padding="same")(h)
@@ -54,26 +57,38 @@ def real_images(n=64, seed=0):
 
 
 class FedGAN(fitcustom.TapeGAN):
-    """Noise from a table: row `iterations` of draw `stream`, this
-    replica's rows of the global batch."""
+    """Noise from tables: row `iterations` of draw `stream`, this
+    replica's rows of the global batch (latent vectors and the gradient
+    penalty's interpolation weights)."""
 
     table = None
+    eps_table = None
 
-    def sample_latent(self, batch_size, stream):
+    def _rows(self, table, batch_size, index):
         step = tf.cast(self.g_optimizer.iterations, tf.int32)
         start = fitcustom.distribute.replica_id() * batch_size
-        return tf.gather(self.table, step)[stream][start : start + batch_size]
+        return tf.gather(table, step)[index][start : start + batch_size]
+
+    def sample_latent(self, batch_size, stream):
+        return self._rows(self.table, batch_size, stream)
+
+    def interpolation_weights(self, batch_size, index):
+        if self.eps_table is None:
+            return super().interpolation_weights(batch_size, index)
+        return self._rows(self.eps_table, batch_size, index)
 
 
-def fed_gan(table, **kwargs):
+def fed_gan(table, eps_table=None, batch_norm=True, **kwargs):
     keras.utils.set_random_seed(0)
     gan = FedGAN(
-        generator=make_generator(),
+        generator=make_generator(batch_norm=batch_norm),
         discriminator=make_discriminator(),
         latent_dim=LATENT,
         **kwargs,
     )
     gan.table = tf.constant(table)
+    if eps_table is not None:
+        gan.eps_table = tf.constant(eps_table)
     return gan
 
 
@@ -82,7 +97,16 @@ def copies():
     return make_generator(), make_discriminator()
 
 
-def test_simultaneous_step_equals_the_seeds_dcgan_loop():
+MODES = {
+    "graph": {},
+    "eager": dict(run_eagerly=True),
+    "steps_per_execution": dict(steps_per_execution=2),
+    "jit": dict(jit_compile=True),
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES), ids=list(MODES))
+def test_simultaneous_step_equals_the_seeds_dcgan_loop(mode):
     steps, batch = 4, 16
     images = real_images(steps * batch)
     table = (
@@ -98,7 +122,6 @@ def test_simultaneous_step_equals_the_seeds_dcgan_loop():
     g_opt, d_opt = keras.optimizers.Adam(1e-3), keras.optimizers.Adam(1e-3)
     cross_entropy = keras.losses.BinaryCrossentropy(from_logits=True)
 
-    @tf.function
     def seeds_step(batch_images, noise):
         with tf.GradientTape() as gen_tape, tf.GradientTape() as disc_tape:
             generated = generator(noise, training=True)
@@ -115,18 +138,28 @@ def test_simultaneous_step_equals_the_seeds_dcgan_loop():
         g_opt.apply_gradients(zip(g_grads, generator.trainable_variables))
         d_opt.apply_gradients(zip(d_grads, discriminator.trainable_variables))
 
+    # The seeds' step runs under tf.function; it is compared in the same
+    # execution mode (eager and graph kernels round differently, ~4e-6).
+    if mode != "eager":
+        seeds_step = tf.function(seeds_step, jit_compile=mode == "jit")
     for i in range(steps):
         seeds_step(images[i * batch : (i + 1) * batch], table[i, 0])
 
     gan.compile(
         d_optimizer=keras.optimizers.Adam(1e-3),
         g_optimizer=keras.optimizers.Adam(1e-3),
+        **MODES[mode],
     )
     gan.fit(images, batch_size=batch, epochs=1, shuffle=False, verbose=0)
-    assert_weights_close(generator.get_weights(), gan.generator.get_weights())
-    assert_weights_close(
+    g_diff = max_abs_diff(generator.get_weights(), gan.generator.get_weights())
+    d_diff = max_abs_diff(
         discriminator.get_weights(), gan.discriminator.get_weights()
     )
+    print(f"parity {mode}: generator {g_diff:.2g}, discriminator {d_diff:.2g}")
+    # Measured: graph 0 / 7e-10, eager 0 / 1e-8 (float32). Under XLA the
+    # two programs are fused differently: measured 4.2e-6.
+    atol = 2e-5 if mode == "jit" else 1e-6
+    assert g_diff <= atol and d_diff <= atol
     moved = max(
         np.abs(a - b).max()
         for a, b in zip(copies()[0].get_weights(), gan.generator.get_weights())
@@ -153,7 +186,7 @@ def test_n_critic_step_equals_hand_written_alternating_loop():
             with tf.GradientTape() as tape:
                 fake = generator(noise[k], training=True)
                 real_logits = discriminator(
-                    batch_images[k * m : (k + 1) * m], training=True
+                    batch_images[k::n_critic], training=True
                 )
                 fake_logits = discriminator(fake, training=True)
                 loss = tf.reduce_mean(softplus(-real_logits)) + (
@@ -188,33 +221,56 @@ def test_n_critic_step_equals_hand_written_alternating_loop():
     assert sorted(history) == ["d_loss", "g_loss", "loss"]
 
 
-def test_two_replicas_match_one_device_with_fed_noise(two_replicas):
-    steps, batch = 3, 16
+@pytest.mark.parametrize(
+    "loss, options",
+    [
+        ("non_saturating", {}),
+        ("wasserstein", {}),  # + gradient penalty
+        ("hinge", dict(r1_gamma=1.0)),
+        ("least_squares", dict(label_smoothing=0.1)),
+    ],
+    ids=["non_saturating", "wasserstein_gp", "hinge_r1", "least_squares"],
+)
+def test_two_replicas_match_one_device_with_fed_noise(
+    two_replicas, loss, options
+):
+    """Every loss family and penalty is reduced like Keras' losses (mean
+    over the replica's batch / replicas): the same global batch on 2
+    replicas takes the step 1 device takes."""
+    steps, batch, n_critic = 3, 16, 2
+    m = batch // n_critic
     images = real_images(steps * batch)
-    table = (
-        np.random.default_rng(3)
-        .normal(size=(steps, 2, batch, LATENT))
-        .astype("float32")
-    )
-    single = fed_gan(table)
-    init = single.get_weights()
-    single.compile(
-        d_optimizer=keras.optimizers.Adam(1e-3),
-        g_optimizer=keras.optimizers.Adam(1e-3),
-    )
-    with two_replicas.scope():
-        mirrored = fed_gan(table)
-        mirrored.set_weights(init)
-        mirrored.compile(
+    rng = np.random.default_rng(3)
+    table = rng.normal(size=(steps, n_critic + 1, m, LATENT)).astype("float32")
+    eps = rng.uniform(size=(steps, n_critic, m)).astype("float32")
+
+    def make():
+        # BatchNormalization normalises each replica's batch on its own
+        # (synchronized=False): left out, as it differs by design.
+        gan = fed_gan(table, eps, batch_norm=False, n_critic=n_critic)
+        gan.compile(
             d_optimizer=keras.optimizers.Adam(1e-3),
             g_optimizer=keras.optimizers.Adam(1e-3),
+            loss=loss,
+            **options,
         )
+        return gan
+
+    single = make()
+    init = single.get_weights()
+    with two_replicas.scope():
+        mirrored = make()
+        mirrored.set_weights(init)
     kwargs = dict(batch_size=batch, epochs=1, shuffle=False, verbose=0)
     h1 = single.fit(images, **kwargs).history
     h2 = mirrored.fit(images, **kwargs).history
-    assert_weights_close(single.get_weights(), mirrored.get_weights())
-    for key in ("d_loss", "g_loss", "loss"):
-        np.testing.assert_allclose(h1[key], h2[key], rtol=1e-5)
+    diff = max_abs_diff(single.get_weights(), mirrored.get_weights())
+    print(f"2 replicas vs 1 device, {loss}: {diff:.2g}")
+    assert diff <= 1e-6  # measured 1.5e-8 to 3.7e-8
+    assert max_abs_diff(init, single.get_weights()) > 1e-3
+    assert sorted(h1) == sorted(h2)
+    for key in h1:
+        np.testing.assert_allclose(h1[key], h2[key], rtol=1e-5, err_msg=key)
 
 
 def test_replicas_draw_different_noise(two_replicas):
