@@ -9,19 +9,25 @@ import numpy as np
 class SampleGrid(keras.callbacks.Callback):
     """Writes a PNG grid of generated samples at chosen epochs.
 
-    The latent vectors come from one fixed seed, so grids from different
-    epochs show the same points of the latent space and can be compared.
-    Uses the EMA generator when the GAN has one.
+    The latent vectors come from one fixed seed (`model.generate(n,
+    seed=seed)`), so grids from different epochs show the same points of
+    the latent space, in the same cells, on the same grey scale, and can be
+    compared. Uses the EMA generator when the GAN has one. Drawn with
+    matplotlib's Agg canvas directly: the global matplotlib backend (e.g.
+    a notebook's) is left alone.
 
     Args:
         output_dir: Folder for the PNG files (created if missing).
         every: Write every `every` epochs (and at the last epoch).
             Defaults to 1.
-        epochs: Optional explicit list of (1-based) epochs instead.
+        epochs: Optional explicit list of (1-based) epochs instead of
+            `every`.
         n: Number of samples (a square grid is used). Defaults to 16.
         seed: Latent seed. Defaults to 0.
-        labels: Class labels for a conditional GAN (length `n`).
-        filename: Pattern with `{epoch}`. Defaults to
+        labels: Class labels for a conditional GAN (length `n`), e.g.
+            `np.arange(16) % 10`. Defaults to `None`.
+        filename: File name pattern, formatted with `epoch` (1-based), e.g.
+            `"grid_{epoch:03d}.png"`. Defaults to
             `"samples_epoch_{epoch:03d}.png"`.
         value_range: Range of the generator's output, mapped to black and
             white. Defaults to `(-1.0, 1.0)` (tanh).
@@ -29,41 +35,92 @@ class SampleGrid(keras.callbacks.Callback):
     Example:
 
     ```python
+    import keras
+    import numpy as np
     import fitcustom
-    grid = fitcustom.SampleGrid("outputs/grids", every=5, n=16)
-    # gan.fit(images, epochs=20, callbacks=[grid])
+
+    generator = keras.Sequential([
+        keras.Input((8,)), keras.layers.Dense(16, activation="tanh"),
+        keras.layers.Reshape((4, 4, 1))])
+    discriminator = keras.Sequential([
+        keras.Input((4, 4, 1)), keras.layers.Flatten(), keras.layers.Dense(1)])
+    gan = fitcustom.TapeGAN(generator=generator,
+                            discriminator=discriminator, latent_dim=8)
+    gan.compile()
+    grid = fitcustom.SampleGrid("outputs/grids", epochs=[1, 2], n=9,
+                                filename="digits_{epoch:02d}.png")
+    real = np.random.uniform(-1, 1, (32, 4, 4, 1)).astype("float32")
+    gan.fit(real, batch_size=16, epochs=2, verbose=0, callbacks=[grid])
+    print(grid.written)  # ['outputs/grids/digits_01.png', ...]
     ```
     """
 
     def __init__(
         self,
-        output_dir,
-        every=1,
+        output_dir: str,
+        every: int = 1,
         epochs=None,
-        n=16,
-        seed=0,
+        n: int = 16,
+        seed: int = 0,
         labels=None,
-        filename="samples_epoch_{epoch:03d}.png",
-        value_range=(-1.0, 1.0),
+        filename: str = "samples_epoch_{epoch:03d}.png",
+        value_range: tuple = (-1.0, 1.0),
     ):
         super().__init__()
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        for name, value in (("every", every), ("n", n)):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or value < 1
+            ):
+                raise ValueError(
+                    f"`{name}` must be an int >= 1. Received: {name}={value!r}."
+                )
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"`seed` must be an int. Received: seed={seed!r}.")
+        try:
+            example = filename.format(epoch=1)
+        except (KeyError, IndexError, ValueError, AttributeError) as e:
             raise ValueError(
-                f"`every` must be an int >= 1. Received: every={every!r}."
+                "`filename` must be a pattern formatted with `epoch` only, "
+                f"e.g. 'grid_{{epoch:03d}}.png'. Received: filename="
+                f"{filename!r} ({type(e).__name__}: {e})."
+            ) from e
+        if "{epoch" not in filename or example == filename.format(epoch=2):
+            raise ValueError(
+                "`filename` must contain `{epoch}` so that epochs do not "
+                "overwrite each other (e.g. 'grid_{epoch:03d}.png'). "
+                f"Received: filename={filename!r}."
             )
-        if "{epoch" not in filename:
+        if epochs is not None:
+            epochs = list(epochs)
+            if not epochs or any(
+                isinstance(e, bool) or not isinstance(e, int) or e < 1
+                for e in epochs
+            ):
+                raise ValueError(
+                    "`epochs` must be a non-empty list of 1-based epoch "
+                    f"numbers (ints >= 1). Received: epochs={epochs!r}."
+                )
+        low, high = value_range
+        if not high > low:
             raise ValueError(
-                "`filename` must contain `{epoch}` (e.g. "
-                f"'grid_{{epoch:03d}}.png'). Received: filename={filename!r}."
+                "`value_range` must be (low, high) with high > low. "
+                f"Received: value_range={value_range!r}."
+            )
+        if labels is not None and len(labels) != n:
+            raise ValueError(
+                "`labels` must hold one label per sample. Received: "
+                f"{len(labels)} labels for n={n}."
             )
         self.output_dir = os.fspath(output_dir)
         self.every = every
-        self.epochs = None if epochs is None else {int(e) for e in epochs}
-        self.n = int(n)
-        self.seed = int(seed)
+        self.epochs = None if epochs is None else set(epochs)
+        self.n = n
+        self.seed = seed
         self.labels = labels
         self.filename = filename
-        self.value_range = value_range
+        self.value_range = (float(low), float(high))
         self.written = []
 
     def _selected(self, epoch):
@@ -76,6 +133,12 @@ class SampleGrid(keras.callbacks.Callback):
         epoch = epoch + 1
         if not self._selected(epoch):
             return
+        if not hasattr(self.model, "generate"):
+            raise ValueError(
+                "SampleGrid needs a model with generate(n, seed=...), such "
+                "as fitcustom.TapeGAN. Received: a model of type "
+                f"{type(self.model).__name__}."
+            )
         images = self.model.generate(self.n, seed=self.seed, labels=self.labels)
         path = os.path.join(self.output_dir, self.filename.format(epoch=epoch))
         save_grid(images, path, self.value_range)
@@ -83,28 +146,44 @@ class SampleGrid(keras.callbacks.Callback):
 
 
 def save_grid(images, path, value_range=(-1.0, 1.0)):
-    """Saves images (N, H, W[, C]) as one PNG grid with matplotlib."""
-    import matplotlib
+    """Saves images `(N, H, W)` or `(N, H, W, C)` as one PNG grid.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Values are mapped linearly from `value_range` to black..white (clipped),
+    the same mapping for every grid. Uses matplotlib's Agg canvas without
+    touching the global backend.
+
+    Returns:
+        `path`.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     images = np.asarray(images, np.float32)
-    low, high = value_range
-    images = np.clip((images - low) / (high - low), 0.0, 1.0)
     if images.ndim == 4 and images.shape[-1] == 1:
         images = images[..., 0]
+    if images.ndim not in (3, 4) or len(images) == 0:
+        raise ValueError(
+            "save_grid needs a batch of images (N, H, W) or (N, H, W, C). "
+            f"Received: an array of shape {images.shape}."
+        )
+    low, high = value_range
+    images = np.clip((images - low) / (high - low), 0.0, 1.0)
     n = len(images)
     cols = int(np.ceil(np.sqrt(n)))
     rows = int(np.ceil(n / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols, rows))
-    for ax in np.ravel(axes):
+    fig = Figure(figsize=(cols, rows))
+    FigureCanvasAgg(fig)
+    for i in range(rows * cols):
+        ax = fig.add_subplot(rows, cols, i + 1)
         ax.axis("off")
-    for ax, image in zip(np.ravel(axes), images):
-        ax.imshow(
-            image, cmap="gray" if image.ndim == 2 else None, vmin=0.0, vmax=1.0
-        )
+        if i < n:
+            ax.imshow(
+                images[i],
+                cmap="gray" if images[i].ndim == 2 else None,
+                vmin=0.0,
+                vmax=1.0,
+                interpolation="nearest",
+            )
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=80)
-    plt.close(fig)
     return path
