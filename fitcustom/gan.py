@@ -67,8 +67,11 @@ class TapeGAN(TapeModel):
         n_critic: Discriminator updates per generator update. Defaults
             to 1.
         ema_decay: If set (e.g. 0.999), keep an exponential moving average
-            of the generator's weights, used by `generate()`. Defaults to
-            `None`.
+            of the generator's weights (`ema_generator`), used by
+            `generate()`: it starts equal to the generator, the first
+            generator update copies the weights, each later one applies
+            `ema = ema_decay * ema + (1 - ema_decay) * weights`, and a step
+            skipped by `skip_nonfinite` leaves it alone. Defaults to `None`.
         simultaneous: Update both networks from the same forward pass.
             Defaults to `False`.
         seed: Base seed of the latent noise. Defaults to 0.
@@ -153,6 +156,9 @@ class TapeGAN(TapeModel):
                     "clone_model can copy (functional or Sequential). "
                     f"Received: {type(generator).__name__}: {e}"
                 ) from e
+            if generator.built and self.ema_generator.built:
+                # clone_model gives fresh random weights: start equal.
+                self.ema_generator.set_weights(generator.get_weights())
         self.d_loss_tracker = keras.metrics.Mean(name="d_loss")
         self.g_loss_tracker = keras.metrics.Mean(name="g_loss")
         self.gp_tracker = keras.metrics.Mean(name="gradient_penalty")
@@ -535,10 +541,18 @@ class TapeGAN(TapeModel):
             weight = tf.where(finite, weight, 0.0)
         tracker.update_state(value, sample_weight=weight)
 
-    def _update_ema(self):
-        decay = self.ema_decay
+    def _update_ema(self, finite=None):
+        """`ema = decay * ema + (1 - decay) * generator`, after the
+        generator's update; the first applied update copies the weights
+        (as Keras' optimizer EMA does), so weights set on the generator
+        after construction are not averaged with stale ones. A step the
+        guard skipped leaves the EMA unchanged."""
+        first = self.g_optimizer.iterations <= 1
+        rate = tf.where(first, 1.0, 1.0 - self.ema_decay)
+        if finite is not None:
+            rate = tf.where(finite, rate, 0.0)
         deltas = [
-            (1.0 - decay) * (w - e)
+            tf.cast(rate, w.dtype) * (w - e)
             for w, e in zip(self.generator.weights, self.ema_generator.weights)
         ]
         distribute.assign_add_everywhere(self.ema_generator.weights, deltas)
@@ -616,7 +630,7 @@ class TapeGAN(TapeModel):
             oks = [ok for _, _, ok, _ in d_losses] + [g_ok]
             g_size = m
         if self.ema_generator is not None:
-            self._update_ema()
+            self._update_ema(g_ok)
         for d_loss, penalties, ok, size in d_losses:
             self._track(self.d_loss_tracker, d_loss, size, ok)
             for name, value in penalties.items():

@@ -393,6 +393,77 @@ def test_conditional_gan_and_ema_generator():
     assert np.abs(ema - other).max() > 1e-4  # labels reach the generator
 
 
+class _Weights(keras.callbacks.Callback):
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.seen = net, []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.seen.append([w.numpy() for w in self.net.weights])
+
+
+@pytest.mark.parametrize("n_critic", [1, 2])
+def test_ema_generator_follows_the_ema_formula(n_critic):
+    keras.utils.set_random_seed(0)
+    generator = make_generator()
+    gan = fitcustom.TapeGAN(
+        generator=generator,
+        discriminator=make_discriminator(),
+        latent_dim=LATENT,
+        ema_decay=0.8,
+        n_critic=n_critic,
+    )
+    # Untrained: the EMA copy is the generator, not a random re-draw.
+    assert_weights_close(gan.ema_generator.weights, generator.weights, 0)
+    # Weights set after construction are what the average starts from.
+    generator.set_weights([w * 1.5 for w in generator.get_weights()])
+    gan.compile()
+    record = _Weights(generator)
+    gan.fit(
+        real_images(64), batch_size=16, epochs=2, verbose=0,
+        callbacks=[record],
+    )
+    expected = record.seen[0]
+    for weights in record.seen[1:]:
+        expected = [0.8 * e + 0.2 * w for e, w in zip(expected, weights)]
+    assert len(record.seen) == 8
+    assert_weights_close(gan.ema_generator.weights, expected, 1e-6)
+    # ...and it lags the trained generator.
+    assert max_abs_diff(gan.ema_generator.weights, generator.weights) > 1e-3
+
+
+class _PoisonedGAN(fitcustom.TapeGAN):
+    """Adds `poison` (0 or NaN) to the generator update's latent draw."""
+
+    poison = None
+
+    def sample_latent(self, batch_size, stream):
+        z = super().sample_latent(batch_size, stream)
+        return z + self.poison if stream == self.n_critic else z
+
+
+def test_ema_generator_ignores_skipped_steps():
+    keras.utils.set_random_seed(0)
+    gan = _PoisonedGAN(
+        generator=make_generator(batch_norm=False),
+        discriminator=make_discriminator(),
+        latent_dim=LATENT,
+        ema_decay=0.5,
+    )
+    gan.poison = tf.Variable(0.0, trainable=False)
+    gan.compile(skip_nonfinite=True)
+    images = real_images(64)
+    gan.fit(images[:32], batch_size=16, epochs=1, verbose=0)
+    g_before = [w.numpy() for w in gan.generator.weights]
+    before = [w.numpy() for w in gan.ema_generator.weights]
+    assert max_abs_diff(before, g_before) > 1e-4  # a skip would move it
+    gan.poison.assign(float("nan"))
+    history = gan.fit(images[:32], batch_size=16, epochs=1, verbose=0)
+    assert history.history["nonfinite_steps"] == [2]
+    assert_weights_close(gan.generator.weights, g_before, 0)
+    assert_weights_close(gan.ema_generator.weights, before, 0)
+
+
 def _update_sizes(policy, init):
     """Update size of each network after 2 SGD steps under `policy`."""
     keras.config.set_dtype_policy(policy)
