@@ -231,8 +231,10 @@ class TapeGAN(TapeModel):
             g_optimizer: Generator optimizer. Defaults to `"adam"`.
             loss: Loss family: one of `fitcustom.gan_losses.LOSSES`
                 (`"non_saturating"`, `"minimax"`, `"wasserstein"`,
-                `"hinge"`, `"least_squares"`). Defaults to
-                `"non_saturating"`.
+                `"hinge"`, `"least_squares"`), or a `gan_losses.GANLoss`
+                of your own (register its class with
+                `keras.saving.register_keras_serializable` so that a saved
+                GAN loads compiled). Defaults to `"non_saturating"`.
             gp_weight: Weight of the gradient penalty
                 `(||grad D(x_hat)||_2 - 1)^2` on points `x_hat` between real
                 and fake images (interpolation weight uniform in [0, 1]).
@@ -308,7 +310,12 @@ class TapeGAN(TapeModel):
         self._gan_compile_args = {
             "d_optimizer": self.d_optimizer,
             "g_optimizer": self.g_optimizer,
-            "loss": gan_loss.name,
+            # Built-in families by name, others as serialized objects.
+            "loss": (
+                gan_loss.name
+                if gan_losses.LOSSES.get(gan_loss.name) is type(gan_loss)
+                else gan_loss
+            ),
             "gp_weight": float(gp_weight),
             "r1_gamma": r1_gamma,
             "label_smoothing": float(label_smoothing),
@@ -651,6 +658,10 @@ class TapeGAN(TapeModel):
         return self.get_metrics_result()
 
     def test_step(self, data):
+        """`evaluate()`: `d_loss`, `g_loss` and `loss` on held-out images,
+        updating nothing. The latent vectors come from a fixed seed per
+        replica, so two evaluations of the same data agree; no label noise,
+        and the penalties (training regularisers) are not computed."""
         real, conditions, _ = self.unpack_data(data)
         batch = tf.shape(real)[0]
         seed = tf.random.experimental.stateless_fold_in(

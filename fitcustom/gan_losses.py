@@ -69,6 +69,19 @@ class GANLoss:
     def __init__(self, name):
         self.name = name
 
+    def get_config(self):
+        """Constructor arguments, for saving a compiled `TapeGAN`.
+
+        A family of your own is saved by class: register it with
+        `@keras.saving.register_keras_serializable()` and return its
+        constructor arguments here if it takes any.
+        """
+        return {}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
     def discriminator(
         self, real_logits, fake_logits, real_target=1.0, fake_target=0.0
     ):

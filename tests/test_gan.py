@@ -420,7 +420,10 @@ def test_ema_generator_follows_the_ema_formula(n_critic):
     gan.compile()
     record = _Weights(generator)
     gan.fit(
-        real_images(64), batch_size=16, epochs=2, verbose=0,
+        real_images(64),
+        batch_size=16,
+        epochs=2,
+        verbose=0,
         callbacks=[record],
     )
     expected = record.seen[0]
@@ -853,3 +856,35 @@ def test_dcgan_learns_digits():
     assert (counts >= 5).sum() >= 8
     # The classifier is confident on noise too, but on few classes.
     assert (counts >= 5).sum() >= (counts_before >= 5).sum() + 4
+
+
+@keras.saving.register_keras_serializable(package="fitcustom_tests")
+class ScaledSoftplus(fitcustom.gan_losses.GANLoss):
+    """A loss family of a user's own, with a constructor argument."""
+
+    def __init__(self, scale=1.0):
+        super().__init__("scaled_softplus")
+        self.scale = scale
+
+    def get_config(self):
+        return {"scale": self.scale}
+
+    def discriminator(self, real, fake, real_target=1.0, fake_target=0.0):
+        real, fake = tf.reshape(real, [-1]), tf.reshape(fake, [-1])
+        return self.scale * (tf.nn.softplus(-real) + tf.nn.softplus(fake))
+
+    def generator(self, fake):
+        return tf.nn.softplus(-tf.reshape(fake, [-1]))
+
+
+def test_a_registered_loss_family_of_ones_own_is_saved(tmp_path):
+    gan = _gan()
+    gan.compile(loss=ScaledSoftplus(2.0))
+    gan.fit(real_images(32), batch_size=16, epochs=1, verbose=0)
+    gan.save(tmp_path / "gan.keras")
+    restored = keras.models.load_model(tmp_path / "gan.keras")
+    assert isinstance(restored.gan_loss, ScaledSoftplus)
+    assert restored.gan_loss.scale == 2.0
+    a = gan.evaluate(real_images(16, seed=3), batch_size=16, verbose=0)
+    b = restored.evaluate(real_images(16, seed=3), batch_size=16, verbose=0)
+    np.testing.assert_allclose(a, b, rtol=1e-6)
