@@ -593,45 +593,24 @@ class TapeClassifier(TapeModel):
         """
         x, y, sample_weight = self.unpack_data(data)
         self._check_targets(y)
-        guard = self._skip_nonfinite
-        variables = self.trainable_weights
-        with tf.GradientTape() as tape:
-            y_pred, loss = self.forward_and_loss(x, y, sample_weight, True)
-            if not guard:
-                self.track_loss(loss, x)
-            scaled_loss = self.scale_loss(loss)
-        if not variables:
-            warnings.warn(
-                f"{type(self).__name__} has no trainable weights: "
-                "train_step updates only the metrics.",
-                stacklevel=2,
-            )
+        y_pred, loss, grads = self.loss_and_gradients(x, y, sample_weight)
+        if grads is None:
             return self.compute_metrics(x, y, y_pred, sample_weight)
-        grads = self.compute_gradients(tape, scaled_loss, variables)
+        variables = self.trainable_weights
         perturbation = self.sam_perturbation(grads)
         stats = list(self.non_trainable_weights)
         saved = [tf.identity(v.value) for v in variables + stats]
         distribute.assign_add_everywhere(variables, perturbation)
-        with tf.GradientTape() as tape:
-            _, sharp_loss = self.forward_and_loss(x, y, sample_weight, True)
-            scaled_sharp = self.scale_loss(sharp_loss)
-        sharp_grads = self.compute_gradients(tape, scaled_sharp, variables)
+        _, sharp_loss, sharp_grads = self.loss_and_gradients(
+            x, y, sample_weight, track=False
+        )
         _assign_everywhere(variables + stats, saved)
         finite = None
-        if guard:
+        if self._skip_nonfinite:
             finite = tf.logical_and(
                 self.check_finite(loss, grads),
                 self.check_finite(sharp_loss, sharp_grads),
             )
-        sharp_grads = self.transform_gradients(sharp_grads, variables)
-        self.apply_gradients(sharp_grads, variables, finite=finite)
-        if not guard:
-            return self.compute_metrics(x, y, y_pred, sample_weight)
-        self.track_loss(loss, x, finite)
-        self.count_nonfinite([finite])
-        _compat.build_compiled_metrics(self, y, y_pred)
-        return tf.cond(
-            finite,
-            lambda: self.compute_metrics(x, y, y_pred, sample_weight),
-            self.get_metrics_result,
+        return self.update_and_report(
+            sharp_grads, finite, x, y, y_pred, sample_weight, loss
         )

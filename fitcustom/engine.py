@@ -38,6 +38,11 @@ class TapeModel(keras.Model):
     | `apply_gradients(grads, variables)` | `optimizer.apply_gradients` |
     | `compute_metrics(...)` | Keras' compiled metrics |
 
+    `loss_and_gradients` (forward pass under the tape to scaled gradients)
+    and `update_and_report` (transforms, guarded update, logs) group these
+    for steps that take more than one gradient, like SAM in
+    `TapeClassifier`.
+
     It can be built three ways, like `keras.Model`: functionally
     (`TapeModel(inputs, outputs)`), by subclassing with a `call()`, or by
     wrapping an existing model (`TapeModel(network=model)`).
@@ -538,10 +543,27 @@ class TapeModel(keras.Model):
     def train_step(self, data):
         x, y, sample_weight = self.unpack_data(data)
         self._check_targets(y)
-        guard = self._skip_nonfinite
+        y_pred, loss, grads = self.loss_and_gradients(x, y, sample_weight)
+        if grads is None:
+            return self.compute_metrics(x, y, y_pred, sample_weight)
+        finite = None
+        if self._skip_nonfinite:
+            finite = self.check_finite(loss, grads)
+        return self.update_and_report(
+            grads, finite, x, y, y_pred, sample_weight, loss
+        )
+
+    def loss_and_gradients(self, x, y, sample_weight, track=True):
+        """One training forward pass under a tape: `(y_pred, loss, grads)`.
+
+        `grads` are the loss-scaled gradients of the trainable weights
+        (`None`, with a warning, when there are none). With `track` and no
+        `skip_nonfinite`, `loss` goes to the `loss` metric here; the guard
+        tracks it only once the step is known to be finite.
+        """
         with tf.GradientTape() as tape:
             y_pred, loss = self.forward_and_loss(x, y, sample_weight, True)
-            if not guard:
+            if track and not self._skip_nonfinite:
                 self.track_loss(loss, x)
             scaled_loss = self.scale_loss(loss)
         variables = self.trainable_weights
@@ -549,14 +571,26 @@ class TapeModel(keras.Model):
             warnings.warn(
                 f"{type(self).__name__} has no trainable weights: "
                 "train_step updates only the metrics.",
-                stacklevel=2,
+                stacklevel=3,
             )
-            return self.compute_metrics(x, y, y_pred, sample_weight)
+            return y_pred, loss, None
         grads = self.compute_gradients(tape, scaled_loss, variables)
-        finite = self.check_finite(loss, grads) if guard else None
+        return y_pred, loss, grads
+
+    def update_and_report(
+        self, grads, finite, x, y, y_pred, sample_weight, loss
+    ):
+        """The end of a step: transforms, guarded update, logs.
+
+        `grads` (loss-scaled, of the trainable weights) go through
+        `transform_gradients` and `apply_gradients`; `finite` is the
+        guard's verdict (`None` without `skip_nonfinite`). Returns the
+        step's logs; a skipped step leaves loss and metrics as they were.
+        """
+        variables = self.trainable_weights
         grads = self.transform_gradients(grads, variables)
         self.apply_gradients(grads, variables, finite=finite)
-        if not guard:
+        if finite is None:
             return self.compute_metrics(x, y, y_pred, sample_weight)
         self.track_loss(loss, x, finite)
         self.count_nonfinite([finite])
