@@ -70,7 +70,10 @@ def _machine_line(results):
 
 def _method_note(results):
     return (
-        f"{results['rounds']} interleaved rounds, jit_compile="
+        f"{results['rounds']} interleaved rounds; in each, every variant "
+        f"runs {results.get('repeats', 1)} time(s) back to back and the "
+        "round keeps its fastest run (slower ones measure the machine's "
+        "interference). jit_compile="
         f"{results['jit_compile']}, warm-up (first run: trace and compile) "
         "timed apart. Ratio = variant time per step / reference time per "
         "step in the same round, median [min-max]; below 1 is faster. The "

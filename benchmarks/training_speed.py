@@ -6,6 +6,11 @@ initial weights, in-memory data, batches, steps, `jit_compile`); warm-up
 ratios to the reference (built-in `fit()`; for the GAN the hand-written
 `tf.function` loop) with median and min-max; the reference timed twice per
 round gives the noise band, and a variant inside it is "within noise".
+In each round a variant runs `--repeats` times back to back and the round
+keeps the fastest run: on a shared machine the slower runs measure
+interference (here: stalls of ~0.6 s with both cores idle, seen in
+/proc/stat, and CPU time per run varying by 40 %), not the code; Python's
+`timeit` documentation gives the same advice.
 Every variant is scored on a fixed evaluation set before and after
 training, outside the timed runs.
 
@@ -28,20 +33,23 @@ PROFILES = {
         workloads=["mlp", "dcgan"],
         steps=8,
         rounds=2,
+        repeats=1,
         batch=16,
         eager_factor=0.5,
     ),
     "quick": dict(
         workloads=["mlp", "vgg_cnn", "cifar_cnn", "dcgan"],
-        steps=30,
+        steps=20,
         rounds=5,
+        repeats=2,
         batch=64,
         eager_factor=0.2,
     ),
     "full": dict(
         workloads=["mlp", "vgg_cnn", "cifar_cnn", "dcgan"],
-        steps=200,
+        steps=100,
         rounds=7,
+        repeats=3,
         batch=64,
         eager_factor=0.1,
     ),
@@ -78,6 +86,12 @@ def parse_args(argv):
     )
     parser.add_argument("--steps", type=int, help="training steps per run")
     parser.add_argument("--rounds", type=int, help="interleaved rounds")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        help="back-to-back runs of a variant per round; the round keeps "
+        "the fastest",
+    )
     parser.add_argument("--batch-size", type=int, help="batch size")
     parser.add_argument(
         "--jit-compile",
@@ -119,11 +133,13 @@ def parse_args(argv):
         settings["workloads"] = list(dict.fromkeys(names))
     _positive(parser, "--steps", args.steps, 2)
     _positive(parser, "--rounds", args.rounds, 2)
+    _positive(parser, "--repeats", args.repeats, 1)
     _positive(parser, "--batch-size", args.batch_size, 1)
     _positive(parser, "--steps-per-execution", args.steps_per_execution, 1)
     for key, value in (
         ("steps", args.steps),
         ("rounds", args.rounds),
+        ("repeats", args.repeats),
         ("batch", args.batch_size),
     ):
         if value is not None:
@@ -250,15 +266,20 @@ def run_workload(workload, settings, progress, memory):
             "first_train_loss": v.train_loss(),
             "initial_eval": initial,
             "seconds": [],
+            "all_seconds": [],
             "device_peak_mib": memory.peak_mib(),
         }
     progress.add(1)
     for _ in range(settings["rounds"]):
         for v in variants:
             memory.reset()
-            start = time.perf_counter()
-            v.run()
-            records[v.name]["seconds"].append(time.perf_counter() - start)
+            runs = []
+            for _ in range(settings["repeats"]):
+                start = time.perf_counter()
+                v.run()
+                runs.append(time.perf_counter() - start)
+            records[v.name]["seconds"].append(min(runs))
+            records[v.name]["all_seconds"].append(runs)
             peak = memory.peak_mib()
             if peak is not None:
                 rec = records[v.name]
@@ -353,6 +374,7 @@ def main(argv=None):
         "command": "python -m benchmarks.training_speed "
         + " ".join(sys.argv[1:] if argv is None else argv),
         "rounds": settings["rounds"],
+        "repeats": settings["repeats"],
         "jit_compile": settings["jit_compile"],
         "steps_per_execution": settings["spe"],
         "data": settings["data"],

@@ -197,7 +197,57 @@ def make_step_function(model, step):
             logs = inner(data)
             return {k: tf.reshape(v, [1]) for k, v in logs.items()}
 
-    return model._make_function(step)
+    if model.run_eagerly or model.steps_per_execution != 1:
+        return model._make_function(step)
+    return _one_step_function(model, step)
+
+
+def _one_step_function(model, step):
+    """Keras' step function for `steps_per_execution=1`, without the
+    `tf.experimental.Optional` round trip.
+
+    Keras 3.15 wraps every step's logs in an `Optional` and unpacks it with
+    two eager ops per step (`has_value`, `get_value`), which is 3 % of a
+    12 ms DCGAN step on a 2-core CPU (CPU-time ratio 1.030 vs 1.003 for the
+    same nested functions without it, 9 paired rounds). Here the step's
+    logs come back directly; at the end of the data `get_next()` raises
+    `OutOfRangeError`, which Keras' epoch iterator turns into the end of
+    the epoch (`catch_stop_iteration`). The per-step body is Keras': the
+    step under `strategy.run`, logs reduced by the private
+    `reduce_per_replica`, in a `tf.function` with the model's
+    `jit_compile`.
+    """
+    import tensorflow as tf
+    from keras.src.backend.tensorflow.trainer import reduce_per_replica
+
+    strategy = model.distribute_strategy
+
+    @tf.autograph.experimental.do_not_convert
+    def one_step_on_data(data):
+        outputs = strategy.run(step, args=(data,))
+        return reduce_per_replica(outputs, strategy, reduction="auto")
+
+    one_step_on_data = tf.function(
+        one_step_on_data, reduce_retracing=True, jit_compile=model.jit_compile
+    )
+
+    @tf.autograph.experimental.do_not_convert
+    def one_step_on_iterator(iterator):
+        return one_step_on_data(iterator.get_next())
+
+    one_step_on_iterator = tf.function(
+        one_step_on_iterator, reduce_retracing=True
+    )
+    iterator_types = (tf.data.Iterator, tf.distribute.DistributedIterator)
+
+    def function(iterator):
+        if isinstance(iterator, iterator_types):
+            return one_step_on_iterator(iterator)
+        for data in iterator:  # a Python iterator of batches: one step
+            return one_step_on_data(data)
+        raise StopIteration
+
+    return function
 
 
 def seed_generators(model):

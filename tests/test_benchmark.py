@@ -51,7 +51,15 @@ EXPECTED = {
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    argv = ["--tiny", "--steps-per-execution", "4", "--output-dir", str(out)]
+    argv = [
+        "--tiny",
+        "--steps-per-execution",
+        "4",
+        "--repeats",
+        "2",
+        "--output-dir",
+        str(out),
+    ]
     return training_speed.main(argv), out
 
 
@@ -88,6 +96,9 @@ def test_every_variant_measured_and_trained(tiny_run):
             assert VARIANT_FIELDS <= set(v), v["name"]
             assert len(v["seconds"]) == results["rounds"]
             assert all(t > 0 for t in v["seconds"])
+            # Each round keeps the fastest of its back-to-back runs.
+            assert [len(r) for r in v["all_seconds"]] == [2] * len(v["seconds"])
+            assert v["seconds"] == [min(r) for r in v["all_seconds"]]
             assert v["warmup_s"] > 0
             assert v["verdict"] in {
                 "reference",
@@ -133,12 +144,13 @@ def test_compiled_variants_do_the_same_work(tiny_run):
     [
         (["--rounds", "1"], "--rounds must be >= 2"),
         (["--steps", "0"], "--steps must be >= 2"),
+        (["--repeats", "0"], "--repeats must be >= 1"),
         (["--steps-per-execution", "0"], "--steps-per-execution must be"),
         (["--workloads", "mlp,resnet"], "unknown workload"),
         (["--jit-compile", "2"], "invalid choice"),
         (["--quick", "--tiny"], "not allowed with"),
     ],
-    ids=["rounds", "steps", "spe", "workload", "jit", "profiles"],
+    ids=["rounds", "steps", "repeats", "spe", "workload", "jit", "profiles"],
 )
 def test_bad_command_line(capsys, tmp_path, argv, message):
     with pytest.raises(SystemExit) as info:
