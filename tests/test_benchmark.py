@@ -51,15 +51,7 @@ EXPECTED = {
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    argv = [
-        "--tiny",
-        "--steps-per-execution",
-        "4",
-        "--repeats",
-        "2",
-        "--output-dir",
-        str(out),
-    ]
+    argv = ["--tiny", "--steps-per-execution", "4", "--output-dir", str(out)]
     return training_speed.main(argv), out
 
 
@@ -97,7 +89,8 @@ def test_every_variant_measured_and_trained(tiny_run):
             assert len(v["seconds"]) == results["rounds"]
             assert all(t > 0 for t in v["seconds"])
             # Each round keeps the fastest of its back-to-back runs.
-            assert [len(r) for r in v["all_seconds"]] == [2] * len(v["seconds"])
+            repeats = [results["repeats"]] * results["rounds"]
+            assert [len(r) for r in v["all_seconds"]] == repeats
             assert v["seconds"] == [min(r) for r in v["all_seconds"]]
             assert v["warmup_s"] > 0
             assert v["verdict"] in {
