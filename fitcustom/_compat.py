@@ -203,23 +203,31 @@ def make_step_function(model, step):
 
 
 def _one_step_function(model, step):
-    """Keras' step function for `steps_per_execution=1`, without the
-    `tf.experimental.Optional` round trip.
+    """Keras' step function for `steps_per_execution=1`, with the batch
+    fetched outside the compiled step.
 
-    Keras 3.15 wraps every step's logs in an `Optional` and unpacks it with
-    two eager ops per step (`has_value`, `get_value`), which is 3 % of a
-    12 ms DCGAN step on a 2-core CPU (CPU-time ratio 1.030 vs 1.003 for the
-    same nested functions without it, 9 paired rounds). Here the step's
-    logs come back directly; at the end of the data `get_next()` raises
+    Keras 3.15 passes the iterator into its `tf.function`, reads the batch
+    there (`iterator.get_next()` in the graph) and wraps every step's logs
+    in a `tf.experimental.Optional` that it unpacks with two eager ops per
+    step. Here the batch is read eagerly (as a hand-written loop does) and
+    the compiled step receives tensors, and its logs come back directly.
+    Measured on the benchmark's DCGAN (2-core CPU, 7 paired rounds): the
+    step with the batch read inside its graph costs 1.043-1.051x the CPU
+    time of the same step fed the batch, which matches the hand-written
+    loop (1.016). The first trace keeps the batch's static shape; a batch
+    of another shape (a short last one) relaxes it once
+    (`reduce_retracing`). At the end of the data `get_next()` raises
     `OutOfRangeError`, which Keras' epoch iterator turns into the end of
-    the epoch (`catch_stop_iteration`). The per-step body is Keras': the
-    step under `strategy.run`, logs reduced by the private
+    the epoch (`catch_stop_iteration`), as before. The per-step body is
+    Keras': the step under `strategy.run`, logs reduced by the private
     `reduce_per_replica`, in a `tf.function` with the model's
     `jit_compile`.
     """
     import tensorflow as tf
-    from keras.src.backend.tensorflow.trainer import reduce_per_replica
 
+    reduce_per_replica = _keras_reduce_per_replica()
+    if reduce_per_replica is None:
+        return model._make_function(step)
     strategy = model.distribute_strategy
 
     @tf.autograph.experimental.do_not_convert
@@ -230,24 +238,28 @@ def _one_step_function(model, step):
     one_step_on_data = tf.function(
         one_step_on_data, reduce_retracing=True, jit_compile=model.jit_compile
     )
-
-    @tf.autograph.experimental.do_not_convert
-    def one_step_on_iterator(iterator):
-        return one_step_on_data(iterator.get_next())
-
-    one_step_on_iterator = tf.function(
-        one_step_on_iterator, reduce_retracing=True
-    )
     iterator_types = (tf.data.Iterator, tf.distribute.DistributedIterator)
 
     def function(iterator):
         if isinstance(iterator, iterator_types):
-            return one_step_on_iterator(iterator)
+            return one_step_on_data(iterator.get_next())
         for data in iterator:  # a Python iterator of batches: one step
             return one_step_on_data(data)
         raise StopIteration
 
     return function
+
+
+def _keras_reduce_per_replica():
+    """Keras' private `reduce_per_replica`, or None on an untested Keras
+    (the caller then falls back to Keras' own step function)."""
+    if keras_version() not in TESTED_KERAS_VERSIONS:
+        return None
+    try:
+        from keras.src.backend.tensorflow.trainer import reduce_per_replica
+    except ImportError:
+        return None
+    return reduce_per_replica
 
 
 def seed_generators(model):
