@@ -14,6 +14,11 @@ def _fmt_eval(v):
     return f"{first['loss']:.3f}→{last['loss']:.3f}", f"{last['accuracy']:.3f}"
 
 
+def _fmt_cpu(item):
+    ratio = item.get("cpu_ratio")
+    return "n/a" if ratio is None else f"{ratio['median']:.3f}"
+
+
 def failed_claims(results):
     """The claims whose status is not "holds"."""
     return [
@@ -38,6 +43,7 @@ def rows(results):
                     "ratio_median": v["ratio"]["median"],
                     "ratio_min": v["ratio"]["min"],
                     "ratio_max": v["ratio"]["max"],
+                    "cpu_ratio_median": v["cpu_ratio"]["median"],
                     "ratio_to_floor": v["ratio_to_floor"],
                     "noise": w["noise"],
                     "step_ms": v["step_ms"],
@@ -73,11 +79,16 @@ def _method_note(results):
         f"{results['rounds']} interleaved rounds; in each, every variant "
         f"runs {results.get('repeats', 1)} time(s) back to back and the "
         "round keeps its fastest run (slower ones measure the machine's "
-        "interference). jit_compile="
+        "interference); the order of the variants rotates from round to "
+        "round, and the garbage collector runs before each timed run and "
+        "is off during it (as in `timeit`). jit_compile="
         f"{results['jit_compile']}, warm-up (first run: trace and compile) "
         "timed apart. Ratio = variant time per step / reference time per "
-        "step in the same round, median [min-max]; below 1 is faster. The "
-        "reference is timed twice per round (first and last): the largest "
+        "step in the same round, median [min-max]; below 1 is faster. CPU "
+        "ratio: the same with the process's CPU time (user + system, all "
+        "threads), a second measure that a stalled virtual machine does "
+        "not inflate. The reference is timed twice per round (half a round "
+        "apart): the largest "
         "relative difference of the two is the noise band, and a variant "
         'whose whole interval is not outside 1 ± noise is "within noise". '
         "Eval loss and accuracy: every variant scored on the same held-out "
@@ -110,15 +121,17 @@ def markdown(results):
         ]
         lines += [f"> {n}" for n in w["notes"]]
         lines += [
-            "| variant | ratio to reference | ratio to floor | ms/step | "
-            "µs/sample | warm-up s | train loss first→last | eval loss "
-            "before→after | eval acc | verdict |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| variant | ratio to reference | CPU ratio | ratio to floor | "
+            "ms/step | µs/sample | warm-up s | train loss first→last | eval "
+            "loss before→after | eval acc | verdict |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- "
+            "| --- |",
         ]
         for v in w["variants"]:
             eval_loss, eval_acc = _fmt_eval(v)
             lines.append(
                 f"| {v['name']} | {_fmt_ratio(v['ratio'])} | "
+                f"{v['cpu_ratio']['median']:.3f} | "
                 f"{v['ratio_to_floor']:.2f} | {v['step_ms']:.2f} | "
                 f"{v['sample_us']:.1f} | {v['warmup_s']:.2f} | "
                 f"{v['first_train_loss']:.3f}→{v['final_train_loss']:.3f} | "
@@ -128,15 +141,17 @@ def markdown(results):
     lines += [
         "**Claims of issue 5**",
         "",
-        "| workload | claim | median [min-max] | noise | status |",
-        "| --- | --- | --- | --- | --- |",
+        "| workload | claim | median [min-max] | CPU ratio | noise | "
+        "status |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for w in results["workloads"]:
         for c in w["claims"]:
             status = c["status"] + ("" if c["resolved"] else " (unresolved)")
             lines.append(
                 f"| {w['name']} | {c['description']} (`{c['claim']}`) | "
-                f"{_fmt_ratio(c['ratio'])} | ±{c['noise']:.3f} | {status} |"
+                f"{_fmt_ratio(c['ratio'])} | {_fmt_cpu(c)} | "
+                f"±{c['noise']:.3f} | {status} |"
             )
     lines += [
         "",
@@ -160,7 +175,8 @@ def table(results):
         )
         out += [f"  note: {n}" for n in w["notes"]]
         out.append(
-            f"  {'variant':24s} {'ratio [min-max]':22s} {'/floor':>6s} "
+            f"  {'variant':24s} {'ratio [min-max]':22s} {'cpu':>5s} "
+            f"{'/floor':>6s} "
             f"{'ms/step':>8s} {'us/smpl':>8s} {'warm-up':>7s} "
             f"{'eval loss':>12s} {'acc':>5s}  verdict"
         )
@@ -168,6 +184,7 @@ def table(results):
             eval_loss, eval_acc = _fmt_eval(v)
             out.append(
                 f"  {v['name']:24s} {_fmt_ratio(v['ratio']):22s} "
+                f"{_fmt_cpu(v):>5s} "
                 f"{v['ratio_to_floor']:6.2f} {v['step_ms']:8.2f} "
                 f"{v['sample_us']:8.1f} {v['warmup_s']:7.2f} "
                 f"{eval_loss:>12s} {eval_acc:>5s}  {v['verdict']}"
@@ -179,7 +196,8 @@ def table(results):
             resolved = "" if c["resolved"] else " (unresolved: noise)"
             out.append(
                 f"  {w['name']:10s} {c['claim']:46s} "
-                f"{_fmt_ratio(c['ratio'])}  {c['status']}{resolved}"
+                f"{_fmt_ratio(c['ratio'])} cpu {_fmt_cpu(c)}  "
+                f"{c['status']}{resolved}"
             )
     return "\n".join(out)
 

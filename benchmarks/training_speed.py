@@ -10,7 +10,11 @@ In each round a variant runs `--repeats` times back to back and the round
 keeps the fastest run: on a shared machine the slower runs measure
 interference (here: stalls of ~0.6 s with both cores idle, seen in
 /proc/stat, and CPU time per run varying by 40 %), not the code; Python's
-`timeit` documentation gives the same advice.
+`timeit` documentation gives the same advice, and `timeit`'s habit of
+keeping the garbage collector off during a timed run is followed. The
+order of the variants rotates from round to round, so that no variant
+always runs in the same place (after the eager loop, say). The process's
+CPU time per run is reported beside the wall time as a second measure.
 Every variant is scored on a fixed evaluation set before and after
 training, outside the timed runs.
 
@@ -20,6 +24,7 @@ Usage:
 """
 
 import argparse
+import gc
 import os
 import platform
 import resource
@@ -228,6 +233,36 @@ class _DeviceMemory:
         return info["peak"] / 2**20
 
 
+def rotated(variants, round_index):
+    """Round `r` runs the variants starting at position `r` (cyclically),
+    so that a variant's place in the round changes from round to round and
+    a drift within rounds (the variant after the eager loop pays for its
+    garbage and caches, say) does not always favour the same one."""
+    k = round_index % len(variants)
+    return variants[k:] + variants[:k]
+
+
+def _timed(fn):
+    """`(wall seconds, CPU seconds of this process)` of one call of `fn`.
+
+    The garbage collector is run before and kept off during the call, as
+    Python's `timeit` does, so that no variant pays for another's garbage.
+    """
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        cpu = time.process_time()
+        start = time.perf_counter()
+        fn()
+        wall = time.perf_counter() - start
+        cpu = time.process_time() - cpu
+    finally:
+        if enabled:
+            gc.enable()
+    return wall, cpu
+
+
 def run_workload(workload, settings, progress, memory):
     """Warm-up, interleaved rounds, scoring and statistics of one workload.
 
@@ -266,27 +301,30 @@ def run_workload(workload, settings, progress, memory):
             "first_train_loss": v.train_loss(),
             "initial_eval": initial,
             "seconds": [],
+            "cpu_seconds": [],
             "all_seconds": [],
             "device_peak_mib": memory.peak_mib(),
         }
     progress.add(1)
-    for _ in range(settings["rounds"]):
-        for v in variants:
+    for round_index in range(settings["rounds"]):
+        for v in rotated(variants, round_index):
             memory.reset()
-            runs = []
-            for _ in range(settings["repeats"]):
-                start = time.perf_counter()
-                v.run()
-                runs.append(time.perf_counter() - start)
-            records[v.name]["seconds"].append(min(runs))
-            records[v.name]["all_seconds"].append(runs)
+            runs = [_timed(v.run) for _ in range(settings["repeats"])]
+            wall, cpu = min(runs)
+            rec = records[v.name]
+            rec["seconds"].append(wall)
+            rec["cpu_seconds"].append(cpu)
+            rec["all_seconds"].append([r[0] for r in runs])
             peak = memory.peak_mib()
             if peak is not None:
-                rec = records[v.name]
                 rec["device_peak_mib"] = max(rec["device_peak_mib"], peak)
         progress.add(1)
     step_times = {
         v.name: [t / v.steps for t in records[v.name]["seconds"]]
+        for v in variants
+    }
+    cpu_step_times = {
+        v.name: [t / v.steps for t in records[v.name]["cpu_seconds"]]
         for v in variants
     }
     reference = next(v.name for v in variants if v.reference)
@@ -301,6 +339,9 @@ def run_workload(workload, settings, progress, memory):
         ratio = stats.paired_ratio(step_times[v.name], step_times[reference])
         rec.update(
             ratio=ratio,
+            cpu_ratio=stats.paired_ratio(
+                cpu_step_times[v.name], cpu_step_times[reference]
+            ),
             ratio_to_floor=stats.paired_ratio(step_times[v.name], floor)[
                 "median"
             ],
@@ -323,7 +364,11 @@ def run_workload(workload, settings, progress, memory):
         "notes": notes,
         "variants": out,
         "claims": stats.workload_claims(
-            step_times, noise, settings["spe"], workload.is_gan
+            step_times,
+            noise,
+            settings["spe"],
+            workload.is_gan,
+            cpu_step_times=cpu_step_times,
         ),
     }
 

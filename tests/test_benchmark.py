@@ -25,6 +25,8 @@ VARIANT_FIELDS = {
     "device_peak_mib",
     "verdict",
     "seconds",
+    "cpu_seconds",
+    "cpu_ratio",
 }
 EXPECTED = {
     "mlp": {
@@ -92,6 +94,8 @@ def test_every_variant_measured_and_trained(tiny_run):
             repeats = [results["repeats"]] * results["rounds"]
             assert [len(r) for r in v["all_seconds"]] == repeats
             assert v["seconds"] == [min(r) for r in v["all_seconds"]]
+            assert len(v["cpu_seconds"]) == results["rounds"]
+            assert all(t > 0 for t in v["cpu_seconds"])
             assert v["warmup_s"] > 0
             assert v["verdict"] in {
                 "reference",
@@ -109,6 +113,8 @@ def test_every_variant_measured_and_trained(tiny_run):
             "fitcustom_fit",
             "fitcustom_fit_spe4",
         ]
+        for c in workload["claims"]:
+            assert len(c["cpu_ratio"]["rounds"]) == results["rounds"]
 
 
 @pytest.mark.slow
@@ -167,3 +173,31 @@ def test_claim_status():
     assert held["status"] == "fails within noise"
     assert not held["resolved"]
     assert stats.claim("c", slow, fast, 1.0, 0.01, "")["status"] == "fails"
+
+
+def test_rounds_rotate_the_order():
+    variants = ["a", "b", "c", "d"]
+    orders = [training_speed.rotated(variants, r) for r in range(6)]
+    assert all(sorted(o) == variants for o in orders)
+    assert [o[0] for o in orders] == ["a", "b", "c", "d", "a", "b"]
+    assert orders[1] == ["b", "c", "d", "a"]
+
+
+def test_reference_repeat_half_a_round_away():
+    from benchmarks import variants
+
+    names = [v.name for v in variants.classifier_variants(50, 0.1)]
+    assert names[0] == "builtin_fit"
+    assert names.index("builtin_fit_repeat") == len(names) // 2
+    names = [v.name for v in variants.gan_variants(50, 0.1)]
+    assert names[0] == "loop_tf_function"
+    assert names.index("loop_tf_function_repeat") == len(names) // 2
+
+
+def test_claim_reports_cpu_ratio():
+    wall, ref = [1.0, 1.0, 1.0], [1.0, 1.0, 1.0]
+    cpu = ([2.0, 2.2, 2.1], [2.0, 2.0, 2.0])
+    result = stats.claim("c", wall, ref, 1.02, 0.05, "", cpu=cpu)
+    assert result["status"] == "holds"  # decided by wall time
+    assert result["cpu_ratio"]["median"] == pytest.approx(1.05)
+    assert stats.claim("c", wall, ref, 1.02, 0.05, "")["cpu_ratio"] is None
