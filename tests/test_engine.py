@@ -288,6 +288,50 @@ def test_optimizer_options_keep_working(options):
     )
 
 
+def test_step_traced_with_the_static_batch_shape():
+    # The batch is read outside the compiled step, so its first trace sees
+    # the real batch size (as a hand-written loop's does), not the
+    # dataset's unknown one; a short last batch relaxes it once.
+    class Recording(fitcustom.TapeModel):
+        shapes = []
+
+        def train_step(self, data):
+            type(self).shapes.append(tuple(data[0].shape))
+            return super().train_step(data)
+
+    x, y = make_data(70)
+    inputs = keras.Input((N_FEATURES,))
+    model = Recording(inputs, _layers(inputs))
+    model.compile(optimizer="adam", loss=LOSS)
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+    model.fit(dataset, epochs=3, verbose=0, shuffle=False)
+    assert Recording.shapes == [(16, N_FEATURES), (None, N_FEATURES)]
+
+
+def test_untested_keras_falls_back_to_keras_step_function(monkeypatch):
+    # On a Keras version fitcustom was not tested with, the step function
+    # is Keras' own (no private import), and training is unchanged.
+    x, y = make_data(70)
+    reference, ours = make_pair()
+    reference.compile(optimizer="adam", loss=LOSS, metrics=["accuracy"])
+    ours.compile(optimizer="adam", loss=LOSS, metrics=["accuracy"])
+    monkeypatch.setattr(keras, "__version__", "3.99.0")
+    seen = []
+    original = keras.Model._make_function
+
+    def spy(self, step):
+        seen.append(step)
+        return original(self, step)
+
+    monkeypatch.setattr(keras.Model, "_make_function", spy)
+    hist_ours = ours.fit(x, y, batch_size=16, epochs=2, verbose=0)
+    assert seen, "Keras' own step function was not used"
+    monkeypatch.undo()
+    hist_ref = reference.fit(x, y, batch_size=16, epochs=2, verbose=0)
+    assert_weights_close(ours.get_weights(), reference.get_weights())
+    assert_history_close(hist_ours.history, hist_ref.history)
+
+
 def test_train_function_traced_once_over_epochs():
     class Counting(fitcustom.TapeModel):
         traces = 0
