@@ -735,8 +735,10 @@ CONTINUE = textwrap.dedent(
     import sys
     import keras
     import numpy as np
+    import tensorflow as tf
     import fitcustom
 
+    tf.config.optimizer.set_experimental_options({"remapping": False})
     path, data, out = sys.argv[1:4]
     gan = keras.models.load_model(path, safe_mode=True)
     assert isinstance(gan, fitcustom.TapeGAN), type(gan)
@@ -753,8 +755,26 @@ CONTINUE = textwrap.dedent(
 )
 
 
+@pytest.fixture
+def no_grappler_remapping():
+    """Grappler's remapper (op fusion) off for the test, here and in the
+    fresh process it starts. With LeakyReLU graphs it sometimes fails
+    ("remapper failed: ... missing node") depending on the graph's node
+    names, which differ between a long test process and a fresh one, and
+    fused and unfused ops round differently (~5e-7 seen on 2 cores): an
+    exact comparison across processes must not depend on that."""
+    before = tf.config.optimizer.get_experimental_options()
+    tf.config.optimizer.set_experimental_options({"remapping": False})
+    yield
+    tf.config.optimizer.set_experimental_options(
+        {"remapping": before.get("remapping", True)}
+    )
+
+
 @pytest.mark.slow
-def test_save_load_in_fresh_process_continues_exactly(tmp_path):
+def test_save_load_in_fresh_process_continues_exactly(
+    tmp_path, no_grappler_remapping
+):
     """Weights, EMA weights, both optimizers' states, the noise (step
     counter) and Dropout's RNG state survive `save` + `load_model` in
     another process: training continues exactly as it would have."""
