@@ -53,8 +53,8 @@ PROFILES = {
     "full": dict(
         workloads=["mlp", "vgg_cnn", "cifar_cnn", "dcgan"],
         steps=100,
-        rounds=7,
-        repeats=3,
+        rounds=11,
+        repeats=2,
         batch=64,
         eager_factor=0.1,
     ),
