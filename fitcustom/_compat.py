@@ -211,10 +211,11 @@ def _one_step_function(model, step):
     in a `tf.experimental.Optional` that it unpacks with two eager ops per
     step. Here the batch is read eagerly (as a hand-written loop does) and
     the compiled step receives tensors, and its logs come back directly.
-    Measured on the benchmark's DCGAN (2-core CPU, 7 paired rounds): the
-    step with the batch read inside its graph costs 1.043-1.051x the CPU
-    time of the same step fed the batch, which matches the hand-written
-    loop (1.016). The first trace keeps the batch's static shape; a batch
+    Measured on the benchmark's DCGAN (2-core CPU, 7 paired rounds, CPU
+    time relative to the hand-written loop): the step with the batch read
+    inside its graph 1.043-1.051, the same step fed the batch 1.016; most
+    of the difference is the static batch shape the fed step is traced
+    with. The first trace keeps the batch's static shape; a batch
     of another shape (a short last one) relaxes it once
     (`reduce_retracing`). At the end of the data `get_next()` raises
     `OutOfRangeError`, which Keras' epoch iterator turns into the end of
