@@ -319,14 +319,15 @@ def run_workload(workload, settings, progress, memory):
             if peak is not None:
                 rec["device_peak_mib"] = max(rec["device_peak_mib"], peak)
         progress.add(1)
-    step_times = {
-        v.name: [t / v.steps for t in records[v.name]["seconds"]]
-        for v in variants
-    }
-    cpu_step_times = {
-        v.name: [t / v.steps for t in records[v.name]["cpu_seconds"]]
-        for v in variants
-    }
+
+    def per_step(key):
+        return {
+            v.name: [t / v.steps for t in records[v.name][key]]
+            for v in variants
+        }
+
+    step_times = per_step("seconds")
+    cpu_step_times = per_step("cpu_seconds")
     reference = next(v.name for v in variants if v.reference)
     noise = stats.noise_band(
         step_times[reference], step_times[f"{reference}_repeat"]

@@ -26,6 +26,11 @@ def keras_version():
     return int(match.group(1)), int(match.group(2))
 
 
+def is_tested_keras():
+    """Whether the installed Keras is one of `TESTED_KERAS_VERSIONS`."""
+    return keras_version() in TESTED_KERAS_VERSIONS
+
+
 def check_keras_version(feature, strict=False):
     """Warns (or raises if `strict`) when Keras is not a tested version.
 
@@ -33,8 +38,7 @@ def check_keras_version(feature, strict=False):
         feature: What needs the internals, for the message.
         strict: Raise a `RuntimeError` instead of warning.
     """
-    version = keras_version()
-    if version in TESTED_KERAS_VERSIONS:
+    if is_tested_keras():
         return
     tested = ", ".join(f"{a}.{b}" for a, b in TESTED_KERAS_VERSIONS)
     message = (
@@ -254,7 +258,7 @@ def _one_step_function(model, step):
 def _keras_reduce_per_replica():
     """Keras' private `reduce_per_replica`, or None on an untested Keras
     (the caller then falls back to Keras' own step function)."""
-    if keras_version() not in TESTED_KERAS_VERSIONS:
+    if not is_tested_keras():
         return None
     try:
         from keras.src.backend.tensorflow.trainer import reduce_per_replica
