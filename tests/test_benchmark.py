@@ -201,3 +201,20 @@ def test_claim_reports_cpu_ratio():
     assert result["status"] == "holds"  # decided by wall time
     assert result["cpu_ratio"]["median"] == pytest.approx(1.05)
     assert stats.claim("c", wall, ref, 1.02, 0.05, "")["cpu_ratio"] is None
+
+
+@pytest.mark.parametrize("name", ["mlp", "dcgan"])
+def test_input_pipeline_runs_without_autotuning(name):
+    """The shared pipeline turns tf.data's autotuner off (its wake-ups
+    stalled iterator deletion at random, see `pipeline_options`), and the
+    variants that iterate it keep the option."""
+    from benchmarks import variants
+    from benchmarks import workloads
+
+    w = workloads.Workload(name, steps=2, batch=4, jit_compile=False)
+    assert w.dataset.options().autotune.enabled is False
+    make = variants.gan_variants if w.is_gan else variants.classifier_variants
+    for v in make(2, 0.5):
+        v.setup(w)
+        if hasattr(v, "dataset"):
+            assert v.dataset.options().autotune.enabled is False, v.name
