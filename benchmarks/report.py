@@ -74,6 +74,17 @@ def _machine_line(results):
     return line
 
 
+def _instances_note(instances):
+    if instances == 1:
+        return ""
+    return (
+        f"Every variant is built {instances} times (fresh networks from the "
+        f"same initial weights) and round r times build r mod {instances}: "
+        "identical code runs a few percent apart from one build to another, "
+        "consistently, so a ratio of single builds would carry that. "
+    )
+
+
 def _method_note(results):
     return (
         f"{results['rounds']} interleaved rounds; in each, every variant "
@@ -81,7 +92,9 @@ def _method_note(results):
         "round keeps its fastest run (slower ones measure the machine's "
         "interference); the order of the variants rotates from round to "
         "round, and the garbage collector runs before each timed run and "
-        "is off during it (as in `timeit`). jit_compile="
+        "is off during it (as in `timeit`). "
+        + _instances_note(results.get("instances", 1))
+        + "jit_compile="
         f"{results['jit_compile']}, warm-up (first run: trace and compile) "
         "timed apart. Ratio = variant time per step / reference time per "
         "step in the same round, median [min-max]; below 1 is faster. CPU "
@@ -145,8 +158,7 @@ def markdown(results):
     lines += [
         "**Claims of issue 5**",
         "",
-        "| workload | claim | median [min-max] | CPU ratio | noise | "
-        "status |",
+        "| workload | claim | median [min-max] | CPU ratio | noise | status |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for w in results["workloads"]:

@@ -13,7 +13,12 @@ interference (here: stalls of ~0.6 s with both cores idle, seen in
 `timeit` documentation gives the same advice, and `timeit`'s habit of
 keeping the garbage collector off during a timed run is followed. The
 order of the variants rotates from round to round, so that no variant
-always runs in the same place (after the eager loop, say). The process's
+always runs in the same place (after the eager loop, say). Every variant
+is built `--instances` times (fresh networks from the same initial
+weights) and round `r` times instance `r mod N`: identical code measured
+here 3-5 % apart from one instance to the next, consistently over rounds
+(a built-in `fit()` against a second built-in `fit()`: 1.048), so a ratio
+of two single instances carries that difference. The process's
 CPU time per run is reported beside the wall time as a second measure.
 Every variant is scored on a fixed evaluation set before and after
 training, outside the timed runs.
@@ -39,6 +44,7 @@ PROFILES = {
         steps=8,
         rounds=2,
         repeats=1,
+        instances=1,
         batch=16,
         eager_factor=0.5,
     ),
@@ -47,14 +53,16 @@ PROFILES = {
         steps=20,
         rounds=5,
         repeats=2,
+        instances=1,
         batch=64,
         eager_factor=0.2,
     ),
     "full": dict(
         workloads=["mlp", "vgg_cnn", "cifar_cnn", "dcgan"],
         steps=100,
-        rounds=11,
+        rounds=12,
         repeats=2,
+        instances=3,
         batch=64,
         eager_factor=0.1,
     ),
@@ -96,6 +104,11 @@ def parse_args(argv):
         type=int,
         help="back-to-back runs of a variant per round; the round keeps "
         "the fastest",
+    )
+    parser.add_argument(
+        "--instances",
+        type=int,
+        help="fresh builds of each variant; round r times instance r mod N",
     )
     parser.add_argument("--batch-size", type=int, help="batch size")
     parser.add_argument(
@@ -139,12 +152,14 @@ def parse_args(argv):
     _positive(parser, "--steps", args.steps, 2)
     _positive(parser, "--rounds", args.rounds, 2)
     _positive(parser, "--repeats", args.repeats, 1)
+    _positive(parser, "--instances", args.instances, 1)
     _positive(parser, "--batch-size", args.batch_size, 1)
     _positive(parser, "--steps-per-execution", args.steps_per_execution, 1)
     for key, value in (
         ("steps", args.steps),
         ("rounds", args.rounds),
         ("repeats", args.repeats),
+        ("instances", args.instances),
         ("batch", args.batch_size),
     ):
         if value is not None:
@@ -263,6 +278,10 @@ def _timed(fn):
     return wall, cpu
 
 
+def _max(a, b):
+    return b if a is None else a if b is None else max(a, b)
+
+
 def run_workload(workload, settings, progress, memory):
     """Warm-up, interleaved rounds, scoring and statistics of one workload.
 
@@ -279,7 +298,12 @@ def run_workload(workload, settings, progress, memory):
         if workload.is_gan
         else variants_lib.classifier_variants
     )
-    variants = make(settings["spe"], settings["eager_factor"])
+    instances = settings.get("instances", 1)
+    builds = [
+        make(settings["spe"], settings["eager_factor"])
+        for _ in range(instances)
+    ]
+    variants = builds[0]
     notes = []
     if workload.is_gan and variants_lib.TapeGAN is None:
         notes.append(
@@ -287,27 +311,40 @@ def run_workload(workload, settings, progress, memory):
         )
     keras.backend.clear_session()
     records = {}
-    for v in variants:
-        v.setup(workload)
-        initial = workload.evaluate(v.networks())
-        memory.reset()
-        start = time.perf_counter()
-        v.run()
-        warmup = time.perf_counter() - start
-        records[v.name] = {
-            "name": v.name,
-            "steps": v.steps,
-            "warmup_s": warmup,
-            "first_train_loss": v.train_loss(),
-            "initial_eval": initial,
-            "seconds": [],
-            "cpu_seconds": [],
-            "all_seconds": [],
-            "device_peak_mib": memory.peak_mib(),
-        }
+    for build in builds:
+        for v in build:
+            v.setup(workload)
+            initial = workload.evaluate(v.networks())
+            memory.reset()
+            start = time.perf_counter()
+            v.run()
+            warmup = time.perf_counter() - start
+            rec = records.setdefault(
+                v.name,
+                {
+                    "name": v.name,
+                    "steps": v.steps,
+                    "first_train_loss": v.train_loss(),
+                    "initial_eval": initial,
+                    "warmups_s": [],
+                    "seconds": [],
+                    "cpu_seconds": [],
+                    "all_seconds": [],
+                    "instance": [],
+                    "device_peak_mib": None,
+                },
+            )
+            rec["warmups_s"].append(warmup)
+            rec["device_peak_mib"] = _max(
+                rec["device_peak_mib"], memory.peak_mib()
+            )
+    for rec in records.values():
+        # The first build of each variant: its first trace in this process.
+        rec["warmup_s"] = rec["warmups_s"][0]
     progress.add(1)
     for round_index in range(settings["rounds"]):
-        for v in rotated(variants, round_index):
+        instance = round_index % instances
+        for v in rotated(builds[instance], round_index):
             memory.reset()
             runs = [_timed(v.run) for _ in range(settings["repeats"])]
             wall, cpu = min(runs)
@@ -315,9 +352,10 @@ def run_workload(workload, settings, progress, memory):
             rec["seconds"].append(wall)
             rec["cpu_seconds"].append(cpu)
             rec["all_seconds"].append([r[0] for r in runs])
-            peak = memory.peak_mib()
-            if peak is not None:
-                rec["device_peak_mib"] = max(rec["device_peak_mib"], peak)
+            rec["instance"].append(instance)
+            rec["device_peak_mib"] = _max(
+                rec["device_peak_mib"], memory.peak_mib()
+            )
         progress.add(1)
 
     def per_step(key):
@@ -357,6 +395,7 @@ def run_workload(workload, settings, progress, memory):
         out.append(rec)
     return {
         "name": workload.name,
+        "instances": instances,
         "reference": reference,
         "batch": workload.batch,
         "steps": workload.steps,
@@ -421,6 +460,7 @@ def main(argv=None):
         + " ".join(sys.argv[1:] if argv is None else argv),
         "rounds": settings["rounds"],
         "repeats": settings["repeats"],
+        "instances": settings["instances"],
         "jit_compile": settings["jit_compile"],
         "steps_per_execution": settings["spe"],
         "data": settings["data"],

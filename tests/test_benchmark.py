@@ -53,7 +53,8 @@ EXPECTED = {
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    argv = ["--tiny", "--steps-per-execution", "4", "--output-dir", str(out)]
+    argv = ["--tiny", "--steps-per-execution", "4", "--instances", "2"]
+    argv += ["--output-dir", str(out)]
     return training_speed.main(argv), out
 
 
@@ -66,7 +67,8 @@ def test_reports_written(tiny_run):
     with open(out / "results.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == sum(map(len, EXPECTED.values()))
     markdown = (out / "results.md").read_text()
-    for text in ("| fitcustom_fit |", "Claims of issue 5", "noise band"):
+    texts = ("| fitcustom_fit |", "Claims of issue 5", "noise band")
+    for text in texts + ("Every variant is built 2 times",):
         assert text in markdown
 
 
@@ -97,6 +99,11 @@ def test_every_variant_measured_and_trained(tiny_run):
             assert len(v["cpu_seconds"]) == results["rounds"]
             assert all(t > 0 for t in v["cpu_seconds"])
             assert v["warmup_s"] > 0
+            # Two builds of every variant, each warmed up, taking turns.
+            assert workload["instances"] == results["instances"] == 2
+            assert len(v["warmups_s"]) == 2
+            assert v["warmup_s"] == v["warmups_s"][0]
+            assert v["instance"] == [r % 2 for r in range(results["rounds"])]
             assert v["verdict"] in {
                 "reference",
                 "faster",

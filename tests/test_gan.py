@@ -731,6 +731,7 @@ def test_bad_constructor_arguments():
 # Save, load in a fresh process, continue exactly
 # ----------------------------------------------------------------------
 
+
 def resumable_gan():
     """The GAN of the resume test: n_critic, EMA, label noise, GP, R1 and
     Dropout, all of which carry state across epochs."""
