@@ -308,6 +308,88 @@ def test_step_traced_with_the_static_batch_shape():
     assert Recording.shapes == [(16, N_FEATURES), (None, N_FEATURES)]
 
 
+def _count_step_function_calls(monkeypatch):
+    """Counts calls of fitcustom's compiled step through `tf.function`'s
+    own `__call__` (the path that binds arguments on every call)."""
+    from tensorflow.python.eager.polymorphic_function import (
+        polymorphic_function,
+    )
+
+    calls = []
+    original = polymorphic_function.Function.__call__
+
+    def spy(self, *args, **kwargs):
+        if self._python_function.__name__ == "one_step_on_data":
+            calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(polymorphic_function.Function, "__call__", spy)
+    return calls
+
+
+def test_steps_call_their_traced_graph_directly(monkeypatch):
+    # Full and short batches each get a graph once; every step then calls
+    # its graph (a concrete function) without `tf.function`'s dispatch.
+    calls = _count_step_function_calls(monkeypatch)
+    x, y = make_data(70)
+    reference, ours = make_pair()
+    compile_both((reference, ours), metrics=["accuracy"])
+    kwargs = dict(batch_size=16, epochs=2, shuffle=False, verbose=0)
+    h_ours = ours.fit(x, y, **kwargs).history
+    assert calls == []
+    h_ref = reference.fit(x, y, **kwargs).history
+    assert_weights_close(reference.get_weights(), ours.get_weights())
+    assert_history_close(h_ref, h_ours)
+
+
+def test_changing_batch_shapes_and_structure_keep_parity(monkeypatch):
+    # fit() with sample weights, then fit() on batches of 12 different
+    # sizes (more than the step function keeps graphs for) and without
+    # them (a new structure): the same weights and history as built-in
+    # fit(), and one optimizer iteration per batch.
+    calls = _count_step_function_calls(monkeypatch)
+    x, y = make_data(78)
+    sizes = list(range(1, 13))  # 1 + 2 + ... + 12 = 78
+    ends = np.cumsum(sizes)
+
+    def batches():
+        for end, size in zip(ends, sizes):
+            yield x[end - size : end], y[end - size : end]
+
+    spec = (
+        tf.TensorSpec((None, N_FEATURES), tf.float32),
+        tf.TensorSpec((None,), tf.int32),
+    )
+    dataset = tf.data.Dataset.from_generator(batches, output_signature=spec)
+    sw = np.linspace(0.2, 2.0, 78).astype("float32")
+    reference, ours = make_pair()
+    compile_both((reference, ours), weighted_metrics=["accuracy"])
+    histories = []
+    for model in (reference, ours):
+        del calls[:]  # Keras' own step function has the same name
+        first = model.fit(
+            x,
+            y,
+            sample_weight=sw,
+            batch_size=16,
+            epochs=1,
+            shuffle=False,
+            verbose=0,
+        ).history
+        # One epoch: on a dataset of unknown size built-in fit() counts an
+        # extra optimizer iteration when the data runs out (Keras 3.15.1:
+        # 13 for these 12 batches), which shifts Adam's later updates.
+        second = model.fit(dataset, epochs=1, verbose=0).history
+        histories.append((first, second))
+    # Beyond the graphs it keeps, fitcustom's step goes through
+    # `tf.function`.
+    assert len(calls) > 0
+    assert_weights_close(reference.get_weights(), ours.get_weights())
+    for h_ref, h_ours in zip(*histories):
+        assert_history_close(h_ref, h_ours)
+    assert int(ours.optimizer.iterations) == 5 + 12
+
+
 def test_untested_keras_falls_back_to_keras_step_function(monkeypatch):
     # On a Keras version fitcustom was not tested with, the step function
     # is Keras' own (no private import), and training is unchanged.
