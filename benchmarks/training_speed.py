@@ -9,7 +9,9 @@ round gives the noise band, and a variant inside it is "within noise".
 In each round a variant runs `--repeats` times back to back and the round
 keeps the fastest run: on a shared machine the slower runs measure
 interference (here: stalls of ~0.6 s with both cores idle, seen in
-/proc/stat, and CPU time per run varying by 40 %), not the code; Python's
+/proc/stat, and CPU time per run varying by 40 %; the largest stalls were
+tf.data's autotuner, now off, see `workloads.pipeline_options`), not the
+code; Python's
 `timeit` documentation gives the same advice, and `timeit`'s habit of
 keeping the garbage collector off during a timed run is followed. The
 order of the variants rotates from round to round, so that no variant
