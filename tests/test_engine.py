@@ -308,6 +308,62 @@ def test_step_traced_with_the_static_batch_shape():
     assert Recording.shapes == [(16, N_FEATURES), (None, N_FEATURES)]
 
 
+def test_multi_step_loop_keeps_the_static_batch_shape():
+    # steps_per_execution=3 over 4 batches of 16 and one of 6: the loop's
+    # graph is traced for (16, ...) - with the step twice: the call's
+    # first batch, then the loop's - and relaxed once for the short batch
+    # (as for steps_per_execution=1), not again in later epochs. Keras'
+    # own multi-step loop traces only (None, ...).
+    class Recording(fitcustom.TapeModel):
+        shapes = []
+
+        def train_step(self, data):
+            type(self).shapes.append(tuple(data[0].shape))
+            return super().train_step(data)
+
+    x, y = make_data(70)
+    inputs = keras.Input((N_FEATURES,))
+    model = Recording(inputs, _layers(inputs))
+    model.compile(optimizer="adam", loss=LOSS, steps_per_execution=3)
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+    model.fit(dataset, epochs=3, verbose=0)
+    assert Recording.shapes == [(16, N_FEATURES)] * 2 + [(None, N_FEATURES)] * 2
+    assert int(model.optimizer.iterations) == 15
+
+
+@pytest.mark.parametrize("spe", [3, 4])
+def test_multi_step_over_changing_batch_shapes_keeps_parity(spe):
+    # Batches of 12 different sizes (each one ends the loop of the batch
+    # before it; more shapes than graphs kept), two epochs, evaluation
+    # with the same steps_per_execution: the same weights, history and
+    # optimizer iterations as built-in fit().
+    x, y = make_data(78)
+    sizes = list(range(1, 13))  # 1 + 2 + ... + 12 = 78
+    ends = np.cumsum(sizes)
+
+    def batches():
+        for end, size in zip(ends, sizes):
+            yield x[end - size : end], y[end - size : end]
+
+    spec = (
+        tf.TensorSpec((None, N_FEATURES), tf.float32),
+        tf.TensorSpec((None,), tf.int32),
+    )
+    dataset = tf.data.Dataset.from_generator(batches, output_signature=spec)
+    reference, ours = make_pair()
+    compile_both(
+        (reference, ours), metrics=["accuracy"], steps_per_execution=spe
+    )
+    xv, yv = make_data(23, seed=1)
+    kwargs = dict(epochs=2, verbose=0, validation_data=(xv, yv))
+    h_ref = reference.fit(dataset, **kwargs).history
+    h_ours = ours.fit(dataset, **kwargs).history
+    assert_weights_close(reference.get_weights(), ours.get_weights())
+    assert_history_close(h_ref, h_ours)
+    assert int(ours.optimizer.iterations) == 24
+    assert int(reference.optimizer.iterations) == 24
+
+
 def _count_step_function_calls(monkeypatch):
     """Counts calls of fitcustom's compiled step through `tf.function`'s
     own `__call__` (the path that binds arguments on every call)."""
