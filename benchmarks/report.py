@@ -92,7 +92,8 @@ def _method_note(results):
         "round keeps its fastest run (slower ones measure the machine's "
         "interference); the order of the variants rotates from round to "
         "round, and the garbage collector runs before each timed run and "
-        "is off during it (as in `timeit`). "
+        "is off during it (as in `timeit`; what was built before the "
+        "rounds is frozen out of it). "
         + _instances_note(results.get("instances", 1))
         + "jit_compile="
         f"{results['jit_compile']}, warm-up (first run: trace and compile) "
