@@ -116,6 +116,17 @@ def _method_note(results):
     )
 
 
+def _device_memory(workload):
+    """Whether the workload's variants have a peak device memory (GPU)."""
+    return any(
+        v.get("device_peak_mib") is not None for v in workload["variants"]
+    )
+
+
+def _fmt_mib(value):
+    return "n/a" if value is None else f"{value:.0f}"
+
+
 def markdown(results):
     """The report as Markdown, pasteable into the README."""
     lines = [
@@ -138,12 +149,14 @@ def markdown(results):
             "",
         ]
         lines += [f"> {n}" for n in w["notes"]]
+        memory = _device_memory(w)
         lines += [
             "| variant | ratio to reference | CPU ratio | ratio to floor | "
-            "ms/step | µs/sample | warm-up s | train loss first→last | eval "
-            "loss before→after | eval acc | verdict |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- "
-            "| --- |",
+            "ms/step | µs/sample | warm-up s | "
+            + ("peak device MiB | " if memory else "")
+            + "train loss first→last | eval loss before→after | eval acc | "
+            "verdict |",
+            "|" + " --- |" * (11 + memory),
         ]
         for v in w["variants"]:
             eval_loss, eval_acc = _fmt_eval(v)
@@ -152,8 +165,9 @@ def markdown(results):
                 f"{v['cpu_ratio']['median']:.3f} | "
                 f"{v['ratio_to_floor']:.2f} | {v['step_ms']:.2f} | "
                 f"{v['sample_us']:.1f} | {v['warmup_s']:.2f} | "
-                f"{v['first_train_loss']:.3f}→{v['final_train_loss']:.3f} | "
-                f"{eval_loss} | {eval_acc} | {v['verdict']} |"
+                + (f"{_fmt_mib(v['device_peak_mib'])} | " if memory else "")
+                + f"{v['first_train_loss']:.3f}→{v['final_train_loss']:.3f} "
+                f"| {eval_loss} | {eval_acc} | {v['verdict']} |"
             )
         lines.append("")
     lines += [
@@ -191,11 +205,13 @@ def table(results):
             f"data {w['data']}"
         )
         out += [f"  note: {n}" for n in w["notes"]]
+        memory = _device_memory(w)
         out.append(
             f"  {'variant':24s} {'ratio [min-max]':22s} {'cpu':>5s} "
             f"{'/floor':>6s} "
             f"{'ms/step':>8s} {'us/smpl':>8s} {'warm-up':>7s} "
-            f"{'eval loss':>12s} {'acc':>5s}  verdict"
+            + (f"{'dev MiB':>7s} " if memory else "")
+            + f"{'eval loss':>12s} {'acc':>5s}  verdict"
         )
         for v in w["variants"]:
             eval_loss, eval_acc = _fmt_eval(v)
@@ -204,7 +220,8 @@ def table(results):
                 f"{_fmt_cpu(v):>5s} "
                 f"{v['ratio_to_floor']:6.2f} {v['step_ms']:8.2f} "
                 f"{v['sample_us']:8.1f} {v['warmup_s']:7.2f} "
-                f"{eval_loss:>12s} {eval_acc:>5s}  {v['verdict']}"
+                + (f"{_fmt_mib(v['device_peak_mib']):>7s} " if memory else "")
+                + f"{eval_loss:>12s} {eval_acc:>5s}  {v['verdict']}"
             )
     out.append("")
     out.append("Claims:")

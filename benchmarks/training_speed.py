@@ -207,6 +207,32 @@ def _cpu_name():
     return platform.processor() or platform.machine()
 
 
+def _gpu_memory_mib():
+    """Total memory of each NVIDIA GPU in MiB, from `nvidia-smi` (TensorFlow
+    reports only what it uses), or `[]` where `nvidia-smi` does not
+    answer."""
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        out = subprocess.run(
+            [
+                "nvidia-smi",
+                "--query-gpu=memory.total",
+                "--format=csv,noheader,nounits",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+        return [float(line) for line in out.split() if line.strip()]
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return []
+
+
 def machine_info():
     """Device, versions and core count, for the report."""
     import keras
@@ -226,8 +252,11 @@ def machine_info():
     for gpu in gpus:
         details = tf.config.experimental.get_device_details(gpu)
         info["gpu_names"].append(details.get("device_name", gpu.name))
+    info["gpu_memory_mib"] = _gpu_memory_mib() if gpus else []
     if gpus:
         info["device"] = f"GPU: {info['gpu_names'][0]}"
+        if info["gpu_memory_mib"]:
+            info["device"] += f" ({info['gpu_memory_mib'][0]:.0f} MiB)"
     return info
 
 

@@ -146,6 +146,41 @@ def test_compiled_variants_do_the_same_work(tiny_run, workload):
             ), (name, key)
 
 
+@pytest.mark.slow
+def test_gpu_memory_reported_where_there_is_a_gpu(tiny_run):
+    """On a GPU the machine line gives the GPU's name and memory and the
+    tables a peak device memory column; on a CPU neither appears."""
+    import copy
+
+    from benchmarks import report
+
+    results, _ = tiny_run
+    assert not results["machine"]["gpus"]
+    assert "peak device MiB" not in report.markdown(results)
+    assert "dev MiB" not in report.table(results)
+    gpu = copy.deepcopy(results)
+    gpu["machine"].update(
+        gpus=1,
+        gpu_names=["NVIDIA T4"],
+        gpu_memory_mib=[15360.0],
+        device="GPU: NVIDIA T4 (15360 MiB)",
+    )
+    for w in gpu["workloads"]:
+        for i, v in enumerate(w["variants"]):
+            v["device_peak_mib"] = 100.0 + i
+    markdown = report.markdown(gpu)
+    assert "Device: GPU: NVIDIA T4 (15360 MiB) (" in markdown
+    assert "1 GPU(s)" in markdown
+    header = next(
+        line for line in markdown.splitlines() if "peak device MiB" in line
+    )
+    rows = [line for line in markdown.splitlines() if "| 101 |" in line]
+    assert len(rows) == len(gpu["workloads"])
+    n_columns = header.count("|")
+    assert all(row.count("|") == n_columns for row in rows)
+    assert " 101 " in report.table(gpu).split("dev MiB")[1]
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -226,3 +261,25 @@ def test_input_pipeline_runs_without_autotuning(name):
         v.setup(w)
         if hasattr(v, "dataset"):
             assert v.dataset.options().autotune.enabled is False, v.name
+
+
+@pytest.mark.parametrize(
+    "script, expected",
+    [
+        ("echo 15360; echo 16384", [15360.0, 16384.0]),
+        ("echo 'NVIDIA-SMI has failed' >&2; exit 9", []),
+        ("echo '[N/A]'", []),
+    ],
+    ids=["two-gpus", "driver-fails", "not-a-number"],
+)
+def test_gpu_memory_from_nvidia_smi(tmp_path, monkeypatch, script, expected):
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text(f"#!/bin/sh\n{script}\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert training_speed._gpu_memory_mib() == expected
+
+
+def test_gpu_memory_without_nvidia_smi(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert training_speed._gpu_memory_mib() == []
