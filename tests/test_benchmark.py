@@ -283,3 +283,20 @@ def test_gpu_memory_from_nvidia_smi(tmp_path, monkeypatch, script, expected):
 def test_gpu_memory_without_nvidia_smi(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     assert training_speed._gpu_memory_mib() == []
+
+
+def test_failed_claims_lists_every_claim_that_does_not_hold():
+    from benchmarks import report
+
+    def claim(name, status):
+        return {"claim": name, "status": status}
+
+    results = {
+        "workloads": [
+            {"claims": [claim("a", "holds"), claim("b", "fails")]},
+            {"claims": [claim("c", "fails within noise")]},
+            {"claims": [claim("d", "holds")]},
+        ]
+    }
+    failed = [c["claim"] for c in report.failed_claims(results)]
+    assert failed == ["b", "c"]
