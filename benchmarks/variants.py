@@ -9,8 +9,11 @@ Classifiers: built-in `keras.Model.fit`, fitcustom's `fit()`, both with a
 larger `steps_per_execution`, the seeds' GradientTape loop under
 `tf.function` and in eager mode, and the floor. The loops track loss and
 accuracy as `fit()` does (TensorFlow tutorial style), so that every variant
-does the same work per step. GAN: fitcustom's `TapeGAN.fit`, the seeds'
-two-tape step under `tf.function` and eager, and the floor.
+does the same work per step. GAN: built-in `fit()` of a `keras.Model`
+whose `train_step` is the seeds' two-tape step (keras.io style),
+fitcustom's `TapeGAN.fit`, both with a larger `steps_per_execution`, the
+seeds' step in a loop under `tf.function` and eager, and the floor; all of
+them draw the same latent noise.
 """
 
 import keras
@@ -206,11 +209,11 @@ def latent_seed(step):
     return fold_in(fold_in(fold_in(seed, 0), 0), 0)
 
 
-def gan_step(generator, discriminator, g_opt, d_opt, counter):
+def gan_step(generator, discriminator, g_opt, d_opt):
     """The seeds' DCGAN step: two tapes over one forward pass,
     non-saturating binary cross-entropy from logits; noise drawn
-    statelessly from the step `counter` (an int64 `tf.Variable`, advanced
-    every step) as `TapeGAN` draws it (`latent_seed`).
+    statelessly from the generator optimizer's step count as `TapeGAN`
+    draws it (`latent_seed`). The optimizers must be built.
 
     Returns:
         `step(images) -> (d_loss, g_loss)`.
@@ -219,10 +222,10 @@ def gan_step(generator, discriminator, g_opt, d_opt, counter):
 
     def step(images):
         batch = tf.shape(images)[0]
+        step_count = tf.cast(g_opt.iterations, tf.int64)
         noise = tf.random.stateless_normal(
-            [batch, LATENT_DIM], latent_seed(counter.read_value())
+            [batch, LATENT_DIM], latent_seed(step_count)
         )
-        counter.assign_add(1)
         with tf.GradientTape() as g_tape, tf.GradientTape() as d_tape:
             generated = generator(noise, training=True)
             real = discriminator(images, training=True)
@@ -238,6 +241,61 @@ def gan_step(generator, discriminator, g_opt, d_opt, counter):
         return d_loss, g_loss
 
     return step
+
+
+class TutorialGAN(keras.Model):
+    """Plain `keras.Model.fit` for a GAN: a `keras.Model` whose
+    `train_step` is the seeds' step (`gan_step`), as keras.io's DCGAN
+    example writes one (with `training=True` and optimizers built before
+    `fit()`), logging the epoch means of `d_loss` and `g_loss`."""
+
+    def __init__(self, generator, discriminator, g_opt, d_opt):
+        super().__init__()
+        self.generator = generator
+        self.discriminator = discriminator
+        self.step = gan_step(generator, discriminator, g_opt, d_opt)
+        self.d_loss_tracker = keras.metrics.Mean(name="d_loss")
+        self.g_loss_tracker = keras.metrics.Mean(name="g_loss")
+
+    @property
+    def metrics(self):
+        return [self.d_loss_tracker, self.g_loss_tracker]
+
+    def train_step(self, data):
+        d_loss, g_loss = self.step(data)
+        self.d_loss_tracker.update_state(d_loss)
+        self.g_loss_tracker.update_state(g_loss)
+        return {m.name: m.result() for m in self.metrics}
+
+
+class GANBuiltinFit(Variant):
+    """`TutorialGAN.fit(dataset, epochs=1)`: built-in `fit()` running the
+    seeds' step."""
+
+    def __init__(self, name, steps_per_execution=1):
+        super().__init__(name)
+        self.spe = steps_per_execution
+
+    def setup(self, w):
+        super().setup(w)
+        generator, discriminator = w.build_gan()
+        g_opt, d_opt = _optimizer(gan=True), _optimizer(gan=True)
+        g_opt.build(generator.trainable_variables)
+        d_opt.build(discriminator.trainable_variables)
+        self.gan = TutorialGAN(generator, discriminator, g_opt, d_opt)
+        self.gan.compile(
+            optimizer=None,
+            jit_compile=w.jit_compile,
+            steps_per_execution=self.spe,
+        )
+        self.dataset = w.dataset
+
+    def run(self):
+        history = self.gan.fit(self.dataset, epochs=1, verbose=0, shuffle=False)
+        self._loss = history.history["d_loss"][-1]
+
+    def networks(self):
+        return self.gan.generator, self.gan.discriminator
 
 
 class GANFit(Variant):
@@ -289,10 +347,7 @@ class GANLoop(Variant):
         g_opt, d_opt = _optimizer(gan=True), _optimizer(gan=True)
         g_opt.build(self.generator.trainable_variables)
         d_opt.build(self.discriminator.trainable_variables)
-        self.seed = tf.Variable(0, dtype=tf.int64)
-        step = gan_step(
-            self.generator, self.discriminator, g_opt, d_opt, self.seed
-        )
+        step = gan_step(self.generator, self.discriminator, g_opt, d_opt)
         self.d_mean = keras.metrics.Mean()
         if self.floor:
             xs, _ = w.pre_batched(self.steps)
@@ -371,7 +426,9 @@ def gan_variants(spe, eager_factor):
     without `fitcustom.TapeGAN`, the loops only."""
     reference = GANLoop("loop_tf_function")
     reference.reference = True
-    out = [reference]
+    out = [reference, GANBuiltinFit("builtin_fit")]
+    if spe > 1:
+        out.append(GANBuiltinFit(f"builtin_fit_spe{spe}", spe))
     if TapeGAN is not None:
         out.append(GANFit("fitcustom_fit"))
         if spe > 1:
