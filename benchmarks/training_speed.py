@@ -51,7 +51,7 @@ PROFILES = {
         eager_factor=0.5,
     ),
     # A first look within 3 minutes on 2 CPU cores (one run per variant
-    # and round: 1.9-2.0 min measured, against 3.0 with two).
+    # and round: 2.0-2.3 min measured, against 3.0 with two).
     "quick": dict(
         workloads=["mlp", "vgg_cnn", "cifar_cnn", "dcgan"],
         steps=20,
