@@ -268,26 +268,20 @@ class TutorialGAN(keras.Model):
         return {m.name: m.result() for m in self.metrics}
 
 
-class GANBuiltinFit(Variant):
-    """`TutorialGAN.fit(dataset, epochs=1)`: built-in `fit()` running the
-    seeds' step."""
+class GANFitVariant(Variant):
+    """`gan.fit(dataset, epochs=1)` for the GAN that `make_gan` builds from
+    the workload's networks."""
 
     def __init__(self, name, steps_per_execution=1):
         super().__init__(name)
         self.spe = steps_per_execution
 
+    def make_gan(self, w, generator, discriminator):
+        raise NotImplementedError
+
     def setup(self, w):
         super().setup(w)
-        generator, discriminator = w.build_gan()
-        g_opt, d_opt = _optimizer(gan=True), _optimizer(gan=True)
-        g_opt.build(generator.trainable_variables)
-        d_opt.build(discriminator.trainable_variables)
-        self.gan = TutorialGAN(generator, discriminator, g_opt, d_opt)
-        self.gan.compile(
-            optimizer=None,
-            jit_compile=w.jit_compile,
-            steps_per_execution=self.spe,
-        )
+        self.gan = self.make_gan(w, *w.build_gan())
         self.dataset = w.dataset
 
     def run(self):
@@ -298,38 +292,41 @@ class GANBuiltinFit(Variant):
         return self.gan.generator, self.gan.discriminator
 
 
-class GANFit(Variant):
-    """`TapeGAN.fit(dataset, epochs=1)`, both networks updated from one
-    forward pass (`simultaneous=True`), as the seeds' step does."""
+class GANBuiltinFit(GANFitVariant):
+    """`TutorialGAN.fit`: built-in `fit()` running the seeds' step."""
 
-    def __init__(self, name, steps_per_execution=1):
-        super().__init__(name)
-        self.spe = steps_per_execution
+    def make_gan(self, w, generator, discriminator):
+        g_opt, d_opt = _optimizer(gan=True), _optimizer(gan=True)
+        g_opt.build(generator.trainable_variables)
+        d_opt.build(discriminator.trainable_variables)
+        gan = TutorialGAN(generator, discriminator, g_opt, d_opt)
+        gan.compile(
+            optimizer=None,
+            jit_compile=w.jit_compile,
+            steps_per_execution=self.spe,
+        )
+        return gan
 
-    def setup(self, w):
-        super().setup(w)
-        generator, discriminator = w.build_gan()
-        self.gan = TapeGAN(
+
+class GANFit(GANFitVariant):
+    """`TapeGAN.fit`, both networks updated from one forward pass
+    (`simultaneous=True`), as the seeds' step does."""
+
+    def make_gan(self, w, generator, discriminator):
+        gan = TapeGAN(
             generator=generator,
             discriminator=discriminator,
             latent_dim=LATENT_DIM,
             simultaneous=True,
         )
-        self.gan.compile(
+        gan.compile(
             d_optimizer=_optimizer(gan=True),
             g_optimizer=_optimizer(gan=True),
             loss="non_saturating",
             jit_compile=w.jit_compile,
             steps_per_execution=self.spe,
         )
-        self.dataset = w.dataset
-
-    def run(self):
-        history = self.gan.fit(self.dataset, epochs=1, verbose=0, shuffle=False)
-        self._loss = history.history["d_loss"][-1]
-
-    def networks(self):
-        return self.gan.generator, self.gan.discriminator
+        return gan
 
 
 class GANLoop(Variant):
