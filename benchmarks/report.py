@@ -63,11 +63,20 @@ def rows(results):
     return out
 
 
+def _gpus_note(m):
+    if not m["gpus"]:
+        return ""
+    memory = m.get("gpu_memory_mib") or []
+    return f", {m['gpus']} GPU(s)" + (
+        f" of {memory[0]:.0f} MiB" if memory else ""
+    )
+
+
 def _machine_line(results):
     m = results["machine"]
     line = (
         f"Device: {m['device']} ({m['cpu_count']} CPU cores"
-        + (f", {m['gpus']} GPU(s)" if m["gpus"] else "")
+        + _gpus_note(m)
         + f"); TensorFlow {m['tensorflow']}, Keras {m['keras']}, Python "
         f"{m['python']}; peak RSS {m['peak_rss_mib']:.0f} MiB."
     )
@@ -127,6 +136,10 @@ def _fmt_mib(value):
     return "n/a" if value is None else f"{value:.0f}"
 
 
+def _md_row(cells):
+    return "| " + " | ".join(cells) + " |"
+
+
 def markdown(results):
     """The report as Markdown, pasteable into the README."""
     lines = [
@@ -150,25 +163,38 @@ def markdown(results):
         ]
         lines += [f"> {n}" for n in w["notes"]]
         memory = _device_memory(w)
-        lines += [
-            "| variant | ratio to reference | CPU ratio | ratio to floor | "
-            "ms/step | µs/sample | warm-up s | "
-            + ("peak device MiB | " if memory else "")
-            + "train loss first→last | eval loss before→after | eval acc | "
-            "verdict |",
-            "|" + " --- |" * (11 + memory),
+        columns = [
+            "variant",
+            "ratio to reference",
+            "CPU ratio",
+            "ratio to floor",
+            "ms/step",
+            "µs/sample",
+            "warm-up s",
+            *(["peak device MiB"] if memory else []),
+            "train loss first→last",
+            "eval loss before→after",
+            "eval acc",
+            "verdict",
         ]
+        lines += [_md_row(columns), "|" + " --- |" * len(columns)]
         for v in w["variants"]:
             eval_loss, eval_acc = _fmt_eval(v)
-            lines.append(
-                f"| {v['name']} | {_fmt_ratio(v['ratio'])} | "
-                f"{v['cpu_ratio']['median']:.3f} | "
-                f"{v['ratio_to_floor']:.2f} | {v['step_ms']:.2f} | "
-                f"{v['sample_us']:.1f} | {v['warmup_s']:.2f} | "
-                + (f"{_fmt_mib(v['device_peak_mib'])} | " if memory else "")
-                + f"{v['first_train_loss']:.3f}→{v['final_train_loss']:.3f} "
-                f"| {eval_loss} | {eval_acc} | {v['verdict']} |"
-            )
+            cells = [
+                v["name"],
+                _fmt_ratio(v["ratio"]),
+                f"{v['cpu_ratio']['median']:.3f}",
+                f"{v['ratio_to_floor']:.2f}",
+                f"{v['step_ms']:.2f}",
+                f"{v['sample_us']:.1f}",
+                f"{v['warmup_s']:.2f}",
+                *([_fmt_mib(v["device_peak_mib"])] if memory else []),
+                f"{v['first_train_loss']:.3f}→{v['final_train_loss']:.3f}",
+                eval_loss,
+                eval_acc,
+                v["verdict"],
+            ]
+            lines.append(_md_row(cells))
         lines.append("")
     lines += [
         "**Claims of issue 5**",

@@ -243,6 +243,7 @@ def machine_info():
         "device": f"CPU: {_cpu_name()}",
         "gpus": len(gpus),
         "gpu_names": [],
+        "gpu_memory_mib": [],
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
         "python": platform.python_version(),
@@ -252,11 +253,9 @@ def machine_info():
     for gpu in gpus:
         details = tf.config.experimental.get_device_details(gpu)
         info["gpu_names"].append(details.get("device_name", gpu.name))
-    info["gpu_memory_mib"] = _gpu_memory_mib() if gpus else []
     if gpus:
         info["device"] = f"GPU: {info['gpu_names'][0]}"
-        if info["gpu_memory_mib"]:
-            info["device"] += f" ({info['gpu_memory_mib'][0]:.0f} MiB)"
+        info["gpu_memory_mib"] = _gpu_memory_mib()
     return info
 
 

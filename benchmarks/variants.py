@@ -209,6 +209,15 @@ def latent_seed(step):
     return fold_in(fold_in(fold_in(seed, 0), 0), 0)
 
 
+def built_gan_optimizers(generator, discriminator):
+    """The seeds' two Adam optimizers `(g_opt, d_opt)`, built for the
+    networks' trainable variables."""
+    g_opt, d_opt = _optimizer(gan=True), _optimizer(gan=True)
+    g_opt.build(generator.trainable_variables)
+    d_opt.build(discriminator.trainable_variables)
+    return g_opt, d_opt
+
+
 def gan_step(generator, discriminator, g_opt, d_opt):
     """The seeds' DCGAN step: two tapes over one forward pass,
     non-saturating binary cross-entropy from logits; noise drawn
@@ -296,9 +305,7 @@ class GANBuiltinFit(GANFitVariant):
     """`TutorialGAN.fit`: built-in `fit()` running the seeds' step."""
 
     def make_gan(self, w, generator, discriminator):
-        g_opt, d_opt = _optimizer(gan=True), _optimizer(gan=True)
-        g_opt.build(generator.trainable_variables)
-        d_opt.build(discriminator.trainable_variables)
+        g_opt, d_opt = built_gan_optimizers(generator, discriminator)
         gan = TutorialGAN(generator, discriminator, g_opt, d_opt)
         gan.compile(
             optimizer=None,
@@ -341,9 +348,7 @@ class GANLoop(Variant):
     def setup(self, w):
         super().setup(w)
         self.generator, self.discriminator = w.build_gan()
-        g_opt, d_opt = _optimizer(gan=True), _optimizer(gan=True)
-        g_opt.build(self.generator.trainable_variables)
-        d_opt.build(self.discriminator.trainable_variables)
+        g_opt, d_opt = built_gan_optimizers(self.generator, self.discriminator)
         step = gan_step(self.generator, self.discriminator, g_opt, d_opt)
         self.d_mean = keras.metrics.Mean()
         if self.floor:
