@@ -1,10 +1,14 @@
 """fitcustom: custom GradientTape training steps that keep `fit()`."""
 
 from fitcustom import architectures as architectures
+from fitcustom import checkpoints as checkpoints
 from fitcustom import checks as checks
 from fitcustom import distribute as distribute
 from fitcustom import gan_losses as gan_losses
+from fitcustom._version import __version__ as __version__
 from fitcustom.callbacks import SampleGrid as SampleGrid
+from fitcustom.checkpoints import BackupAndRestore as BackupAndRestore
+from fitcustom.checkpoints import ModelCheckpoint as ModelCheckpoint
 from fitcustom.classifier import ClassifierLoss as ClassifierLoss
 from fitcustom.classifier import TapeClassifier as TapeClassifier
 from fitcustom.engine import TapeModel as TapeModel
@@ -13,18 +17,19 @@ from fitcustom.transforms import ClipByGlobalNorm as ClipByGlobalNorm
 from fitcustom.transforms import GradientTransform as GradientTransform
 from fitcustom.transforms import ScaleByLayer as ScaleByLayer
 
-__version__ = "0.1.0"
-
 __all__ = [
+    "BackupAndRestore",
     "ClassifierLoss",
     "ClipByGlobalNorm",
     "GradientTransform",
+    "ModelCheckpoint",
     "SampleGrid",
     "ScaleByLayer",
     "TapeClassifier",
     "TapeGAN",
     "TapeModel",
     "architectures",
+    "checkpoints",
     "checks",
     "distribute",
     "gan_losses",

@@ -52,6 +52,81 @@ def check_keras_version(feature, strict=False):
     warnings.warn(message, stacklevel=3)
 
 
+def functional_init_arguments(args, kwargs):
+    """Whether `Model(*args, **kwargs)` asks for a functional model.
+
+    The same test as Keras' `keras.src.models.model.
+    functional_init_arguments`: `(inputs, outputs)` given positionally or
+    by keyword.
+    """
+    return (
+        len(args) == 2
+        or (len(args) == 1 and "outputs" in kwargs)
+        or ("inputs" in kwargs and "outputs" in kwargs)
+    )
+
+
+_FUNCTIONAL_CLASSES = {}
+
+
+def functional_class(cls):
+    """`cls` with Keras' `Functional` after it in the class hierarchy.
+
+    `keras.Model(inputs, outputs)` returns a `Functional`; a subclass of
+    `keras.Model` built that way gets `Functional` injected into the
+    bases of its class (and of every base up to `keras.Model`) at run
+    time, which would change `TapeModel` for every later use, subclassed
+    ones included. Instead, a model built from inputs and outputs is an
+    instance of a subclass made once per class: `(cls, Functional)`, so
+    the class's own methods (the training step) come first and Keras'
+    `Functional` provides the graph (`inputs`, `outputs`, `summary()`,
+    `get_config()`, export signatures, use as a layer). It carries the
+    class's name and registered name, so saved files name `cls`. Reads
+    the private `keras.src.models.functional.Functional` and Keras'
+    registry of custom names (`GLOBAL_CUSTOM_NAMES`).
+    """
+    from keras.src.models.functional import Functional
+    from keras.src.saving import object_registration
+
+    if issubclass(cls, Functional):
+        return cls
+    variant = _FUNCTIONAL_CLASSES.get(cls)
+    if variant is None:
+        variant = type(
+            cls.__name__,
+            (cls, Functional),
+            {
+                "__module__": cls.__module__,
+                "__qualname__": cls.__qualname__,
+                "__doc__": cls.__doc__,
+            },
+        )
+        registered = object_registration.GLOBAL_CUSTOM_NAMES.get(cls)
+        if registered is not None:
+            object_registration.GLOBAL_CUSTOM_NAMES[variant] = registered
+        _FUNCTIONAL_CLASSES[cls] = variant
+    return variant
+
+
+def is_functional(model):
+    """Whether `model` is a Keras `Functional` (built from a graph)."""
+    from keras.src.models.functional import Functional
+
+    return isinstance(model, Functional)
+
+
+def init_functional(model, inputs, outputs, **kwargs):
+    """What `keras.Model.__init__` does for `(inputs, outputs)`, without
+    injecting `Functional` into the class's bases (see
+    `functional_class`): the trainer's state, then `Functional`'s graph.
+    """
+    from keras.src.models.functional import Functional
+    from keras.src.models.model import Trainer
+
+    Trainer.__init__(model)
+    Functional.__init__(model, inputs, outputs, **kwargs)
+
+
 def build_compiled_metrics(model, y, y_pred):
     """Builds the metrics passed to `compile()` if they are not built yet.
 
@@ -110,12 +185,44 @@ def first_batch(iterator):
     """
     for _, _, batches in iterator:
         if isinstance(batches, (list, tuple)):
-            return batches[0]
+            return optionals_to_none(batches[0])
         try:
-            return next(batches)
+            return optionals_to_none(next(batches))
         except StopIteration:
             return None
     return None
+
+
+def optionals_to_none(data):
+    """`data` with every `tf.experimental.Optional` replaced by `None`.
+
+    Keras' data adapters turn a `None` in a batch (an optional input that
+    was not given) into an empty `Optional`, and Keras' step function
+    turns it back (`TensorFlowTrainer._autoconvert_optionals`) before the
+    step sees it, so `call()` receives `None`.
+    """
+    import tensorflow as tf
+
+    return tf.nest.map_structure(
+        lambda t: None if isinstance(t, tf.experimental.Optional) else t,
+        data,
+    )
+
+
+def structure_key(value):
+    """A hashable key for a nested structure of specs or shapes.
+
+    Element specs of datasets of dicts are dicts (unhashable); dict keys
+    are sorted, as `tf.nest` orders them.
+    """
+    if isinstance(value, dict):
+        return (
+            "dict",
+            tuple((k, structure_key(value[k])) for k in sorted(value)),
+        )
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(structure_key(v) for v in value))
+    return value
 
 
 def fully_built(model):
@@ -221,16 +328,22 @@ def _one_step_function(model, step):
     time relative to the hand-written loop): the step with the batch read
     inside its graph 1.043-1.051, the same step fed the batch 1.016; most
     of the difference is the static batch shape the fed step is traced
-    with. The first trace keeps the batch's static shape; a batch
-    of another shape (a short last one) relaxes it once
-    (`reduce_retracing`). Each step then calls the graph traced for its
-    input types directly (a concrete function), without `tf.function`'s
-    per-call argument binding. At the end of the data `get_next()` raises
-    `OutOfRangeError`, which Keras' epoch iterator turns into the end of
-    the epoch (`catch_stop_iteration`), as before. The per-step body is
-    Keras': the step under `strategy.run`, logs reduced by the private
-    `reduce_per_replica`, in a `tf.function` with the model's
-    `jit_compile`.
+    with. Every batch shape gets a graph traced for that static shape (a
+    short last batch its own), up to `_MAX_CONCRETE_FUNCTIONS` shapes;
+    beyond that, a `tf.function` with relaxed shapes (`reduce_retracing`)
+    takes the rest. Static shapes matter for the numbers too: Keras logs
+    each output's loss (`y1_loss` of a model with several outputs) with the
+    batch's *static* size as its weight (`CompileLoss`), so a graph traced
+    for an unknown batch size averages those logs over batches instead of
+    samples (wrong with a short last batch; built-in `fit()` in graph mode
+    does that, its eager mode does not). Each step then calls the graph
+    traced for its input types directly (a concrete function), without
+    `tf.function`'s per-call argument binding. At the end of the data
+    `get_next()` raises `OutOfRangeError`, which Keras' epoch iterator
+    turns into the end of the epoch (`catch_stop_iteration`), as before.
+    The per-step body is Keras': the step under `strategy.run`, logs
+    reduced by the private `reduce_per_replica`, in a `tf.function` with
+    the model's `jit_compile`.
     """
     import tensorflow as tf
 
@@ -244,11 +357,14 @@ def _one_step_function(model, step):
         outputs = strategy.run(step, args=(data,))
         return reduce_per_replica(outputs, strategy, reduction="auto")
 
-    one_step_on_data = tf.function(
+    # One graph per input shape, and one for any shape beyond those.
+    static_step = tf.function(one_step_on_data, jit_compile=model.jit_compile)
+    relaxed_step = tf.function(
         one_step_on_data, reduce_retracing=True, jit_compile=model.jit_compile
     )
     iterator_types = (tf.data.Iterator, tf.distribute.DistributedIterator)
     concrete_functions = {}
+    traced_keys = set()
 
     def run(data, element_spec):
         # Calling the traced graph for this batch's exact input types skips
@@ -256,18 +372,24 @@ def _one_step_function(model, step):
         # per call on this project's 2-core CPU, per training step. The key
         # is the dataset's element spec (structure and dtypes) and every
         # input's shape, so a batch of another shape or structure gets its
-        # own graph, traced (or relaxed) by the `tf.function` itself.
-        flat = tf.nest.flatten(data)
+        # own graph.
+        data = optionals_to_none(data)
+        flat = [t for t in tf.nest.flatten(data) if t is not None]
+        key = (structure_key(element_spec), _shapes(flat))
         if not all(isinstance(t, tf.Tensor) for t in flat):
             # Per-replica values (a distribution strategy), ragged or
-            # sparse inputs: the general path.
-            return one_step_on_data(data)
-        key = (element_spec, tuple(tuple(t.shape) for t in flat))
+            # sparse inputs: through the `tf.function` itself.
+            if key in traced_keys or len(traced_keys) < (
+                _MAX_CONCRETE_FUNCTIONS
+            ):
+                traced_keys.add(key)
+                return static_step(data)
+            return relaxed_step(data)
         concrete = concrete_functions.get(key)
         if concrete is None:
             if len(concrete_functions) >= _MAX_CONCRETE_FUNCTIONS:
-                return one_step_on_data(data)
-            concrete = one_step_on_data.get_concrete_function(data)
+                return relaxed_step(data)
+            concrete = static_step.get_concrete_function(data)
             concrete_functions[key] = concrete
         return concrete(data)
 
@@ -275,10 +397,24 @@ def _one_step_function(model, step):
         if isinstance(iterator, iterator_types):
             return run(iterator.get_next(), iterator.element_spec)
         for data in iterator:  # a Python iterator of batches: one step
-            return one_step_on_data(data)
+            return relaxed_step(optionals_to_none(data))
         raise StopIteration
 
     return function
+
+
+def _shapes(flat):
+    """The static shapes of tensors, of each replica's part of per-replica
+    values."""
+    import tensorflow as tf
+
+    shapes = []
+    for t in flat:
+        if isinstance(t, tf.distribute.DistributedValues):
+            shapes.append(tuple(tuple(v.shape) for v in t.values))
+        else:
+            shapes.append(tuple(t.shape))
+    return tuple(shapes)
 
 
 # Distinct input shapes whose graphs a step function calls directly; data
@@ -305,10 +441,10 @@ def _multi_step_function(model, step):
     the loop and starts the next loop of the same call, with the graph
     traced for its shapes, so a call still runs up to
     `steps_per_execution` steps and returns the last step's logs, as
-    Keras' does. As for one step per call, the first shapes are traced
-    as they are and other shapes relax them once (`reduce_retracing`);
-    each call then calls its graph directly (at most 8 kept; beyond
-    that, through the `tf.function`). The step is traced twice in the
+    Keras' does. As for one step per call, each shape of a call's first
+    batch gets its own graph, traced for that static shape, which each
+    call calls directly (at most 8 kept; beyond that, a `tf.function`
+    with relaxed shapes). The step is traced twice in the
     graph (the call's first batch, then the loop's). Iterators of a
     distribution strategy, ragged or sparse elements and Python iterators
     keep Keras' own function. The per-step body is Keras': the step under
@@ -330,9 +466,7 @@ def _multi_step_function(model, step):
         return reduce_per_replica(outputs, strategy, reduction="auto")
 
     if model.jit_compile:
-        one_step_on_data = tf.function(
-            one_step_on_data, reduce_retracing=True, jit_compile=True
-        )
+        one_step_on_data = tf.function(one_step_on_data, jit_compile=True)
 
     @tf.autograph.experimental.do_not_convert
     def steps_on_iterator(first, iterator, remaining):
@@ -378,13 +512,16 @@ def _multi_step_function(model, step):
         # or this call's steps are done).
         return logs, done, following
 
-    steps_on_iterator = tf.function(steps_on_iterator, reduce_retracing=True)
+    # One graph per shape of a call's first batch, and one for any shape
+    # beyond those (see `_one_step_function`).
+    relaxed_steps = tf.function(steps_on_iterator, reduce_retracing=True)
+    steps_on_iterator = tf.function(steps_on_iterator)
     concrete_functions = {}
     remaining_constants = {}
 
     def run(first, iterator, remaining):
         key = (
-            iterator.element_spec,
+            structure_key(iterator.element_spec),
             tuple(tuple(t.shape) for t in tf.nest.flatten(first)),
         )
         remaining_t = remaining_constants.get(remaining)
@@ -394,7 +531,7 @@ def _multi_step_function(model, step):
         concrete = concrete_functions.get(key)
         if concrete is None:
             if len(concrete_functions) >= _MAX_CONCRETE_FUNCTIONS:
-                return steps_on_iterator(first, iterator, remaining_t)
+                return relaxed_steps(first, iterator, remaining_t)
             concrete = steps_on_iterator.get_concrete_function(
                 first, iterator, remaining_t
             )
@@ -439,6 +576,13 @@ def _keras_reduce_per_replica():
     except ImportError:
         return None
     return reduce_per_replica
+
+
+def set_initial_epoch(model, epoch):
+    """Makes the next `fit()` start at `epoch`, as Keras' own
+    `BackupAndRestore` does (the private `Trainer._initial_epoch`, which
+    `fit()` reads in place of its `initial_epoch` argument)."""
+    model._initial_epoch = epoch
 
 
 def seed_generators(model):

@@ -292,3 +292,226 @@ def check_dataset(dataset, input_shape=None, output_shape=None):
             tuple(y_spec.shape[1:]) if y_spec.shape.rank else (),
             output_shape,
         )
+
+
+def describe_structure(value) -> str:
+    """A short description of a data structure, for error messages."""
+    if isinstance(value, dict):
+        return f"a dict with keys {sorted(value)}"
+    if isinstance(value, (list, tuple)):
+        return f"a {type(value).__name__} of {len(value)} elements"
+    if value is None:
+        return "None"
+    return f"one {type(value).__name__}"
+
+
+def _data_part(data):
+    """`(x, y)` of in-memory data or of a dataset's element spec."""
+    import tensorflow as tf
+
+    if isinstance(data, tf.data.Dataset):
+        spec = data.element_spec
+        if isinstance(spec, tuple) and 1 <= len(spec) <= 3:
+            return spec[0], (spec[1] if len(spec) > 1 else None)
+        return spec, None
+    return data, None
+
+
+def check_input_structure(x, expected, model_name="the model"):
+    """Refuses inputs whose structure does not match a model's inputs.
+
+    Keras raises for a missing key but only warns, and trains, when a
+    dict has keys the model does not know (a typo leaves the intended
+    input unused) or when a dict model is given a list (the inputs are
+    matched by position). Checked for dict and list inputs; a single
+    input is left to Keras.
+
+    Args:
+        x: Inputs: arrays, a structure of arrays, or a `tf.data.Dataset`
+            (its element spec is read, not its elements).
+        expected: The model's input structure (`model.input`).
+        model_name: For the message.
+    """
+    import tensorflow as tf
+
+    if isinstance(x, tf.data.Dataset):
+        x, _ = _data_part(x)
+    if not (isinstance(x, (dict, list, tuple)) or is_array(x)):
+        return  # generators, PyDataset: read only by Keras
+    if isinstance(expected, dict) and len(expected) > 1:
+        names = sorted(expected)
+        example = ", ".join(f"{k!r}: ..." for k in names)
+        if not isinstance(x, dict):
+            raise ValueError(
+                f"{model_name} takes named inputs {names}. Received: "
+                f"{describe_structure(x)}. Pass a dict: {{{example}}}."
+            )
+        _check_keys(x, names, "input", model_name)
+    elif isinstance(expected, (list, tuple)) and len(expected) > 1:
+        if isinstance(x, dict):
+            names = sorted(t.name for t in expected)
+            _check_keys(x, names, "input", model_name)
+        elif not isinstance(x, (list, tuple)) or len(x) != len(expected):
+            raise ValueError(
+                f"{model_name} takes {len(expected)} inputs. Received: "
+                f"{describe_structure(x)}. Pass a list of "
+                f"{len(expected)} arrays, in the order of the model's "
+                "inputs, or a dict keyed by input name."
+            )
+
+
+def check_target_structure(y, output_names, needs_target, model_name):
+    """Refuses dict targets that do not match the model's outputs.
+
+    Keras trains silently when a target dict names an output that has no
+    loss and no metric (its values are never read) or when it lacks the
+    target of an output that has a loss.
+
+    Args:
+        y: Targets: a dict of arrays, or a `tf.data.Dataset` whose
+            element spec is read. Other structures are left to Keras.
+        output_names: The model's output names.
+        needs_target: The output names that have a loss or a metric.
+        model_name: For the message.
+    """
+    import tensorflow as tf
+
+    if isinstance(y, tf.data.Dataset):
+        _, y = _data_part(y)
+    if not isinstance(y, dict) or not output_names:
+        return
+    unknown = sorted(set(y) - set(output_names))
+    unused = sorted(set(y) & set(output_names) - set(needs_target))
+    missing = sorted(set(needs_target) - set(y))
+    if not (unknown or unused or missing):
+        return
+    problems = []
+    if unknown:
+        problems.append(f"{unknown} are not outputs of the model")
+    if unused:
+        problems.append(f"{unused} have no loss and no metric")
+    if missing:
+        problems.append(
+            f"targets for {missing}, which have a loss, are missing"
+        )
+    raise ValueError(
+        f"The targets of {model_name} do not match its outputs. Received: "
+        f"a dict with keys {sorted(y)}; " + "; ".join(problems) + ". "
+        f"Expected keys: {sorted(needs_target)} (outputs "
+        f"{list(output_names)}). Fix the keys, or give those outputs a "
+        "loss or metric in compile()."
+    )
+
+
+def _check_keys(received, names, what, model_name):
+    missing = sorted(set(names) - set(received))
+    extra = sorted(set(received) - set(names))
+    if missing or extra:
+        raise ValueError(
+            f"The {what} dict does not match the {what}s of {model_name}. "
+            f"Received: keys {sorted(received)}. Expected: keys {names} "
+            f"(missing: {missing}, not {what}s of the model: {extra}). "
+            f"Rename the keys to the model's {what} names (the `name=` of "
+            "each `keras.Input`)."
+        )
+
+
+def check_batch_size(batch_size, what="batch_size"):
+    """Refuses a batch size that is not a whole number >= 1 (Keras takes
+    0 as its default of 32 and fails late on a negative or float one)."""
+    if batch_size is None:
+        return
+    if (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, (int, np.integer))
+        or batch_size < 1
+    ):
+        raise ValueError(
+            f"`{what}` must be a whole number >= 1, or None for Keras' "
+            f"default of 32. Received: {what}={batch_size!r}."
+        )
+
+
+def check_sample_weight(sample_weight):
+    """Refuses negative weights (they turn the step into gradient ascent)
+    and weights that are all zero (nothing to learn from)."""
+    if not is_array(sample_weight):
+        return
+    weights = np.asarray(sample_weight)
+    if weights.size == 0 or weights.dtype.kind not in "biuf":
+        return
+    low = weights.min()
+    if low < 0:
+        raise ValueError(
+            "`sample_weight` must be >= 0: a negative weight makes the "
+            "step climb the loss instead of descending it. Received: "
+            f"sample_weight with minimum {low} at index "
+            f"{int(np.argmin(weights.reshape(len(weights), -1).min(1)))}."
+            " Use 0 to ignore a sample."
+        )
+    if weights.max() == 0:
+        raise ValueError(
+            "`sample_weight` is 0 for every sample, so nothing would be "
+            f"learned. Received: sample_weight of shape {weights.shape}, "
+            "all zero. Give the samples to train on a weight > 0."
+        )
+
+
+def check_class_weight(class_weight, y=None):
+    """Refuses class weights with keys that are not class ids, negative
+    weights, and (for class-id labels in memory) a class of the data
+    without a weight, which Keras would silently weigh 0."""
+    if class_weight is None:
+        return
+    if not isinstance(class_weight, dict) or not class_weight:
+        raise ValueError(
+            "`class_weight` must be a non-empty dict {class id: weight}. "
+            f"Received: class_weight={class_weight!r}."
+        )
+    bad = [
+        k
+        for k in class_weight
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer))
+    ]
+    if bad:
+        raise ValueError(
+            "`class_weight` keys must be integer class ids. Received keys "
+            f"{bad!r} (of type {type(bad[0]).__name__}). Map label names "
+            "to their ids first, e.g. {0: 1.0, 1: 2.5}."
+        )
+    negative = {k: v for k, v in class_weight.items() if v < 0}
+    if negative:
+        raise ValueError(
+            f"`class_weight` values must be >= 0. Received: {negative}."
+        )
+    if not is_array(y):
+        return
+    labels = np.asarray(y)
+    if labels.ndim > 1 and labels.shape[-1] > 1:
+        labels = labels.argmax(axis=-1)  # one-hot
+    if labels.dtype.kind not in "biu":
+        return
+    missing = sorted(set(np.unique(labels).tolist()) - set(class_weight))
+    if missing:
+        raise ValueError(
+            f"`class_weight` has no weight for classes {missing}, which "
+            "occur in the labels; Keras would give them weight 0 and "
+            f"ignore those samples. Received keys {sorted(class_weight)}. "
+            "Add a weight for every class."
+        )
+
+
+def check_not_endless(x, steps_per_epoch, what="x"):
+    """Refuses an endless `tf.data.Dataset` without `steps_per_epoch`
+    (the first epoch would never end)."""
+    import tensorflow as tf
+
+    if steps_per_epoch is not None or not isinstance(x, tf.data.Dataset):
+        return
+    if int(x.cardinality()) == int(tf.data.INFINITE_CARDINALITY):
+        raise ValueError(
+            f"`{what}` is an endless tf.data.Dataset (it repeats without "
+            "end), so an epoch would never finish. Received: "
+            "steps_per_epoch=None. Pass steps_per_epoch=N, or remove "
+            "`.repeat()`."
+        )

@@ -310,11 +310,8 @@ class TapeClassifier(TapeModel):
             )
         super().__init__(*args, **kwargs)
         if from_logits is None:
-            from_logits = (
-                outputs_logits(self.network)
-                if self.network is not None
-                else True
-            )
+            graph = self._graph_model()
+            from_logits = outputs_logits(graph) if graph is not None else True
         self.from_logits = from_logits
         self._classifier_compile_args = {}
         self._sam_rho = None
@@ -334,12 +331,18 @@ class TapeClassifier(TapeModel):
         self,
         optimizer="adam",
         loss=None,
+        loss_weights=None,
         metrics=None,
+        weighted_metrics=None,
+        run_eagerly=False,
+        steps_per_execution=1,
+        jit_compile="auto",
+        auto_scale_loss=True,
         *,
         label_smoothing: float = 0.0,
         sam_rho: float | None = None,
         check_inputs: bool = True,
-        **kwargs,
+        **engine_options,
     ):
         """Configures training; fills in what is omitted.
 
@@ -360,9 +363,13 @@ class TapeClassifier(TapeModel):
                 (global norm over replicas). Defaults to `None` (off).
             check_inputs: Check in-memory data before `fit()` /
                 `evaluate()` (see `fitcustom.checks`). Defaults to `True`.
-            **kwargs: Other arguments of `fitcustom.TapeModel.compile`
-                (`gradient_transforms`, `skip_nonfinite`, `run_eagerly`,
-                `jit_compile`, ...).
+            **engine_options: The keyword options of
+                `fitcustom.TapeModel.compile` (`gradient_transforms`,
+                `log_gradient_norm`, `skip_nonfinite`).
+
+        The other arguments (`loss_weights`, `weighted_metrics`,
+        `run_eagerly`, `steps_per_execution`, `jit_compile`,
+        `auto_scale_loss`) are Keras' own, in Keras' order.
         """
         if loss is not None and label_smoothing:
             raise ValueError(
@@ -399,7 +406,16 @@ class TapeClassifier(TapeModel):
         if metrics is None:
             metrics = self._default_metrics()
         super().compile(
-            optimizer=optimizer, loss=loss, metrics=metrics, **kwargs
+            optimizer,
+            loss,
+            loss_weights,
+            metrics,
+            weighted_metrics,
+            run_eagerly,
+            steps_per_execution,
+            jit_compile,
+            auto_scale_loss,
+            **engine_options,
         )
         _warn_if_scaling_is_lost(self.gradient_transforms, self.optimizer)
         self._sam_rho = None if sam_rho is None else float(sam_rho)
@@ -439,13 +455,13 @@ class TapeClassifier(TapeModel):
         return None if shape is None else shape[-1]
 
     def _output_shape(self):
-        outputs = getattr(self.network, "outputs", None)
+        outputs = getattr(self._graph_model(), "outputs", None)
         if outputs and len(outputs) == 1:
             return tuple(outputs[0].shape[1:])
         return self._probed_output_shape
 
     def _input_shape(self):
-        inputs = getattr(self.network, "inputs", None)
+        inputs = getattr(self._graph_model(), "inputs", None)
         if inputs:
             if len(inputs) != 1:
                 return None
@@ -480,6 +496,9 @@ class TapeClassifier(TapeModel):
         Raises:
             ValueError: Naming what was received and how to fix it.
         """
+        if not self._check_inputs:
+            return
+        super().check_data(x, y, sample_weight)
         if isinstance(x, tf.data.Dataset):
             checks.check_dataset(x, self._input_shape(), self._output_shape())
             return
@@ -497,29 +516,6 @@ class TapeClassifier(TapeModel):
             input_shape=self._input_shape(),
             output_shape=self._output_shape(),
         )
-
-    def fit(self, x=None, y=None, *args, **kwargs):
-        """Trains; see `keras.Model.fit`. Checks the data first.
-
-        `x`, `y`, `sample_weight` and `validation_data` are checked before
-        the first step (unless compiled with `check_inputs=False`).
-        """
-        self._require_compiled("fit")
-        if self._check_inputs:
-            self.check_data(x, y, kwargs.get("sample_weight"))
-            validation = kwargs.get("validation_data")
-            if isinstance(validation, tf.data.Dataset):
-                self.check_data(validation)
-            elif isinstance(validation, (list, tuple)) and validation:
-                self.check_data(*validation[:3])
-        return super().fit(x, y, *args, **kwargs)
-
-    def evaluate(self, x=None, y=None, *args, **kwargs):
-        """Evaluates; see `keras.Model.evaluate`. Checks the data first."""
-        self._require_compiled("evaluate")
-        if self._check_inputs:
-            self.check_data(x, y, kwargs.get("sample_weight"))
-        return super().evaluate(x, y, *args, **kwargs)
 
     # ------------------------------------------------------------------
     # Prediction

@@ -9,8 +9,11 @@ import numpy as np
 import tensorflow as tf
 
 from fitcustom import _compat
+from fitcustom import checkpoints
+from fitcustom import checks
 from fitcustom import distribute
 from fitcustom import transforms as transforms_lib
+from fitcustom._version import __version__
 
 _ENGINE_COMPILE_KEYS = (
     "gradient_transforms",
@@ -89,29 +92,32 @@ class TapeModel(keras.Model):
     ```
     """
 
+    def __new__(cls, *args, **kwargs):
+        # Built from inputs and outputs: a real Keras functional model
+        # (see `_compat.functional_class`).
+        if _compat.functional_init_arguments(args, kwargs):
+            cls = _compat.functional_class(cls)
+        return super().__new__(cls, *args, **kwargs)
+
     def __init__(self, *args, network=None, **kwargs):
-        functional = _is_functional_call(args, kwargs)
+        functional = _compat.functional_init_arguments(args, kwargs)
         if network is not None and functional:
             raise ValueError(
                 "Pass either `network=` (to wrap an existing model) or "
                 "`inputs`/`outputs` (to build a functional model), not both. "
                 f"Received: network={network!r} and inputs/outputs."
             )
-        if functional:
-            # Built by composition: the graph lives in a plain functional
-            # keras.Model. (Keras' own route, injecting `Functional` into
-            # the class's bases at run time, would change TapeModel for
-            # every later subclass.)
-            inputs, outputs, kwargs = _split_functional_args(args, kwargs)
-            network = keras.Model(inputs, outputs, name="network")
-            args = ()
         if network is not None and not isinstance(network, keras.Layer):
             raise ValueError(
                 "`network` must be a keras.Model or keras.Layer. "
                 f"Received: network={network!r} of type "
                 f"{type(network).__name__}."
             )
-        super().__init__(*args, **kwargs)
+        if functional:
+            inputs, outputs, kwargs = _split_functional_args(args, kwargs)
+            _compat.init_functional(self, inputs, outputs, **kwargs)
+        else:
+            super().__init__(*args, **kwargs)
         self.network = network
         self._gradient_norm_tracker = keras.metrics.Mean(name="gradient_norm")
         self._nonfinite_tracker = keras.metrics.Sum(name="nonfinite_steps")
@@ -125,38 +131,78 @@ class TapeModel(keras.Model):
     # Model plumbing
     # ------------------------------------------------------------------
 
-    def call(self, inputs, training=None, **kwargs):
-        if self.network is None:
-            raise NotImplementedError(
-                f"{type(self).__name__} has no network to run. Build it "
-                "functionally (TapeModel(inputs, outputs)), wrap a model "
-                "(TapeModel(network=model)), or subclass it and define "
-                "call()."
-            )
-        return self.network(inputs, training=training, **kwargs)
+    def _graph_model(self):
+        """The functional graph behind this model, or `None`.
+
+        The model itself when it was built from inputs and outputs, the
+        wrapped network when it was given one (`network=`), else `None`
+        (a subclassed model: its graph is its `call()`). A method, not
+        a property: Keras' saving walks every attribute, and one that
+        returns the model itself would never end.
+        """
+        network = self.__dict__.get("network")
+        if network is not None:
+            return network
+        return self if _compat.is_functional(self) else None
+
+    def call(self, inputs, training=None, mask=None, **kwargs):
+        network = self.__dict__.get("network")
+        if mask is not None:
+            kwargs["mask"] = mask
+        if network is not None:
+            return network(inputs, training=training, **kwargs)
+        if _compat.is_functional(self):
+            return super().call(inputs, training=training, **kwargs)
+        raise NotImplementedError(
+            f"{type(self).__name__} has no network to run. Build it "
+            "functionally (TapeModel(inputs, outputs)), wrap a model "
+            "(TapeModel(network=model)), or subclass it and define "
+            "call()."
+        )
 
     @property
     def layers(self):
-        if self.network is not None and hasattr(self.network, "layers"):
-            return self.network.layers
+        network = self.__dict__.get("network")
+        if network is not None and hasattr(network, "layers"):
+            return network.layers
         return super().layers
+
+    @layers.setter
+    def layers(self, value):
+        keras.Model.layers.fset(self, value)
 
     @property
     def inputs(self):
-        """The wrapped functional network's inputs."""
-        return self._network_attribute("inputs")
+        """The functional graph's inputs (see `_graph_model`)."""
+        return self._graph_attribute("inputs")
 
     @property
     def outputs(self):
-        """The wrapped functional network's outputs."""
-        return self._network_attribute("outputs")
+        """The functional graph's outputs (see `_graph_model`)."""
+        return self._graph_attribute("outputs")
 
     @property
     def output_names(self):
-        return self._network_attribute("output_names")
-
-    def _network_attribute(self, name):
         network = self.__dict__.get("network")
+        if network is not None:
+            return self._graph_attribute("output_names")
+        names = self.__dict__.get("_functional_output_names")
+        if names is None:
+            raise AttributeError(
+                f"{type(self).__name__} has no attribute 'output_names': "
+                "it is not built from inputs and outputs."
+            )
+        return names
+
+    @output_names.setter
+    def output_names(self, value):
+        # Set by `Functional.__init__`.
+        self.__dict__["_functional_output_names"] = value
+
+    def _graph_attribute(self, name):
+        network = self.__dict__.get("network")
+        if network is None and _compat.is_functional(self):
+            return getattr(super(), name)
         if network is None or not hasattr(network, name):
             raise AttributeError(
                 f"{type(self).__name__} has no attribute {name!r}: it is "
@@ -166,6 +212,7 @@ class TapeModel(keras.Model):
 
     def get_config(self):
         config = super().get_config()
+        config["fitcustom_version"] = __version__
         if self.network is not None:
             config["network"] = keras.saving.serialize_keras_object(
                 self.network
@@ -174,12 +221,31 @@ class TapeModel(keras.Model):
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
+        config = check_saved_version(config, cls.__name__)
+        if "network" not in config:
+            # A functional config (layers and their connections), or a
+            # subclass's own arguments: Keras' `Model.from_config`.
+            return super().from_config(config, custom_objects)
         config = dict(config)
-        if "network" in config:
-            config["network"] = keras.saving.deserialize_keras_object(
-                config["network"], custom_objects=custom_objects
-            )
+        config["network"] = keras.saving.deserialize_keras_object(
+            config["network"], custom_objects=custom_objects
+        )
         return cls(**config)
+
+    def save(self, filepath, overwrite=True, zipped=None, **kwargs):
+        """Saves the model as a `.keras` file; see `keras.Model.save`.
+
+        Written atomically (`fitcustom.checkpoints.save_model`): a kill or
+        a full disk during the save leaves the previous file intact.
+        """
+        checkpoints.save_model(self, filepath, overwrite, zipped, **kwargs)
+
+    def save_weights(self, filepath, overwrite=True, max_shard_size=None):
+        """Saves the weights; see `keras.Model.save_weights`.
+
+        Written atomically (`fitcustom.checkpoints.save_weights`).
+        """
+        checkpoints.save_weights(self, filepath, overwrite, max_shard_size)
 
     _SEED_KEY = "seed_generator_state_"
 
@@ -218,6 +284,37 @@ class TapeModel(keras.Model):
             hidden.append(self._nonfinite_tracker)
         return [m for m in super().metrics if not any(m is h for h in hidden)]
 
+    def get_metrics_result(self):
+        """The metrics' current results, as `fit()` logs them.
+
+        With `skip_nonfinite`, a loss or metric that no applied step has
+        updated yet in this epoch (every step so far was skipped) is NaN,
+        not Keras' 0.0 of an empty mean, so `EarlyStopping` and
+        `ModelCheckpoint(save_best_only=True)` never take a broken epoch
+        for the best one. `nonfinite_steps` keeps its count.
+        """
+        results = super().get_metrics_result()
+        tracker = _compat.loss_tracker(self)
+        if not self._skip_nonfinite or tracker is None:
+            return results
+        # A mean of its own (loss, d_loss, gradient_norm) is NaN while it
+        # has counted nothing; compiled metrics follow the loss.
+        counts = {
+            m.name: m.count
+            for m in self.metrics
+            if isinstance(m, keras.metrics.Mean)
+        }
+        counted = self._nonfinite_tracker.name
+
+        def honest(name, value):
+            if name == counted or not _is_float(value):
+                return value
+            applied = counts.get(name, tracker.count) > 0
+            nan = tf.constant(float("nan"), tf.convert_to_tensor(value).dtype)
+            return tf.where(applied, value, nan)
+
+        return {name: honest(name, v) for name, v in results.items()}
+
     # ------------------------------------------------------------------
     # compile / fit entry points
     # ------------------------------------------------------------------
@@ -226,20 +323,36 @@ class TapeModel(keras.Model):
         self,
         optimizer="rmsprop",
         loss=None,
+        loss_weights=None,
+        metrics=None,
+        weighted_metrics=None,
+        run_eagerly=False,
+        steps_per_execution=1,
+        jit_compile="auto",
+        auto_scale_loss=True,
         *,
         gradient_transforms=None,
         log_gradient_norm=False,
         skip_nonfinite=False,
-        **kwargs,
     ):
         """Configures the model for training.
 
-        Takes every argument of `keras.Model.compile` plus the engine's
-        options.
+        Takes the arguments of `keras.Model.compile`, in Keras' order and
+        with Keras' defaults, plus the engine's options (keyword only).
 
         Args:
             optimizer: As in `keras.Model.compile`. Defaults to `"rmsprop"`.
-            loss: As in `keras.Model.compile`.
+            loss: As in `keras.Model.compile`: one loss, or a list or dict
+                with one per output.
+            loss_weights: As in `keras.Model.compile`.
+            metrics: As in `keras.Model.compile`.
+            weighted_metrics: As in `keras.Model.compile`.
+            run_eagerly: As in `keras.Model.compile`. Defaults to `False`.
+            steps_per_execution: As in `keras.Model.compile`. Defaults
+                to `1`.
+            jit_compile: As in `keras.Model.compile`. Defaults to `"auto"`.
+            auto_scale_loss: As in `keras.Model.compile`. Defaults to
+                `True`.
             gradient_transforms: List of `fitcustom.GradientTransform`
                 applied in order to the unscaled gradients. Defaults to
                 `None` (none).
@@ -249,8 +362,6 @@ class TapeModel(keras.Model):
             skip_nonfinite: Skip steps whose loss or gradients are not
                 finite and count them in the `nonfinite_steps` metric.
                 Defaults to `False`.
-            **kwargs: Other arguments of `keras.Model.compile` (`metrics`,
-                `run_eagerly`, `steps_per_execution`, `jit_compile`, ...).
         """
         for name, value in (
             ("log_gradient_norm", log_gradient_norm),
@@ -261,10 +372,31 @@ class TapeModel(keras.Model):
                     f"`{name}` must be True or False. "
                     f"Received: {name}={value!r}."
                 )
+        if (
+            isinstance(steps_per_execution, bool)
+            or not isinstance(steps_per_execution, (int, np.integer))
+            or steps_per_execution < 1
+        ):
+            raise ValueError(
+                "`steps_per_execution` must be a whole number >= 1 (the "
+                "steps run per call of the compiled step). Received: "
+                f"steps_per_execution={steps_per_execution!r}."
+            )
         gradient_transforms = transforms_lib.validate_transforms(
             gradient_transforms
         )
-        super().compile(optimizer=optimizer, loss=loss, **kwargs)
+        super().compile(
+            optimizer=optimizer,
+            loss=loss,
+            loss_weights=loss_weights,
+            metrics=metrics,
+            weighted_metrics=weighted_metrics,
+            run_eagerly=run_eagerly,
+            steps_per_execution=steps_per_execution,
+            jit_compile=jit_compile,
+            auto_scale_loss=auto_scale_loss,
+        )
+        self._compiled_by_name = (loss, (metrics, weighted_metrics))
         self._gradient_transforms = gradient_transforms
         self._log_gradient_norm = log_gradient_norm
         self._skip_nonfinite = skip_nonfinite
@@ -340,6 +472,11 @@ class TapeModel(keras.Model):
             )
         return self.test_function
 
+    def _training_optimizers(self):
+        """The optimizers a training step updates (their state is saved
+        and restored with the weights)."""
+        return [] if self.optimizer is None else [self.optimizer]
+
     def _require_compiled(self, method):
         if not self.compiled:
             raise ValueError(
@@ -349,8 +486,26 @@ class TapeModel(keras.Model):
                 "model.compile(optimizer='adam', loss='mse')."
             )
 
-    def fit(self, *args, **kwargs):
-        """Trains the model; see `keras.Model.fit`.
+    def fit(
+        self,
+        x=None,
+        y=None,
+        batch_size=None,
+        epochs=1,
+        verbose="auto",
+        callbacks=None,
+        validation_split=0.0,
+        validation_data=None,
+        shuffle=True,
+        class_weight=None,
+        sample_weight=None,
+        initial_epoch=0,
+        steps_per_epoch=None,
+        validation_steps=None,
+        validation_batch_size=None,
+        validation_freq=1,
+    ):
+        """Trains the model; see `keras.Model.fit` (same arguments).
 
         Without `skip_nonfinite`, the weights are checked once per epoch
         (no cost per step): if a step made them NaN or inf, training stops
@@ -359,24 +514,154 @@ class TapeModel(keras.Model):
         corrupt the weights, so `TerminateOnNaN` alone does not see it.
         """
         self._require_compiled("fit")
-        if not self._skip_nonfinite:
-            args, kwargs = _add_callback(args, kwargs, _StopOnNonFinite())
-        return super().fit(*args, **kwargs)
+        if not self._training_optimizers():
+            raise ValueError(
+                f"{type(self).__name__}.fit() needs an optimizer. Received: "
+                "compile(optimizer=None). Pass one to compile(), e.g. "
+                "optimizer='adam'."
+            )
+        checks.check_batch_size(batch_size)
+        checks.check_batch_size(validation_batch_size, "validation_batch_size")
+        checks.check_not_endless(x, steps_per_epoch)
+        checks.check_class_weight(class_weight, y)
+        self.check_fit_data(x, y, sample_weight, validation_data)
+        if not self._skip_nonfinite and not isinstance(
+            callbacks, keras.callbacks.CallbackList
+        ):
+            # (A ready-made CallbackList is the caller's to fill.)
+            # First, so that checkpoints see the restored weights.
+            callbacks = [_StopOnNonFinite()] + list(callbacks or [])
+        return super().fit(
+            x=x,
+            y=y,
+            batch_size=batch_size,
+            epochs=epochs,
+            verbose=verbose,
+            callbacks=callbacks,
+            validation_split=validation_split,
+            validation_data=validation_data,
+            shuffle=shuffle,
+            class_weight=class_weight,
+            sample_weight=sample_weight,
+            initial_epoch=initial_epoch,
+            steps_per_epoch=steps_per_epoch,
+            validation_steps=validation_steps,
+            validation_batch_size=validation_batch_size,
+            validation_freq=validation_freq,
+        )
 
-    def evaluate(self, *args, **kwargs):
-        """Evaluates the model; see `keras.Model.evaluate`."""
+    def evaluate(
+        self,
+        x=None,
+        y=None,
+        batch_size=None,
+        verbose="auto",
+        sample_weight=None,
+        steps=None,
+        callbacks=None,
+        return_dict=False,
+        **kwargs,
+    ):
+        """Evaluates the model; see `keras.Model.evaluate` (same
+        arguments)."""
         self._require_compiled("evaluate")
-        return super().evaluate(*args, **kwargs)
+        checks.check_batch_size(batch_size)
+        checks.check_not_endless(x, steps, "x")
+        self.check_evaluate_data(x, y, sample_weight)
+        return super().evaluate(
+            x=x,
+            y=y,
+            batch_size=batch_size,
+            verbose=verbose,
+            sample_weight=sample_weight,
+            steps=steps,
+            callbacks=callbacks,
+            return_dict=return_dict,
+            **kwargs,
+        )
 
-    def train_on_batch(self, *args, **kwargs):
+    def check_fit_data(self, x, y, sample_weight, validation_data):
+        """Checks `fit()`'s data before any step; see `check_data`.
+
+        Called with `fit()`'s own arguments; `validation_data` is checked
+        here too, so that bad validation data is refused before epoch 1
+        trains.
+        """
+        self.check_data(x, y, sample_weight)
+        if isinstance(validation_data, tf.data.Dataset):
+            self.check_data(validation_data)
+        elif isinstance(validation_data, (list, tuple)) and validation_data:
+            self.check_data(*validation_data[:3])
+
+    def check_evaluate_data(self, x, y, sample_weight):
+        """Checks `evaluate()`'s data before any step; see `check_data`."""
+        self.check_data(x, y, sample_weight)
+
+    def check_data(self, x, y=None, sample_weight=None):
+        """Checks data for this model before any step uses it.
+
+        The engine checks structure: dict or list inputs against the
+        model's inputs (keys or count), and dict targets against the
+        outputs given a loss or metric in `compile()` as dicts. Reads
+        only the element spec of a `tf.data.Dataset`. Task models add
+        their own checks (a subclass calls `super().check_data(...)`).
+
+        Raises:
+            ValueError: Naming the keys or structure received and
+                expected.
+        """
+        checks.check_sample_weight(sample_weight)
+        name = f"{type(self).__name__} {self.name!r}"
+        graph = self._graph_model()
+        try:
+            expected = None if graph is None else graph.input
+        except (AttributeError, ValueError):  # an unbuilt network
+            expected = None
+        if expected is not None:
+            checks.check_input_structure(x, expected, name)
+        targeted = self._targeted_outputs()
+        if targeted is not None:
+            checks.check_target_structure(
+                x if y is None else y, self.output_names, targeted, name
+            )
+
+    def _targeted_outputs(self):
+        """The outputs given a loss or metric by name in `compile()`, or
+        `None` when the loss is not a dict (then Keras matches targets
+        by position or applies the loss to every output)."""
+        loss, metrics = self.__dict__.get("_compiled_by_name", (None, ()))
+        if not isinstance(loss, dict):
+            return None
+        named = set(loss)
+        for m in metrics:
+            if isinstance(m, dict):
+                named.update(m)
+        return sorted(named)
+
+    def train_on_batch(
+        self,
+        x,
+        y=None,
+        sample_weight=None,
+        class_weight=None,
+        return_dict=False,
+    ):
         """One training step on one batch; see `keras.Model.train_on_batch`."""
         self._require_compiled("train_on_batch")
-        return super().train_on_batch(*args, **kwargs)
+        return super().train_on_batch(
+            x,
+            y=y,
+            sample_weight=sample_weight,
+            class_weight=class_weight,
+            return_dict=return_dict,
+        )
 
-    def test_on_batch(self, *args, **kwargs):
+    def test_on_batch(self, x, y=None, sample_weight=None, return_dict=False):
         """One test step on one batch; see `keras.Model.test_on_batch`."""
         self._require_compiled("test_on_batch")
-        return super().test_on_batch(*args, **kwargs)
+        return super().test_on_batch(
+            x, y=y, sample_weight=sample_weight, return_dict=return_dict
+        )
 
     # ------------------------------------------------------------------
     # The pieces of a step
@@ -640,44 +925,82 @@ class TapeModel(keras.Model):
 
 
 class _StopOnNonFinite(keras.callbacks.Callback):
-    """Stops `fit()` at the end of an epoch whose weights are not finite."""
+    """Stops `fit()` at the end of an epoch whose weights are not finite,
+    and puts back the last finite weights and optimizer state.
+
+    Keeps a copy of the model's variables and its optimizers' (on the
+    host) from the start of training and the end of every finite epoch.
+    Runs first among the epoch-end callbacks, so that checkpoints written
+    at that epoch's end see the restored weights, never the broken ones.
+    """
+
+    def _variables(self):
+        variables = list(self.model.weights)
+        for optimizer in self.model._training_optimizers():
+            variables.extend(optimizer.variables)
+        return variables
+
+    def _snapshot(self):
+        self._saved = [v.numpy() for v in self._variables()]
+
+    def on_train_begin(self, logs=None):
+        self._saved_epoch = None
+        self._snapshot()
 
     def on_epoch_end(self, epoch, logs=None):
-        weights = self.model.get_weights()
-        if all(np.isfinite(w).all() for w in weights if w.dtype.kind == "f"):
+        variables = self._variables()
+        values = [v.numpy() for v in variables]
+        if all(np.isfinite(w).all() for w in values if w.dtype.kind in "fc"):
+            self._saved = values
+            self._saved_epoch = epoch + 1
             return
         self.model.stop_training = True
+        restored = len(self._saved) == len(variables)
+        if restored:
+            for variable, value in zip(variables, self._saved):
+                variable.assign(value)
+        where = (
+            "the start of training"
+            if self._saved_epoch is None
+            else f"the end of epoch {self._saved_epoch}"
+        )
         warnings.warn(
             f"Epoch {epoch + 1}: the weights of {self.model.name} contain NaN "
-            "or inf; training stopped. A batch with non-finite values (or an "
-            "exploding step) reached them. Compile with "
-            "skip_nonfinite=True to skip such steps, and check the input "
-            "data.",
+            "or inf; training stopped"
+            + (
+                f" and the weights and optimizer state of {where} (the last "
+                "finite ones) were put back"
+                if restored
+                else ""
+            )
+            + ". A batch with non-finite values (or an exploding step) "
+            "reached them. Compile with skip_nonfinite=True to skip such "
+            "steps, and check the input data.",
             stacklevel=2,
         )
 
 
-def _add_callback(args, kwargs, callback):
-    """Adds `callback` to fit()'s callbacks, positional or keyword."""
-    position = 5  # fit(x, y, batch_size, epochs, verbose, callbacks, ...)
-    given = args[position] if len(args) > position else kwargs.get("callbacks")
-    if isinstance(given, keras.callbacks.CallbackList):
-        return args, kwargs  # a ready-made list is the caller's to fill
-    if len(args) > position:
-        args = list(args)
-        args[position] = list(args[position] or []) + [callback]
-        return tuple(args), kwargs
-    kwargs = dict(kwargs)
-    kwargs["callbacks"] = list(kwargs.get("callbacks") or []) + [callback]
-    return args, kwargs
+def check_saved_version(config, class_name):
+    """Removes the fitcustom version from a saved config; warns when the
+    file was written by another version of fitcustom."""
+    config = dict(config)
+    saved = config.pop("fitcustom_version", None)
+    if saved is not None and saved != __version__:
+        warnings.warn(
+            f"This {class_name} was saved by fitcustom {saved}; the "
+            f"installed fitcustom is {__version__}. If loading fails or the "
+            f"model behaves differently, install fitcustom=={saved} "
+            "(pip install 'fitcustom==" + saved + "').",
+            stacklevel=3,
+        )
+    return config
 
 
-def _is_functional_call(args, kwargs):
-    return (
-        len(args) == 2
-        or (len(args) == 1 and "outputs" in kwargs)
-        or ("inputs" in kwargs and "outputs" in kwargs)
-    )
+def _is_float(value):
+    dtype = getattr(value, "dtype", None)
+    if dtype is None:
+        return isinstance(value, float)
+    return tf.as_dtype(dtype).is_floating
 
 
 def _split_functional_args(args, kwargs):

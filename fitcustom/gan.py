@@ -7,6 +7,7 @@ import tensorflow as tf
 from fitcustom import distribute
 from fitcustom import gan_losses
 from fitcustom.engine import TapeModel
+from fitcustom.engine import check_saved_version
 
 # What a stateless draw is for; folded into the step's seed with the index
 # of the draw within the step, so no two draws of a run share a seed.
@@ -185,12 +186,17 @@ class TapeGAN(TapeModel):
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
-        config = dict(config)
+        config = check_saved_version(config, cls.__name__)
         for key in ("generator", "discriminator"):
             config[key] = keras.saving.deserialize_keras_object(
                 config[key], custom_objects=custom_objects
             )
         return cls(**config)
+
+    def _training_optimizers(self):
+        return [
+            o for o in (self.d_optimizer, self.g_optimizer) if o is not None
+        ]
 
     def call(self, inputs, training=None):
         """The discriminator's scores for `inputs` (images, or

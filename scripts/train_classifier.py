@@ -81,11 +81,11 @@ def main(argv=None):
     )
     out = args.output_dir
     callbacks = [
-        keras.callbacks.BackupAndRestore(os.path.join(out, "backup")),
+        fitcustom.BackupAndRestore(os.path.join(out, "backup")),
         keras.callbacks.CSVLogger(
             os.path.join(out, "history.csv"), append=True
         ),
-        keras.callbacks.ModelCheckpoint(
+        fitcustom.ModelCheckpoint(
             os.path.join(out, "model.keras"),
             monitor="val_accuracy",
             save_best_only=True,

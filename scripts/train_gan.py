@@ -72,7 +72,7 @@ def main(argv=None):
     )
     out = args.output_dir
     callbacks = [
-        keras.callbacks.BackupAndRestore(os.path.join(out, "backup")),
+        fitcustom.BackupAndRestore(os.path.join(out, "backup")),
         keras.callbacks.CSVLogger(
             os.path.join(out, "history.csv"), append=True
         ),
@@ -92,7 +92,9 @@ def main(argv=None):
         verbose=args.verbose,
     )
     gan.save(os.path.join(out, "gan.keras"))
-    gan.generator.save(os.path.join(out, "generator.keras"))
+    fitcustom.checkpoints.save_model(
+        gan.generator, os.path.join(out, "generator.keras")
+    )
     history = read_csv_history(os.path.join(out, "history.csv"))
     save_curves(history, os.path.join(out, "curves.png"), ["d_loss", "g_loss"])
     print(

@@ -14,7 +14,11 @@ import subprocess
 import sys
 import textwrap
 
+import keras
+import numpy as np
 import pytest
+
+import fitcustom
 
 SCRIPT = textwrap.dedent(
     """
@@ -55,6 +59,7 @@ SCRIPT = textwrap.dedent(
                 skip_nonfinite=guard,
             )
             optimizer = model.optimizer
+        initial = model.get_weights()
         history = model.fit(
             x, y, batch_size=16, epochs=3, shuffle=False, verbose=0,
             callbacks=[keras.callbacks.TerminateOnNaN()],
@@ -62,6 +67,8 @@ SCRIPT = textwrap.dedent(
         return {
             "finite": all(bool(np.isfinite(w).all())
                           for w in model.get_weights()),
+            "initial": all(np.array_equal(a, b) for a, b in
+                           zip(initial, model.get_weights())),
             "epochs": len(history["loss"]),
             "loss": [float(v) for v in history["loss"]],
             "skipped": history.get("nonfinite_steps"),
@@ -97,7 +104,91 @@ def test_nonfinite_batch_with_and_without_guard(onednn, kind):
     assert guard["skipped"] == [1.0, 1.0, 1.0]
     assert guard["iterations"] == 9
     assert all(v == v for v in guard["loss"])
-    # Guard off: training stops (TerminateOnNaN) instead of going on with
-    # corrupted weights.
-    assert not no_guard["finite"]
+    # Guard off: training stops instead of going on with corrupted
+    # weights, and the last finite weights (here the initial ones: the
+    # poisoned batch is in epoch 1) are put back.
     assert no_guard["epochs"] == 1
+    assert no_guard["finite"] and no_guard["initial"]
+    assert not guard["initial"]  # control: the guarded run did train
+
+
+def _model(skip_nonfinite):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6,))
+    model = fitcustom.TapeModel(inputs, keras.layers.Dense(3)(inputs))
+    model.compile(
+        optimizer="adam",
+        loss="mse",
+        metrics=["mae"],
+        skip_nonfinite=skip_nonfinite,
+        log_gradient_norm=True,
+    )
+    return model
+
+
+def _data(poisoned):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 6)).astype("float32")
+    if poisoned:
+        x[:] = np.nan
+    return x, rng.normal(size=(32, 3)).astype("float32")
+
+
+def test_epoch_without_an_applied_step_logs_nan(tmp_path):
+    """An epoch whose every step was skipped logs NaN, not 0.0, and a
+    best-only checkpoint keeps the last good epoch."""
+    model = _model(skip_nonfinite=True)
+    best = tmp_path / "best.keras"
+    checkpoint = fitcustom.ModelCheckpoint(
+        best, monitor="loss", save_best_only=True
+    )
+    stopper = keras.callbacks.EarlyStopping(monitor="loss", patience=5)
+    good, bad = _data(False), _data(True)
+    history = model.fit(
+        *good, batch_size=16, verbose=0, callbacks=[checkpoint, stopper]
+    ).history
+    saved = model.get_weights()
+    history_bad = model.fit(
+        *bad, batch_size=16, epochs=2, verbose=0, callbacks=[checkpoint]
+    ).history
+    assert np.isfinite(history["loss"][0]) and history["loss"][0] > 0
+    for key in ("loss", "mae", "gradient_norm"):
+        assert np.isnan(history_bad[key]).all(), (key, history_bad[key])
+    assert history_bad["nonfinite_steps"] == [2.0, 2.0]
+    loaded = keras.models.load_model(best)
+    for a, b in zip(saved, loaded.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    # Control: what Keras logs for a mean that counted nothing, which a
+    # best-only checkpoint would have taken for the best epoch.
+    assert float(keras.metrics.Mean().result()) == 0.0
+
+
+def test_without_guard_the_last_finite_weights_are_put_back(tmp_path):
+    model = _model(skip_nonfinite=False)
+    good, bad = _data(False), _data(True)
+    model.fit(*good, batch_size=16, epochs=2, verbose=0)
+    weights = model.get_weights()
+    slots = [v.numpy() for v in model.optimizer.variables]
+    backup = tmp_path / "backup"
+    with pytest.warns(UserWarning, match="start of training.*put back"):
+        history = model.fit(
+            *bad,
+            batch_size=16,
+            epochs=3,
+            initial_epoch=0,
+            verbose=0,
+            callbacks=[
+                fitcustom.BackupAndRestore(backup, delete_checkpoint=False)
+            ],
+        ).history
+    assert len(history["loss"]) == 1
+    for a, b in zip(weights, model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(slots, [v.numpy() for v in model.optimizer.variables]):
+        np.testing.assert_array_equal(a, b)
+    # The backup written at that epoch's end holds the restored weights.
+    (saved,) = backup.glob("backup-*.weights.h5")
+    restored = _model(skip_nonfinite=False)
+    restored.load_weights(saved)
+    for a, b in zip(weights, restored.get_weights()):
+        np.testing.assert_array_equal(a, b)

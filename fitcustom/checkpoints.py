@@ -1,0 +1,313 @@
+"""Durable saving: a kill or a full disk never destroys a good file.
+
+Keras writes every file in place: `model.save()` opens the target for
+writing, and `keras.callbacks.BackupAndRestore` rewrites its backup. A
+process killed during the write (or a disk that fills up) leaves a
+truncated file where the good one was, and a restart cannot read it.
+
+Here every file is written to a temporary file in the same directory,
+flushed to disk (`fsync`) and then renamed over the target (`os.replace`,
+atomic on POSIX and Windows): the target is always either the old
+complete file or the new complete one. What is provided:
+
+- `save_model(model, path)` and `save_weights(model, path)`: atomic
+  versions of `model.save()` and `model.save_weights()` for any Keras
+  model. `fitcustom.TapeModel.save()` and `.save_weights()` use them.
+- `ModelCheckpoint`: Keras' callback (same arguments) saving through them.
+- `BackupAndRestore`: Keras' callback (same arguments) whose backup is one
+  file written atomically, named by the epoch and batch it holds, so the
+  weights and the place to resume from can never disagree.
+
+Paths with a scheme (`gs://...`) and sharded weights (`max_shard_size`)
+are written by Keras as before: a rename is not atomic there.
+
+Example:
+
+```python
+import keras
+import numpy as np
+import fitcustom
+
+inputs = keras.Input((4,))
+model = fitcustom.TapeModel(inputs, keras.layers.Dense(1)(inputs))
+model.compile(optimizer="sgd", loss="mse")
+x, y = np.ones((32, 4)), np.zeros((32, 1))
+model.fit(
+    x, y, epochs=2, verbose=0,
+    callbacks=[fitcustom.BackupAndRestore("/tmp/fitcustom_doc_backup")],
+)
+fitcustom.checkpoints.save_model(model, "/tmp/fitcustom_doc_model.keras")
+```
+"""
+
+import contextlib
+import os
+import re
+import uuid
+import warnings
+
+import keras
+
+from fitcustom import _compat
+
+#: Prefix of the temporary files written before the rename. Leftovers of a
+#: killed write are removed by `BackupAndRestore` on start.
+TEMP_PREFIX = ".fitcustom-tmp-"
+
+# Test hook: called as `_before_replace(temp_path, target_path)` after the
+# temporary file is complete and flushed, just before the rename (a test
+# kills the process there to show that the old file survives).
+_before_replace = None
+
+
+def _is_local(filepath) -> bool:
+    return "://" not in str(filepath)
+
+
+def _fsync_file(path):
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(directory):
+    # A rename is durable once the directory entry is on disk; Windows
+    # cannot open a directory, and there the rename itself is enough.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(filepath):
+    """A temporary path to write `filepath`'s new content to.
+
+    Yields a path in the same directory whose name ends like
+    `filepath`'s (Keras checks the `.keras` / `.weights.h5` endings).
+    When the block ends without an error the file is flushed to disk and
+    renamed over `filepath`; on any error (a full disk, an interrupt) the
+    temporary file is removed and `filepath` is left as it was.
+
+    Args:
+        filepath: The file to (re)write. Its directory is created if
+            missing.
+    """
+    filepath = os.fspath(filepath)
+    directory = os.path.dirname(os.path.abspath(filepath))
+    os.makedirs(directory, exist_ok=True)
+    temp = os.path.join(
+        directory,
+        f"{TEMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}-"
+        f"{os.path.basename(filepath)}",
+    )
+    try:
+        yield temp
+        _fsync_file(temp)
+        if _before_replace is not None:
+            _before_replace(temp, filepath)
+        os.replace(temp, filepath)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(temp)
+        raise
+    _fsync_dir(directory)
+
+
+def _may_overwrite(filepath, overwrite):
+    if overwrite or not os.path.exists(filepath):
+        return True
+    from keras.src.utils import io_utils
+
+    return io_utils.ask_to_proceed_with_overwrite(filepath)
+
+
+def save_model(model, filepath, overwrite=True, zipped=None, **kwargs):
+    """`model.save(filepath)`, written atomically (see the module).
+
+    Args:
+        model: A Keras model.
+        filepath: A `.keras` path.
+        overwrite: As in `keras.Model.save`. Defaults to `True`.
+        zipped: As in `keras.Model.save`; an unzipped save (a directory)
+            is written by Keras as it is.
+        **kwargs: Other arguments of `keras.Model.save`.
+    """
+    if not _is_local(filepath) or zipped is False:
+        return keras.Model.save(model, filepath, overwrite, zipped, **kwargs)
+    if not _may_overwrite(filepath, overwrite):
+        return None
+    with atomic_path(filepath) as temp:
+        keras.Model.save(model, temp, True, zipped, **kwargs)
+    return None
+
+
+def save_weights(model, filepath, overwrite=True, max_shard_size=None):
+    """`model.save_weights(filepath)`, written atomically.
+
+    Args:
+        model: A Keras model.
+        filepath: A `.weights.h5` path.
+        overwrite: As in `keras.Model.save_weights`. Defaults to `True`.
+        max_shard_size: As in `keras.Model.save_weights`; sharded weights
+            (several files) are written by Keras as they are.
+    """
+    if not _is_local(filepath) or max_shard_size is not None:
+        return keras.Model.save_weights(
+            model, filepath, overwrite, max_shard_size
+        )
+    if not _may_overwrite(filepath, overwrite):
+        return None
+    with atomic_path(filepath) as temp:
+        keras.Model.save_weights(model, temp, True)
+    return None
+
+
+class _AtomicSaves:
+    """A model whose `save` / `save_weights` are the atomic ones; every
+    other attribute is the model's."""
+
+    def __init__(self, model):
+        self._wrapped = model
+
+    def save(self, filepath, overwrite=True, **kwargs):
+        save_model(self._wrapped, filepath, overwrite, **kwargs)
+
+    def save_weights(self, filepath, overwrite=True, **kwargs):
+        save_weights(self._wrapped, filepath, overwrite, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._wrapped, name)
+
+
+class ModelCheckpoint(keras.callbacks.ModelCheckpoint):
+    """Keras' `ModelCheckpoint`, writing each file atomically.
+
+    Same arguments and behaviour as `keras.callbacks.ModelCheckpoint`
+    (`monitor`, `save_best_only`, `save_weights_only`, `save_freq`, ...);
+    a kill or a full disk during a save leaves the previous checkpoint
+    complete and loadable, where Keras' own leaves a truncated file.
+    """
+
+    def _save_model(self, epoch, batch, logs):
+        model = self._model
+        self._model = _AtomicSaves(model)
+        try:
+            super()._save_model(epoch, batch, logs)
+        finally:
+            self._model = model
+
+
+_BACKUP_NAME = re.compile(r"^backup-(\d+)-epoch(\d+)-batch(\d+)\.weights\.h5$")
+
+
+class BackupAndRestore(keras.callbacks.BackupAndRestore):
+    """Keras' `BackupAndRestore` with a backup that survives any kill.
+
+    Same arguments as `keras.callbacks.BackupAndRestore`. The backup is one
+    weights file (model and optimizer state) named by the epoch and batch
+    it was written at, after a sequence number
+    (`backup-000000004-epoch000003-batch000000000.weights.h5`), written
+    atomically; the previous backup is removed only once the new one is
+    in place, and the one with the highest sequence number is restored.
+    Keras' own callback rewrites `latest.weights.h5` and then
+    `training_metadata.json` in place: a kill during either write
+    leaves a backup that the restart cannot read, or weights that do not
+    match the recorded epoch.
+
+    As with Keras' callback, a run resumes at the start of the epoch of
+    its last backup: with a batch-level `save_freq`, the batches of that
+    epoch before the kill are trained again.
+
+    Args:
+        backup_dir: Directory of the backup; one per training run.
+        save_freq: `"epoch"` or a number of batches. Defaults to
+            `"epoch"`.
+        double_checkpoint: Accepted for compatibility; the previous backup
+            is always kept until the new one is complete. Defaults to
+            `False`.
+        delete_checkpoint: Delete the backup when training ends. Defaults
+            to `True`.
+    """
+
+    def on_train_begin(self, logs=None):
+        self._remove_leftovers()
+        self._load_model()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        # Keras sets the epoch only at epoch end, so that a batch-level
+        # backup written in the first epoch after a resume recorded epoch 0.
+        self._current_epoch = epoch
+
+    def _backups(self):
+        """`(sequence, epoch, batch, path)` of every complete backup,
+        newest last."""
+        if not os.path.isdir(self.backup_dir):
+            return []
+        found = []
+        for name in os.listdir(self.backup_dir):
+            match = _BACKUP_NAME.match(name)
+            if match:
+                numbers = tuple(int(g) for g in match.groups())
+                found.append((*numbers, os.path.join(self.backup_dir, name)))
+        return sorted(found)
+
+    def _remove_leftovers(self):
+        if not os.path.isdir(self.backup_dir):
+            return
+        for name in os.listdir(self.backup_dir):
+            if name.startswith(TEMP_PREFIX):
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(self.backup_dir, name))
+
+    def _load_model(self):
+        backups = self._backups()
+        if not backups:
+            self._load_keras_backup()
+            return
+        if not self.model.built:
+            raise ValueError(
+                "BackupAndRestore needs a built model to restore into. "
+                f"Received: model {self.model.name!r}, not built. Build it "
+                "before fit(), e.g. by calling it on a batch of data."
+            )
+        optimizer = self.model.optimizer
+        if optimizer is not None and not optimizer.built:
+            optimizer.build(self.model.trainable_variables)
+        _, epoch, _, path = backups[-1]
+        self.model.load_weights(path)
+        _compat.set_initial_epoch(self.model, epoch)
+        self._current_epoch = epoch
+
+    def _load_keras_backup(self):
+        """Resumes from a backup of Keras' own callback in the same
+        directory, if it is readable; warns and starts over if not."""
+        if not os.path.exists(self._weights_path):
+            return
+        try:
+            super()._load_model()
+        except (OSError, ValueError) as e:
+            warnings.warn(
+                f"The backup in {self.backup_dir} was left unreadable by an "
+                "interrupted write of keras.callbacks.BackupAndRestore "
+                f"({type(e).__name__}: {str(e)[:200]}); training starts "
+                "over. fitcustom.BackupAndRestore writes backups that a "
+                "kill cannot damage.",
+                stacklevel=2,
+            )
+
+    def _save_model(self):
+        old = self._backups()
+        sequence = old[-1][0] + 1 if old else 0
+        path = os.path.join(
+            self.backup_dir,
+            f"backup-{sequence:09d}-epoch{self._current_epoch:06d}-"
+            f"batch{self._last_batch_seen:09d}.weights.h5",
+        )
+        save_weights(self.model, path)
+        for *_, stale in old:
+            with contextlib.suppress(OSError):
+                os.remove(stale)

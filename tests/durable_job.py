@@ -1,0 +1,135 @@
+"""A training job for the durability tests, run in fresh processes.
+
+    python durable_job.py OUT KIND [KILL]
+
+Trains a small TapeClassifier or TapeGAN with `fitcustom.BackupAndRestore`
+and `fitcustom.ModelCheckpoint` under `OUT`, then saves the final weights
+to `OUT/final.weights.h5`. `KILL` makes the process SIGKILL itself once:
+
+- `batch:E:B`: after batch B of epoch E;
+- `backup:E:HOW` / `checkpoint:E:HOW`: while writing the backup (or the
+  model checkpoint) at the end of epoch E, `HOW` being `partial` (the
+  temporary file half-written, the target untouched) or `renamed` (the
+  new file in place, the old backup not yet removed).
+"""
+
+import os
+import signal
+import sys
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import fitcustom
+from fitcustom import checkpoints
+
+EPOCHS = 6
+BATCH = 16
+
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def build(kind):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(96, 6)).astype("float32")
+    if kind == "gan":
+        z = keras.Input((4,))
+        h = keras.layers.BatchNormalization()(
+            keras.layers.Dense(8, activation="relu")(z)
+        )
+        generator = keras.Model(z, keras.layers.Dense(6)(h))
+        d_in = keras.Input((6,))
+        h = keras.layers.Dense(8, activation="relu")(d_in)
+        discriminator = keras.Model(
+            d_in, keras.layers.Dense(1)(keras.layers.Dropout(0.2)(h))
+        )
+        model = fitcustom.TapeGAN(
+            generator=generator,
+            discriminator=discriminator,
+            latent_dim=4,
+            ema_decay=0.9,
+        )
+        model.compile(label_noise=0.05)
+        return model, x, None
+    inputs = keras.Input((6,))
+    h = keras.layers.Dense(16, activation="relu")(inputs)
+    h = keras.layers.Dropout(0.1)(keras.layers.BatchNormalization()(h))
+    model = fitcustom.TapeClassifier(inputs, keras.layers.Dense(3)(h))
+    model.compile(sam_rho=0.05, label_smoothing=0.1)
+    return model, x, rng.integers(0, 3, size=96)
+
+
+class Position(keras.callbacks.Callback):
+    """Where training is: `(epoch, batch)` of the last finished batch."""
+
+    epoch = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        Position.epoch = epoch
+
+
+class KillAfterBatch(keras.callbacks.Callback):
+    def __init__(self, epoch, batch):
+        super().__init__()
+        self.target = (epoch, batch)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if (Position.epoch, batch) == self.target:
+            die()
+
+
+def kill_in_write(which, epoch, how):
+    """Arms the write hook for the write of `which` ("backup" or
+    "checkpoint") at the end of `epoch`."""
+    marker = "backup-" if which == "backup" else "checkpoint.keras"
+
+    def hook(temp, target):
+        if marker not in os.path.basename(target) or Position.epoch != epoch:
+            return
+        if how == "partial":
+            with open(temp, "r+b") as f:
+                f.truncate(os.path.getsize(temp) // 2)
+        else:
+            os.replace(temp, target)
+        die()
+
+    checkpoints._before_replace = hook
+
+
+def main(argv):
+    out, kind = argv[0], argv[1]
+    kill = argv[2].split(":") if len(argv) > 2 else None
+    # Grappler's rewrites are not bitwise reproducible from one process
+    # to the next; the comparison is exact.
+    tf.config.optimizer.set_experimental_options(
+        {"disable_meta_optimizer": True}
+    )
+    keras.utils.set_random_seed(0)
+    model, x, y = build(kind)
+    callbacks = [
+        Position(),
+        fitcustom.ModelCheckpoint(os.path.join(out, "checkpoint.keras")),
+        fitcustom.BackupAndRestore(os.path.join(out, "backup")),
+    ]
+    if kill and kill[0] == "batch":
+        callbacks.append(KillAfterBatch(int(kill[1]), int(kill[2])))
+    elif kill:
+        kill_in_write(kill[0], int(kill[1]), kill[2])
+    model.fit(
+        x,
+        y,
+        batch_size=BATCH,
+        epochs=EPOCHS,
+        shuffle=False,
+        verbose=0,
+        callbacks=callbacks,
+    )
+    checkpoints._before_replace = None
+    model.save_weights(os.path.join(out, "final.weights.h5"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

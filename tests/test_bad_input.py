@@ -1,0 +1,126 @@
+"""Bad arguments to compile() / fit() / evaluate(): a clear ValueError
+before any weight changes, where Keras 3.15 trains silently or fails
+inside TensorFlow."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import fitcustom
+
+N = 32
+
+
+def _data():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(N, 5)).astype("float32")
+    y = np.arange(N) % 3
+    return x, y
+
+
+def _model(cls=fitcustom.TapeModel, **compile_kwargs):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((5,))
+    model = cls(inputs, keras.layers.Dense(3)(inputs))
+    kwargs = dict(
+        optimizer="sgd",
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    kwargs.update(compile_kwargs)
+    model.compile(**kwargs)
+    return model
+
+
+def _refused(model, match, **fit_kwargs):
+    x, y = _data()
+    kwargs = dict(x=x, y=y, verbose=0)
+    kwargs.update(fit_kwargs)
+    before = model.get_weights()
+    with pytest.raises(ValueError, match=match):
+        model.fit(**kwargs)
+    for a, b in zip(before, model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+FIT_CASES = {
+    "batch_size_zero": (dict(batch_size=0), "batch_size=0"),
+    "batch_size_negative": (dict(batch_size=-4), "batch_size=-4"),
+    "batch_size_float": (dict(batch_size=2.5), "batch_size=2.5"),
+    "validation_batch_size": (
+        dict(validation_split=0.25, validation_batch_size=0),
+        "validation_batch_size=0",
+    ),
+    "sample_weight_negative": (
+        dict(sample_weight=np.r_[-1.0, np.ones(N - 1)]),
+        "sample_weight.*>= 0.*minimum -1.0 at index 0",
+    ),
+    "sample_weight_all_zero": (
+        dict(sample_weight=np.zeros(N)),
+        "0 for every sample",
+    ),
+    "class_weight_missing_class": (
+        dict(class_weight={0: 1.0, 1: 2.0}),
+        r"no weight for classes \[2\]",
+    ),
+    "class_weight_string_keys": (
+        dict(class_weight={"0": 1.0, "1": 1.0, "2": 1.0}),
+        "integer class ids.*'0'",
+    ),
+    "class_weight_negative": (
+        dict(class_weight={0: 1.0, 1: -1.0, 2: 1.0}),
+        ">= 0",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(FIT_CASES), ids=list(FIT_CASES))
+@pytest.mark.parametrize("cls", ["TapeModel", "TapeClassifier"])
+def test_bad_fit_arguments_are_refused(case, cls):
+    fit_kwargs, match = FIT_CASES[case]
+    _refused(_model(getattr(fitcustom, cls)), match, **fit_kwargs)
+
+
+def test_keras_trains_silently_on_the_same_arguments():
+    """Control: built-in fit() takes batch_size=0, negative sample weights
+    and string class-weight keys without a word (the weights move)."""
+    x, y = _data()
+    for kwargs in (
+        dict(batch_size=0),
+        dict(sample_weight=-np.ones(N)),
+        dict(class_weight={"0": 1.0, "1": 1.0, "2": 1.0}),
+    ):
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((5,))
+        model = keras.Model(inputs, keras.layers.Dense(3)(inputs))
+        model.compile(
+            optimizer="sgd",
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+        before = model.get_weights()
+        model.fit(x, y, verbose=0, **kwargs)
+        assert not np.array_equal(before[0], model.get_weights()[0]), kwargs
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, True])
+def test_bad_steps_per_execution_is_refused(value):
+    with pytest.raises(ValueError, match="steps_per_execution"):
+        _model(steps_per_execution=value)
+
+
+def test_fit_without_an_optimizer_is_refused():
+    model = _model(optimizer=None)
+    _refused(model, "needs an optimizer.*optimizer=None")
+    x, y = _data()
+    model.evaluate(x, y, verbose=0)  # evaluation needs none
+
+
+def test_endless_dataset_without_steps_is_refused():
+    x, y = _data()
+    endless = tf.data.Dataset.from_tensor_slices((x, y)).batch(8).repeat()
+    model = _model()
+    _refused(model, "endless.*steps_per_epoch=N", x=endless, y=None)
+    with pytest.raises(ValueError, match="endless"):
+        model.evaluate(endless, verbose=0)
+    history = model.fit(endless, steps_per_epoch=2, verbose=0).history
+    assert len(history["loss"]) == 1

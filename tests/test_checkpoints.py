@@ -1,0 +1,273 @@
+"""Atomic saving: the previous file survives an interrupted or failed write."""
+
+import contextlib
+import errno
+import json
+import os
+import subprocess
+import uuid
+import warnings
+import zipfile
+
+import keras
+import numpy as np
+import pytest
+from helpers import assert_weights_close
+
+import fitcustom
+from fitcustom import checkpoints
+
+
+def _model(width=4, seed=0):
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((width,))
+    model = fitcustom.TapeModel(inputs, keras.layers.Dense(width)(inputs))
+    model.compile(optimizer="adam", loss="mse")
+    x = np.ones((8, width), "float32")
+    model.fit(x, x, verbose=0)
+    return model
+
+
+def _leftovers(directory):
+    return [
+        n
+        for n in os.listdir(directory)
+        if n.startswith(checkpoints.TEMP_PREFIX)
+    ]
+
+
+@contextlib.contextmanager
+def _hook(function):
+    checkpoints._before_replace = function
+    try:
+        yield
+    finally:
+        checkpoints._before_replace = None
+
+
+def _interrupt(temp, target):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("what", ["save", "save_weights"])
+def test_interrupted_save_keeps_the_old_file(tmp_path, what):
+    suffix = ".keras" if what == "save" else ".weights.h5"
+    path = tmp_path / f"model{suffix}"
+    old = _model(seed=0)
+    getattr(old, what)(path)
+    new = _model(seed=1)
+    with _hook(_interrupt), pytest.raises(KeyboardInterrupt):
+        getattr(new, what)(path)
+    assert _leftovers(tmp_path) == []
+    restored = _model(seed=2)
+    if what == "save":
+        restored = keras.models.load_model(path)
+    else:
+        restored.load_weights(path)
+    assert_weights_close(old.get_weights(), restored.get_weights(), atol=0)
+    getattr(new, what)(path)  # and a complete save replaces it
+    if what == "save":
+        restored = keras.models.load_model(path)
+    else:
+        restored.load_weights(path)
+    assert_weights_close(new.get_weights(), restored.get_weights(), atol=0)
+
+
+def test_failing_write_keeps_the_old_file(tmp_path, monkeypatch):
+    """A write that fails half-way (ENOSPC from the file system)."""
+    path = tmp_path / "model.weights.h5"
+    old = _model(seed=0)
+    old.save_weights(path)
+
+    def half_written(model, filepath, *args, **kwargs):
+        with open(filepath, "wb") as f:
+            f.write(b"\x89HDF" + b"\0" * 100)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(keras.Model, "save_weights", half_written)
+    with pytest.raises(OSError, match="No space"):
+        _model(seed=1).save_weights(path)
+    monkeypatch.undo()
+    assert _leftovers(tmp_path) == []
+    restored = _model(seed=2)
+    restored.load_weights(path)
+    assert_weights_close(old.get_weights(), restored.get_weights(), atol=0)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs, where the machine lets the test mount one (root)."""
+    mount = tmp_path / f"disk-{uuid.uuid4().hex[:6]}"
+    mount.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
+        capture_output=True,
+    )
+    if result.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _fill(directory, leave):
+    stat = os.statvfs(directory)
+    free = stat.f_bavail * stat.f_frsize
+    with open(directory / "filler", "wb") as f:
+        f.write(b"\0" * max(0, free - leave))
+
+
+def test_full_disk_keeps_the_old_file(small_disk):
+    path = small_disk / "model.keras"
+    old = _model(width=4)
+    old.save(path)
+    _fill(small_disk, leave=64 * 1024)
+    big = _model(width=200)  # ~480 KB of weights and optimizer state
+    with pytest.raises(OSError):
+        big.save(path)
+    assert _leftovers(small_disk) == []
+    loaded = keras.models.load_model(path)
+    assert_weights_close(old.get_weights(), loaded.get_weights(), atol=0)
+    # Control: Keras' own save destroys the old file on the same disk.
+    with pytest.raises(OSError):
+        keras.Model.save(big, path)
+    with pytest.raises(Exception):  # noqa: B017 - any load error
+        keras.models.load_model(path)
+
+
+def _backup_files(directory):
+    return sorted(p.name for p in directory.glob("backup-*.weights.h5"))
+
+
+def test_backup_removes_leftovers_and_resumes_from_the_newest(tmp_path):
+    backup = tmp_path / "backup"
+    x = np.ones((16, 4), "float32")
+
+    class StopAfter(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                self.model.stop_training = True
+
+    model = _model()
+    callback = fitcustom.BackupAndRestore(backup, delete_checkpoint=False)
+    model.fit(x, x, epochs=5, verbose=0, callbacks=[callback, StopAfter()])
+    # One backup kept: the end of epoch index 1, so resume at epoch 2.
+    assert _backup_files(backup) == [
+        "backup-000000001-epoch000002-batch000000000.weights.h5"
+    ]
+    (backup / f"{checkpoints.TEMP_PREFIX}123-abc-x.weights.h5").write_bytes(
+        b"half"
+    )
+    resumed = _model(seed=5)
+    epochs = []
+    history = resumed.fit(
+        x,
+        x,
+        epochs=5,
+        verbose=0,
+        callbacks=[
+            fitcustom.BackupAndRestore(backup),
+            keras.callbacks.LambdaCallback(
+                on_epoch_begin=lambda e, logs: epochs.append(e)
+            ),
+        ],
+    )
+    assert epochs == [2, 3, 4]
+    assert len(history.history["loss"]) == 3
+    assert not backup.exists()
+
+
+def test_truncated_keras_backup_warns_and_starts_over(tmp_path):
+    """What Keras' own callback leaves after a kill during its write: the
+    restart used to fail with 'file signature not found' forever."""
+    backup = tmp_path / "backup"
+    backup.mkdir()
+    (backup / "latest.weights.h5").write_bytes(b"\x89HDF\r\n")
+    (backup / "training_metadata.json").write_text('{"epoch": 3')
+    x = np.ones((16, 4), "float32")
+    model = _model()
+    with pytest.warns(UserWarning, match="unreadable.*starts over"):
+        history = model.fit(
+            x,
+            x,
+            epochs=2,
+            verbose=0,
+            callbacks=[fitcustom.BackupAndRestore(backup)],
+        )
+    assert len(history.history["loss"]) == 2
+    # Control: Keras' own callback cannot get past it.
+    backup.mkdir()
+    (backup / "latest.weights.h5").write_bytes(b"\x89HDF\r\n")
+    with pytest.raises(OSError):
+        model.fit(
+            x,
+            x,
+            epochs=2,
+            verbose=0,
+            callbacks=[keras.callbacks.BackupAndRestore(backup)],
+        )
+
+
+def test_model_checkpoint_interrupted_keeps_the_best(tmp_path):
+    path = tmp_path / "best.keras"
+    x = np.ones((16, 4), "float32")
+    model = _model()
+    model.fit(
+        x,
+        x,
+        epochs=1,
+        verbose=0,
+        callbacks=[fitcustom.ModelCheckpoint(path, monitor="loss")],
+    )
+    saved = model.get_weights()
+    with _hook(_interrupt), pytest.raises(KeyboardInterrupt):
+        model.fit(
+            x,
+            x,
+            epochs=1,
+            verbose=0,
+            callbacks=[fitcustom.ModelCheckpoint(path, monitor="loss")],
+        )
+    loaded = keras.models.load_model(path)
+    assert_weights_close(saved, loaded.get_weights(), atol=0)
+    # A plain keras.Model gets the same through fitcustom's callback.
+    plain = keras.Sequential([keras.Input((4,)), keras.layers.Dense(4)])
+    plain.compile(optimizer="sgd", loss="mse")
+    with _hook(_interrupt), pytest.raises(KeyboardInterrupt):
+        plain.fit(
+            x,
+            x,
+            epochs=1,
+            verbose=0,
+            callbacks=[fitcustom.ModelCheckpoint(path, monitor="loss")],
+        )
+    loaded = keras.models.load_model(path)
+    assert_weights_close(saved, loaded.get_weights(), atol=0)
+
+
+def _rewrite_version(path, version):
+    with zipfile.ZipFile(path) as z:
+        files = {name: z.read(name) for name in z.namelist()}
+    config = json.loads(files["config.json"])
+    assert config["config"]["fitcustom_version"] == fitcustom.__version__
+    config["config"]["fitcustom_version"] = version
+    files["config.json"] = json.dumps(config).encode()
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+
+
+@pytest.mark.parametrize("cls", ["TapeModel", "TapeClassifier"])
+def test_saved_file_records_the_fitcustom_version(tmp_path, cls):
+    inputs = keras.Input((4,))
+    model = getattr(fitcustom, cls)(inputs, keras.layers.Dense(3)(inputs))
+    path = tmp_path / "model.keras"
+    model.save(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # same version: no warning
+        keras.models.load_model(path)
+    _rewrite_version(path, "9.9.9")
+    with pytest.warns(UserWarning, match="saved by fitcustom 9.9.9"):
+        loaded = keras.models.load_model(path)
+    assert_weights_close(model.get_weights(), loaded.get_weights(), atol=0)

@@ -1,0 +1,714 @@
+"""Every data and model structure Keras accepts, in parity with built-in fit().
+
+Each case builds the same functional graph twice (a `keras.Model` and a
+`fitcustom.TapeModel`) with the same initial weights, compiles both with the
+same arguments, trains both on the same data and compares every weight
+(<= 1e-6) and every logged number (relative 1e-6), in every execution mode
+and on two replicas.
+"""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from helpers import assert_history_close
+from helpers import assert_weights_close
+from helpers import max_abs_diff
+
+import fitcustom
+
+N = 40
+BATCH = 8
+
+MODES = {
+    "eager": dict(run_eagerly=True),
+    "graph": dict(),
+    "steps_per_execution": dict(steps_per_execution=3),
+    "jit": dict(jit_compile=True),
+}
+
+
+def _rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+# ----------------------------------------------------------------------
+# Structures: each returns (graph builder, compile kwargs, x, y, extra fit
+# kwargs). The builder returns (inputs, outputs) of a fresh graph.
+# ----------------------------------------------------------------------
+
+
+def dict_inputs():
+    def graph():
+        a = keras.Input((4,), name="a")
+        b = keras.Input((3,), name="b")
+        h = keras.layers.Dense(8, activation="relu")(
+            keras.layers.Concatenate()([a, b])
+        )
+        return {"a": a, "b": b}, keras.layers.Dense(1)(h)
+
+    rng = _rng(1)
+    x = {
+        "a": rng.normal(size=(N, 4)).astype("float32"),
+        "b": rng.normal(size=(N, 3)).astype("float32"),
+    }
+    y = rng.normal(size=(N, 1)).astype("float32")
+    return graph, dict(loss="mse", metrics=["mae"]), x, y, {}
+
+
+def dict_outputs():
+    def graph():
+        x = keras.Input((5,), name="x")
+        h = keras.layers.Dense(8, activation="relu")(x)
+        y1 = keras.layers.Dense(1, name="y1")(h)
+        y2 = keras.layers.Dense(3, activation="softmax", name="y2")(h)
+        return x, {"y1": y1, "y2": y2}
+
+    rng = _rng(2)
+    x = rng.normal(size=(N, 5)).astype("float32")
+    y = {
+        "y1": rng.normal(size=(N, 1)).astype("float32"),
+        "y2": rng.integers(0, 3, size=(N,)).astype("int32"),
+    }
+    compile_kwargs = dict(
+        loss={"y1": "mse", "y2": "sparse_categorical_crossentropy"},
+        loss_weights={"y1": 0.5, "y2": 2.0},
+        metrics={"y1": ["mae"], "y2": ["accuracy"]},
+    )
+    sample_weight = {
+        "y1": rng.uniform(0.1, 2.0, size=(N,)).astype("float32"),
+        "y2": rng.uniform(0.1, 2.0, size=(N,)).astype("float32"),
+    }
+    return graph, compile_kwargs, x, y, dict(sample_weight=sample_weight)
+
+
+def list_inputs_and_outputs():
+    def graph():
+        a = keras.Input((4,), name="a")
+        b = keras.Input((2,), name="b")
+        h = keras.layers.Dense(8, activation="tanh")(
+            keras.layers.Concatenate()([a, b])
+        )
+        out_a = keras.layers.Dense(1, name="out_a")(h)
+        return [a, b], [out_a, keras.layers.Dense(2, name="out_b")(h)]
+
+    rng = _rng(3)
+    x = [
+        rng.normal(size=(N, 4)).astype("float32"),
+        rng.normal(size=(N, 2)).astype("float32"),
+    ]
+    y = [
+        rng.normal(size=(N, 1)).astype("float32"),
+        rng.normal(size=(N, 2)).astype("float32"),
+    ]
+    compile_kwargs = dict(
+        loss=["mse", "mae"], loss_weights=[1.0, 0.3], metrics=[["mae"], []]
+    )
+    return graph, compile_kwargs, x, y, {}
+
+
+def nested_inputs():
+    def graph():
+        a = keras.Input((3,), name="a")
+        b = keras.Input((2,), name="b")
+        c = keras.Input((2,), name="c")
+        h = keras.layers.Concatenate()([a, keras.layers.Add()([b, c])])
+        out = keras.layers.Dense(1)(keras.layers.Dense(6, "relu")(h))
+        return {"a": a, "pair": {"b": b, "c": c}}, out
+
+    rng = _rng(4)
+    x = {
+        "a": rng.normal(size=(N, 3)).astype("float32"),
+        "pair": {
+            "b": rng.normal(size=(N, 2)).astype("float32"),
+            "c": rng.normal(size=(N, 2)).astype("float32"),
+        },
+    }
+    y = rng.normal(size=(N, 1)).astype("float32")
+    return graph, dict(loss="mse"), x, y, {}
+
+
+STRUCTURES = {
+    "dict_inputs": dict_inputs,
+    "dict_outputs": dict_outputs,
+    "list_inputs_and_outputs": list_inputs_and_outputs,
+    "nested_inputs": nested_inputs,
+}
+
+
+def make_pair(graph, strategy=None, cls=fitcustom.TapeModel):
+    scope = strategy.scope() if strategy is not None else _Null()
+    with scope:
+        reference = keras.Model(*graph())
+        ours = cls(*graph())
+        ours.set_weights(reference.get_weights())
+    return reference, ours
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def compile_pair(models, compile_kwargs, strategy=None, **mode):
+    scope = strategy.scope() if strategy is not None else _Null()
+    with scope:
+        for model in models:
+            model.compile(optimizer="adam", **compile_kwargs, **mode)
+
+
+def fit_both(models, x, y, **kwargs):
+    kwargs = dict(
+        dict(batch_size=BATCH, epochs=2, shuffle=False, verbose=0), **kwargs
+    )
+    return [m.fit(x, y, **kwargs).history for m in models]
+
+
+def assert_parity(reference, ours, h_ref, h_ours):
+    assert_weights_close(reference.get_weights(), ours.get_weights())
+    assert_history_close(h_ref, h_ours)
+
+
+# ----------------------------------------------------------------------
+# Parity
+# ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", list(MODES), ids=list(MODES))
+@pytest.mark.parametrize("structure", list(STRUCTURES), ids=list(STRUCTURES))
+def test_fit_evaluate_predict_parity(structure, mode):
+    graph, compile_kwargs, x, y, fit_kwargs = STRUCTURES[structure]()
+    reference, ours = make_pair(graph)
+    compile_pair((reference, ours), compile_kwargs, **MODES[mode])
+    # Validation in whole batches: for a short one, see
+    # test_short_last_batch_weighs_per_output_losses_by_size.
+    xv = keras.tree.map_structure(lambda a: a[:16], x)
+    yv = keras.tree.map_structure(lambda a: a[:16], y)
+    h_ref, h_ours = fit_both(
+        (reference, ours), x, y, validation_data=(xv, yv), **fit_kwargs
+    )
+    assert_parity(reference, ours, h_ref, h_ours)
+    assert len(h_ours["loss"]) == 2 and "val_loss" in h_ours
+    e_ref = reference.evaluate(xv, yv, verbose=0, return_dict=True)
+    e_ours = ours.evaluate(xv, yv, verbose=0, return_dict=True)
+    assert_history_close(e_ref, e_ours)
+    p_ref = reference.predict(xv, verbose=0)
+    p_ours = ours.predict(xv, verbose=0)
+    keras.tree.map_structure(np.testing.assert_array_equal, p_ref, p_ours)
+
+
+@pytest.mark.parametrize("structure", list(STRUCTURES), ids=list(STRUCTURES))
+def test_parity_on_two_replicas(structure, two_replicas):
+    graph, compile_kwargs, x, y, fit_kwargs = STRUCTURES[structure]()
+    reference, ours = make_pair(graph, two_replicas)
+    compile_pair((reference, ours), compile_kwargs, two_replicas)
+    h_ref, h_ours = fit_both((reference, ours), x, y, **fit_kwargs)
+    assert_parity(reference, ours, h_ref, h_ours)
+
+
+@pytest.mark.parametrize("mode", ["graph", "steps_per_execution", "jit"])
+def test_short_last_batch_weighs_per_output_losses_by_size(mode):
+    """With a short last batch (13 = 8 + 5), each output's loss log is the
+    mean over samples, as built-in fit() gives in eager mode. Built-in
+    fit() in graph mode gives the mean over batches (Keras weighs these
+    logs by the static batch size, unknown in its graph): the control."""
+    graph, compile_kwargs, x, y, _ = dict_outputs()
+    reference, ours = make_pair(graph)
+    initial = reference.get_weights()
+    compile_pair((reference,), compile_kwargs, run_eagerly=True)
+    compile_pair((ours,), compile_kwargs, **MODES[mode])
+    x, y = x[:13], keras.tree.map_structure(lambda a: a[:13], y)
+    h_ref, h_ours = fit_both((reference, ours), x, y, validation_data=(x, y))
+    assert_parity(reference, ours, h_ref, h_ours)
+    e_ours = ours.evaluate(x, y, batch_size=13, verbose=0, return_dict=True)
+    assert_history_close(
+        {k: h_ours[f"val_{k}"][-1:] for k in e_ours},
+        {k: [v] for k, v in e_ours.items()},
+    )
+    graph_fit = keras.Model(*graph())
+    graph_fit.set_weights(initial)
+    compile_pair((graph_fit,), compile_kwargs)
+    h_graph = fit_both((graph_fit,), x, y)[0]
+    assert abs(h_graph["y1_loss"][0] - h_ref["y1_loss"][0]) > 1e-3
+
+
+@pytest.mark.parametrize("steps", [1, 2], ids=["one_step", "two_steps"])
+def test_dict_dataset_parity(steps):
+    """A tf.data dataset of dicts (issue reproduction: unhashable dict)."""
+    graph, compile_kwargs, x, y, _ = dict_outputs()
+    reference, ours = make_pair(graph)
+    compile_pair((reference, ours), compile_kwargs, steps_per_execution=steps)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH)
+    h_ref = reference.fit(ds, epochs=2, verbose=0).history
+    h_ours = ours.fit(ds, epochs=2, verbose=0).history
+    assert_parity(reference, ours, h_ref, h_ours)
+    e_ref = reference.evaluate(ds, verbose=0, return_dict=True)
+    e_ours = ours.evaluate(ds, verbose=0, return_dict=True)
+    assert_history_close(e_ref, e_ours)
+
+
+class _Batches(keras.utils.PyDataset):
+    def __init__(self, x, y):
+        super().__init__()
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return N // BATCH
+
+    def __getitem__(self, i):
+        part = slice(i * BATCH, (i + 1) * BATCH)
+        return (
+            keras.tree.map_structure(lambda a: a[part], self.x),
+            keras.tree.map_structure(lambda a: a[part], self.y),
+        )
+
+
+@pytest.mark.parametrize("mode", ["graph", "steps_per_execution"])
+def test_py_dataset_and_generator_parity(mode):
+    graph, compile_kwargs, x, y, _ = dict_inputs()
+    reference, ours = make_pair(graph)
+    compile_pair((reference, ours), compile_kwargs, **MODES[mode])
+    # (shuffle=False: fit() shuffles the order of a PyDataset's batches.)
+    fit = dict(epochs=2, shuffle=False, verbose=0)
+    h_ref = reference.fit(_Batches(x, y), **fit).history
+    h_ours = ours.fit(_Batches(x, y), **fit).history
+    assert_parity(reference, ours, h_ref, h_ours)
+
+    def generator():
+        batches = _Batches(x, y)
+        for i in range(len(batches)):
+            yield batches[i]
+
+    h_ref = reference.fit(generator(), verbose=0).history
+    h_ours = ours.fit(generator(), verbose=0).history
+    assert_parity(reference, ours, h_ref, h_ours)
+
+
+class _AddIfGiven(keras.layers.Layer):
+    def call(self, x, extra=None):
+        return x if extra is None else x + extra
+
+
+@pytest.mark.parametrize("mode", ["eager", "graph", "steps_per_execution"])
+def test_optional_input_fed_none(mode):
+    """An optional input that a generator feeds None (issue reproduction:
+    '_OptionalImpl' object has no attribute 'shape')."""
+
+    def graph():
+        x = keras.Input((4,), name="x")
+        extra = keras.Input((4,), name="extra", optional=True)
+        return [x, extra], keras.layers.Dense(1)(_AddIfGiven()(x, extra))
+
+    rng = _rng(5)
+    x = rng.normal(size=(N, 4)).astype("float32")
+    y = rng.normal(size=(N, 1)).astype("float32")
+
+    def batches(with_extra):
+        for i in range(0, N, BATCH):
+            extra = x[i : i + BATCH] * 0.5 if with_extra else None
+            yield (x[i : i + BATCH], extra), y[i : i + BATCH]
+
+    # The reference runs eagerly: after the switch from None to a value,
+    # built-in fit() in graph mode ends 7.6e-5 away from its own eager
+    # run (fitcustom's graph ends equal to it).
+    reference, ours = make_pair(graph)
+    compile_pair((reference,), dict(loss="mse"), run_eagerly=True)
+    compile_pair((ours,), dict(loss="mse"), **MODES[mode])
+    for with_extra in (False, True):
+        h_ref = reference.fit(batches(with_extra), verbose=0).history
+        h_ours = ours.fit(batches(with_extra), verbose=0).history
+        assert_parity(reference, ours, h_ref, h_ours)
+
+
+def test_parity_control_fails_on_other_loss_weights():
+    """The comparison above can fail: other loss weights, other weights."""
+    graph, compile_kwargs, x, y, fit_kwargs = dict_outputs()
+    reference, ours = make_pair(graph)
+    compile_pair((reference,), compile_kwargs)
+    other = dict(compile_kwargs, loss_weights={"y1": 0.5, "y2": 1.9})
+    compile_pair((ours,), other)
+    fit_both((reference, ours), x, y, **fit_kwargs)
+    assert max_abs_diff(reference.get_weights(), ours.get_weights()) > 1e-4
+
+
+def test_compile_takes_keras_positional_order():
+    """compile(optimizer, loss, loss_weights, metrics, ...) as in Keras."""
+    graph, _, x, y, _ = dict_inputs()
+    reference, ours = make_pair(graph)
+    for model in (reference, ours):
+        model.compile("sgd", "mse", None, ["mae"])
+    h_ref, h_ours = fit_both((reference, ours), x, y)
+    assert_parity(reference, ours, h_ref, h_ours)
+    assert "mae" in h_ours
+    classifier = fitcustom.TapeClassifier(*_classifier_graph())
+    classifier.compile("sgd", None, None, ["accuracy"], None, False, 2)
+    assert classifier.steps_per_execution == 2
+
+
+# ----------------------------------------------------------------------
+# A functional TapeModel is a Keras functional model
+# ----------------------------------------------------------------------
+
+
+def _classifier_graph():
+    inputs = keras.Input((6,), name="features")
+    h = keras.layers.Dense(8, activation="relu", name="hidden")(inputs)
+    return inputs, keras.layers.Dense(3, name="logits")(h)
+
+
+def test_functional_api():
+    graph, compile_kwargs, x, y, _ = dict_outputs()
+    model = fitcustom.TapeModel(*graph(), name="two_heads")
+    assert isinstance(model, keras.Model)
+    assert isinstance(model, fitcustom.TapeModel)
+    assert model.input.name == "x" and model.inputs == [model.input]
+    assert sorted(model.output) == ["y1", "y2"] and len(model.outputs) == 2
+    assert model.get_layer("y1").units == 1
+    lines = []
+    model.summary(print_fn=lines.append)
+    assert "two_heads" in "\n".join(lines)
+    with pytest.raises(AttributeError, match="reserved"):
+        model.layers = []
+    # As a layer inside another functional model and in a Sequential.
+    outer_in = keras.Input((5,))
+    outer = keras.Model(outer_in, model(outer_in)["y1"])
+    np.testing.assert_allclose(
+        outer.predict(x, verbose=0), model.predict(x, verbose=0)["y1"]
+    )
+    inputs, outputs = _classifier_graph()
+    inner = fitcustom.TapeModel(inputs, outputs)
+    sequential = keras.Sequential([inner, keras.layers.Softmax()])
+    probabilities = sequential.predict(np.ones((4, 6)), verbose=0)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-6)
+    clone = keras.models.clone_model(model)
+    assert isinstance(clone, fitcustom.TapeModel)
+    assert clone.output_names == model.output_names
+    clone.set_weights(model.get_weights())
+    keras.tree.map_structure(
+        np.testing.assert_array_equal,
+        clone.predict(x, verbose=0),
+        model.predict(x, verbose=0),
+    )
+
+
+def test_a_subclass_built_functionally_leaves_tape_model_alone():
+    """Keras injects `Functional` into a subclass's bases at run time;
+    fitcustom does not: TapeModel and subclasses with call() stay as
+    they are after a functional one was built."""
+
+    class Twice(fitcustom.TapeModel):
+        pass
+
+    functional = Twice(*_classifier_graph())
+    assert isinstance(functional, Twice)
+    assert keras.Model in fitcustom.TapeModel.__bases__
+    assert Twice.__bases__ == (fitcustom.TapeModel,)
+
+    class WithCall(fitcustom.TapeModel):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.dense = keras.layers.Dense(2)
+
+        def call(self, inputs, training=None):
+            return self.dense(inputs)
+
+    subclassed = WithCall()
+    assert subclassed(np.ones((1, 3), "float32")).shape == (1, 2)
+    with pytest.raises(AttributeError, match="not built from inputs"):
+        _ = subclassed.inputs
+
+
+@pytest.mark.parametrize("cls", ["TapeModel", "TapeClassifier"])
+def test_export_serves_what_predict_returns(tmp_path, cls):
+    """SavedModel export: the serving endpoint gives predict()'s numbers
+    (for TapeClassifier, the network's output: logits here, as the
+    serving endpoint runs `call()`, not `predict_step`)."""
+    inputs, outputs = _classifier_graph()
+    model = getattr(fitcustom, cls)(inputs, outputs)
+    model.compile(optimizer="adam", loss=None if cls != "TapeModel" else "mse")
+    rng = _rng(6)
+    x = rng.normal(size=(N, 6)).astype("float32")
+    y = rng.integers(0, 3, size=(N,))
+    if cls == "TapeModel":
+        y = keras.ops.convert_to_numpy(keras.ops.one_hot(y, 3))
+    model.fit(x, y, epochs=1, verbose=0)
+    model.export(tmp_path / "exported")
+    exported = tf.saved_model.load(str(tmp_path / "exported"))
+    served = exported.serve(x)
+    logits = keras.Model(inputs, outputs).predict(x, verbose=0)
+    np.testing.assert_allclose(served.numpy(), logits, rtol=1e-5, atol=1e-6)
+    predicted = model.predict(x, verbose=0)
+    if cls == "TapeModel":
+        np.testing.assert_allclose(served.numpy(), predicted, rtol=1e-5)
+    else:  # predict() gives probabilities
+        np.testing.assert_allclose(
+            tf.nn.softmax(served).numpy(), predicted, rtol=1e-5, atol=1e-6
+        )
+    tf.saved_model.save(model, str(tmp_path / "saved"))
+    loaded = tf.saved_model.load(str(tmp_path / "saved"))
+    assert "serving_default" in loaded.signatures
+
+
+def test_dict_model_saves_and_loads(tmp_path):
+    graph, compile_kwargs, x, y, fit_kwargs = dict_outputs()
+    _, model = make_pair(graph)
+    compile_pair((model,), compile_kwargs)
+    fit_both((model,), x, y, **fit_kwargs)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    assert type(loaded).__name__ == "TapeModel"
+    assert isinstance(loaded, fitcustom.TapeModel)
+    h_model, h_loaded = fit_both((model, loaded), x, y, **fit_kwargs)
+    assert_weights_close(model.get_weights(), loaded.get_weights(), atol=0)
+    assert_history_close(h_model, h_loaded, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------
+# Bad structures: refused before any weight changes
+# ----------------------------------------------------------------------
+
+
+def _refused(model, x, y, match):
+    before = model.get_weights()
+    with pytest.raises(ValueError, match=match):
+        model.fit(x, y, batch_size=BATCH, verbose=0)
+    assert_weights_close(before, model.get_weights(), atol=0)
+
+
+def test_input_dict_with_extra_or_missing_key_is_refused():
+    graph, compile_kwargs, x, y, _ = dict_inputs()
+    reference, ours = make_pair(graph)
+    compile_pair((reference, ours), compile_kwargs)
+    extra = dict(x, c=x["a"])
+    # Control: Keras only warns and trains, leaving the typo unused.
+    before = reference.get_weights()
+    reference.fit(extra, y, verbose=0)
+    assert max_abs_diff(before, reference.get_weights()) > 0
+    _refused(ours, extra, y, r"keys \['a', 'b', 'c'\].*not inputs.*\['c'\]")
+    _refused(ours, {"a": x["a"]}, y, r"missing: \['b'\]")
+    _refused(ours, [x["a"], x["b"]], y, r"named inputs \['a', 'b'\]")
+    _refused(ours, x["a"], y, r"named inputs.*one ndarray")
+    ds = tf.data.Dataset.from_tensor_slices((extra, y)).batch(BATCH)
+    with pytest.raises(ValueError, match="not inputs of the model"):
+        ours.fit(ds, verbose=0)
+
+
+def test_list_model_given_the_wrong_count_is_refused():
+    graph, compile_kwargs, x, y, _ = list_inputs_and_outputs()
+    _, ours = make_pair(graph)
+    compile_pair((ours,), compile_kwargs)
+    _refused(ours, x[:1], y, "takes 2 inputs. Received: a list of 1")
+    _refused(ours, {"a": x[0], "b": x[1], "z": x[0]}, y, r"\['z'\]")
+
+
+def test_targets_not_matching_the_losses_are_refused():
+    graph, compile_kwargs, x, y, _ = dict_outputs()
+    reference, ours = make_pair(graph)
+    only_y1 = dict(loss={"y1": "mse"})
+    compile_pair((reference, ours), only_y1)
+    # Control: Keras trains silently on targets for an output without a
+    # loss and without the target of the output that has one.
+    reference.fit(x, {"y2": y["y2"]}, verbose=0)
+    _refused(ours, x, {"y2": y["y2"]}, r"\['y1'\], which have a loss")
+    _refused(ours, x, y, r"\['y2'\] have no loss and no metric")
+    _refused(ours, x, dict(y, y3=y["y1"]), r"\['y3'\] are not outputs")
+    compile_pair((ours,), dict(only_y1, metrics={"y2": ["accuracy"]}))
+    ours.fit(x, y, verbose=0)  # a metric reads y2's targets
+
+
+# ----------------------------------------------------------------------
+# Keras' own tests of these structures (keras/src/trainers/trainer_test.py,
+# keras/src/models/model_test.py, keras/src/export/saved_model_test.py),
+# rewritten for TapeModel: same models, data and expected numbers.
+# ----------------------------------------------------------------------
+
+
+def _ones_dense(name=None):
+    return keras.layers.Dense(
+        3, use_bias=False, kernel_initializer="ones", name=name
+    )
+
+
+def test_keras_loss_weights_numbers():
+    """trainer_test.py `test_loss_weights`: single, dict and list outputs,
+    with Keras' expected loss history."""
+    x = np.ones((40, 4))
+    zeros = np.zeros((40, 3))
+    fit = dict(batch_size=20, epochs=3, verbose=0)
+    mse = keras.losses.MeanSquaredError
+
+    inputs = keras.Input((4,))
+    model = fitcustom.TapeModel(inputs, _ones_dense()(inputs))
+    model.compile(
+        optimizer=keras.optimizers.SGD(),
+        loss=mse(),
+        metrics=[keras.metrics.MeanSquaredError()],
+        loss_weights=0.2,
+    )
+    history = model.fit(x, zeros, **fit).history
+    np.testing.assert_allclose(
+        history["loss"], [3.182979, 3.115617, 3.049681], atol=1e-3
+    )
+
+    one, two = keras.Input((4,), name="x_one"), keras.Input((4,), name="x_two")
+    model = fitcustom.TapeModel(
+        {"x_one": one, "x_two": two},
+        {
+            "y_one": _ones_dense("y_one")(one),
+            "y_two": _ones_dense("y_two")(two),
+        },
+    )
+    model.compile(
+        optimizer=keras.optimizers.SGD(),
+        loss={"y_one": mse(), "y_two": mse()},
+        metrics={
+            "y_one": keras.metrics.MeanSquaredError(),
+            "y_two": keras.metrics.MeanSquaredError(),
+        },
+        loss_weights={"y_one": 0.1, "y_two": 0.2},
+    )
+    history = model.fit(
+        {"x_one": x, "x_two": x}, {"y_one": zeros, "y_two": zeros}, **fit
+    ).history
+    expected = [4.778718, 4.694403, 4.611693]
+    np.testing.assert_allclose(history["loss"], expected, atol=1e-3)
+
+    inputs = keras.Input((4,))
+    model = fitcustom.TapeModel(
+        inputs, [_ones_dense()(inputs), _ones_dense()(inputs)]
+    )
+    model.compile(
+        optimizer=keras.optimizers.SGD(),
+        loss=[mse(), mse()],
+        metrics=[keras.metrics.MeanSquaredError()] * 2,
+        loss_weights=[0.1, 0.2],
+    )
+    history = model.fit(x, [zeros, zeros], **fit).history
+    np.testing.assert_allclose(history["loss"], expected, atol=1e-3)
+
+
+def test_keras_partial_loss_partial_label():
+    """trainer_test.py `test_partial_loss_partial_label`: outputs without a
+    loss take no label."""
+    inputs = keras.Input((2,))
+    x = keras.layers.Dense(3, kernel_initializer="ones")(inputs)
+    partial = fitcustom.TapeModel(inputs, [x, x, x])
+    partial.compile(loss=["mse", None, None])
+    full = fitcustom.TapeModel(inputs, [x, x, x])
+    full.compile(loss=["mse"] * 3)
+    data, label = np.ones((32, 2)), np.ones((32, 3))
+    partial_logs = partial.evaluate(data, label, verbose=0, return_dict=True)
+    logs = full.evaluate(data, [label] * 3, verbose=0, return_dict=True)
+    np.testing.assert_allclose(partial_logs["loss"] * 3, logs["loss"])
+
+
+def _two_heads():
+    a = keras.Input((3,), name="input_a")
+    h = keras.layers.Dense(4)(a)
+    out_a = keras.layers.Dense(1, name="output_a")(h)
+    out_b = keras.layers.Dense(1, activation="sigmoid", name="output_b")(h)
+    return a, out_a, out_b
+
+
+def test_keras_dict_outputs_history_keys():
+    """model_test.py `test_functional_dict_outputs_dict_losses`."""
+    a, out_a, out_b = _two_heads()
+    model = fitcustom.TapeModel(a, {"output_a": out_a, "output_b": out_b})
+    rng = _rng(7)
+    x = rng.random((8, 3))
+    y1, y2 = rng.random((8, 1)), rng.integers(0, 2, (8, 1))
+    named = {"output_a": ["mean_squared_error"]}
+    named["output_b"] = ["mean_squared_error", "accuracy"]
+    model.compile(
+        optimizer="sgd",
+        loss={"output_a": "mean_squared_error", "output_b": ["bce"]},
+        metrics=named,
+        weighted_metrics=named,
+    )
+    predicted = model.predict(x, verbose=0)
+    assert sorted(predicted) == ["output_a", "output_b"]
+    history = model.fit(
+        x, {"output_a": y1, "output_b": y2}, batch_size=2, verbose=0
+    ).history
+    assert sorted(history) == [
+        "loss",
+        "output_a_loss",
+        "output_a_mean_squared_error",
+        "output_a_weighted_mean_squared_error",
+        "output_b_accuracy",
+        "output_b_loss",
+        "output_b_mean_squared_error",
+        "output_b_weighted_accuracy",
+        "output_b_weighted_mean_squared_error",
+    ]
+
+
+def test_keras_optional_dict_input():
+    """model_test.py `test_functional_optional_inputs` (+ `_generator`)."""
+
+    class AddOptional(keras.layers.Layer):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(2)
+
+        def call(self, x, o=None):
+            return self.dense(x if o is None else x + o)
+
+    x = keras.Input((2,), name="x")
+    o = keras.Input((2,), name="o", optional=True)
+    model = fitcustom.TapeModel({"x": x, "o": o}, AddOptional()(x, o))
+    model.compile(optimizer="adam", loss="mse")
+    ones = np.ones((2, 2))
+    for given in (None, ones):
+        data = {"x": ones, "o": given}
+        model.fit(data, ones, verbose=0)
+        model.evaluate(data, ones, verbose=0)
+        assert model.predict(data, verbose=0).shape == (2, 2)
+
+    def generator(with_y=True):
+        for _ in range(4):
+            yield (
+                ({"x": ones, "o": None}, ones)
+                if with_y
+                else ({"x": ones, "o": None},)
+            )
+
+    model.fit(generator(), verbose=0)
+    model.evaluate(generator(), verbose=0)
+    assert model.predict(generator(False), verbose=0).shape == (8, 2)
+
+
+@pytest.mark.parametrize("kind", ["list", "dict"])
+def test_keras_export_multi_input_output(tmp_path, kind):
+    """export/saved_model_test.py
+    `test_multi_input_output_functional_model`, and
+    backend/tensorflow/saved_model_test.py's `serving_default`."""
+    x1, x2 = keras.Input((5,), name="x1"), keras.Input((5,), name="x2")
+    y1 = keras.layers.Dense(3)(keras.layers.Concatenate()([x1, x2]))
+    y2 = keras.layers.Dense(3)(keras.layers.Add()([x1, x2]))
+    inputs = [x1, x2] if kind == "list" else {"x1": x1, "x2": x2}
+    model = fitcustom.TapeModel(inputs, [y1, y2])
+    rng = _rng(8)
+    a, b = rng.normal(size=(6, 5)), rng.normal(size=(6, 5))
+    data = [a, b] if kind == "list" else {"x1": a, "x2": b}
+    expected = model.predict(data, verbose=0)
+    model.export(tmp_path / "exported")
+    exported = tf.saved_model.load(str(tmp_path / "exported"))
+    served = exported.serve(data)
+    for s, e in zip(served, expected, strict=True):
+        np.testing.assert_allclose(s.numpy(), e, rtol=1e-5, atol=1e-6)
+    tf.saved_model.save(model, str(tmp_path / "saved"))
+    saved = tf.saved_model.load(str(tmp_path / "saved"))
+    serving = saved.signatures["serving_default"]
+    outputs = (
+        serving(**({"inputs": a, "inputs_1": b} if kind == "list" else data))
+        if kind == "list"
+        else None
+    )
+    if outputs is not None:
+        np.testing.assert_allclose(
+            outputs["output_0"].numpy(), expected[0], rtol=1e-5, atol=1e-6
+        )
