@@ -140,6 +140,13 @@ def build_compiled_metrics(model, y, y_pred):
         compile_metrics.build(y, y_pred)
 
 
+def compiled_metrics_built(model):
+    """Whether the metrics passed to `compile()` are built (reads the
+    private `model._compile_metrics`)."""
+    metrics = getattr(model, "_compile_metrics", None)
+    return metrics is not None and metrics.built
+
+
 def has_compiled_loss(model):
     """Whether `compile()` received a loss (reads `model._compile_loss`)."""
     return getattr(model, "_compile_loss", None) is not None
@@ -207,6 +214,21 @@ def optionals_to_none(data):
         lambda t: None if isinstance(t, tf.experimental.Optional) else t,
         data,
     )
+
+
+def skip_batches(iterator, n):
+    """Reads and drops `n` batches from the iterator a step function gets
+    (a `tf.data` or distributed iterator, or Keras' list of batches)."""
+    import tensorflow as tf
+
+    if isinstance(
+        iterator, (tf.data.Iterator, tf.distribute.DistributedIterator)
+    ):
+        for _ in range(n):
+            iterator.get_next()
+        return
+    for _ in zip(range(n), iterator):
+        pass
 
 
 def structure_key(value):

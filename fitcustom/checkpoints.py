@@ -201,26 +201,37 @@ class ModelCheckpoint(keras.callbacks.ModelCheckpoint):
             self._model = model
 
 
-_BACKUP_NAME = re.compile(r"^backup-(\d+)-epoch(\d+)-batch(\d+)\.weights\.h5$")
+_BACKUP_NAME = re.compile(r"^backup-(\d+)-epoch(\d+)-done(\d+)\.weights\.h5$")
+_RESUME_GROUP = "fitcustom_resume"
 
 
 class BackupAndRestore(keras.callbacks.BackupAndRestore):
-    """Keras' `BackupAndRestore` with a backup that survives any kill.
+    """Keras' `BackupAndRestore`: a backup that survives any kill, and a
+    resume at the exact batch where training stopped.
 
     Same arguments as `keras.callbacks.BackupAndRestore`. The backup is one
-    weights file (model and optimizer state) named by the epoch and batch
-    it was written at, after a sequence number
-    (`backup-000000004-epoch000003-batch000000000.weights.h5`), written
-    atomically; the previous backup is removed only once the new one is
-    in place, and the one with the highest sequence number is restored.
-    Keras' own callback rewrites `latest.weights.h5` and then
-    `training_metadata.json` in place: a kill during either write
-    leaves a backup that the restart cannot read, or weights that do not
-    match the recorded epoch.
+    weights file written atomically (see the module): model weights,
+    optimizer state, random generator states, the metrics' running
+    values, and where training is, named by a sequence number, the epoch
+    and the batches of it already trained
+    (`backup-000000004-epoch000003-done000000010.weights.h5`). The
+    previous backup is removed only once the new one is in place; the one
+    with the highest sequence number is restored. Keras' own callback
+    rewrites `latest.weights.h5` and then `training_metadata.json` in
+    place: a kill during either write leaves a backup that the restart
+    cannot read, or weights that do not match the recorded epoch.
 
-    As with Keras' callback, a run resumes at the start of the epoch of
-    its last backup: with a batch-level `save_freq`, the batches of that
-    epoch before the kill are trained again.
+    With a batch-level `save_freq`, a fitcustom model resumes after the
+    last batch the backup holds: the batches of that epoch already
+    trained are read and skipped, not trained again (Keras' callback
+    replays the whole epoch), and the epoch's logs include them. The run
+    then ends with exactly the weights of an uninterrupted run when the
+    batches come in the same order on every run (`shuffle=False`, or a
+    dataset without random shuffling); with `shuffle=True` the resumed
+    epoch skips as many batches of a new order. A backup taken mid-epoch
+    is refused if the number of batches per epoch has changed (another
+    `batch_size` or data size). Other Keras models resume at the start of
+    the epoch, as with Keras' callback.
 
     Args:
         backup_dir: Directory of the backup; one per training run.
@@ -234,6 +245,7 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
     """
 
     def on_train_begin(self, logs=None):
+        self._resume_at = None
         self._remove_leftovers()
         self._load_model()
 
@@ -242,8 +254,24 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         # backup written in the first epoch after a resume recorded epoch 0.
         self._current_epoch = epoch
 
+    def on_epoch_end(self, epoch, logs=None):
+        self._current_epoch = epoch + 1
+        self._last_batch_seen = 0
+        if self.save_freq == "epoch":
+            self._save_at(epoch + 1, 0)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if not self._should_save_on_batch(batch):
+            return
+        if self._resume_at is not None:
+            epoch, done = self._resume_at
+            if epoch == self._current_epoch and batch < done:
+                return  # a skipped batch: the state is still the backup's
+            self._resume_at = None
+        self._save_at(self._current_epoch, batch + 1)
+
     def _backups(self):
-        """`(sequence, epoch, batch, path)` of every complete backup,
+        """`(sequence, epoch, done, path)` of every complete backup,
         newest last."""
         if not os.path.isdir(self.backup_dir):
             return []
@@ -277,10 +305,65 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         optimizer = self.model.optimizer
         if optimizer is not None and not optimizer.built:
             optimizer.build(self.model.trainable_variables)
-        _, epoch, _, path = backups[-1]
+        _, epoch, done, path = backups[-1]
         self.model.load_weights(path)
         _compat.set_initial_epoch(self.model, epoch)
         self._current_epoch = epoch
+        if done:
+            self._resume_within_epoch(path, epoch, done)
+
+    def _resume_within_epoch(self, path, epoch, done):
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            group = f[_RESUME_GROUP]
+            steps = int(group.attrs["steps"])
+            metrics = [group[f"metric_{i}"][()] for i in range(len(group))]
+        now = self.params.get("steps")
+        if steps >= 0 and now is not None and now != steps:
+            raise ValueError(
+                f"The backup in {self.backup_dir} was taken after {done} of "
+                f"the {steps} batches of epoch {epoch + 1}, but an epoch now "
+                f"has {now} batches (another batch_size or data size), so "
+                "training cannot go on where it stopped. Run with the "
+                "batch_size and data of the interrupted run, or delete "
+                f"{self.backup_dir} to start over."
+            )
+        resume = getattr(self.model, "resume_within_epoch", None)
+        if resume is None:
+            warnings.warn(
+                f"{type(self.model).__name__} cannot skip the {done} "
+                f"batches of epoch {epoch + 1} that the backup already "
+                "holds: the epoch is trained from its first batch again. "
+                "fitcustom models resume at the exact batch.",
+                stacklevel=2,
+            )
+            return
+        resume(done, metrics)
+        self._resume_at = (epoch, done)
+
+    def _save_at(self, epoch, done):
+        """Writes the backup of the state after `done` batches of
+        `epoch`."""
+        import h5py
+
+        old = self._backups()
+        sequence = old[-1][0] + 1 if old else 0
+        path = os.path.join(
+            self.backup_dir,
+            f"backup-{sequence:09d}-epoch{epoch:06d}-done{done:09d}.weights.h5",
+        )
+        steps = self.params.get("steps")
+        with atomic_path(path) as temp:
+            keras.Model.save_weights(self.model, temp, True)
+            with h5py.File(temp, "a") as f:
+                group = f.create_group(_RESUME_GROUP)
+                group.attrs["steps"] = -1 if steps is None else int(steps)
+                for i, variable in enumerate(self.model.metrics_variables):
+                    group[f"metric_{i}"] = keras.ops.convert_to_numpy(variable)
+        for *_, stale in old:
+            with contextlib.suppress(OSError):
+                os.remove(stale)
 
     def _load_keras_backup(self):
         """Resumes from a backup of Keras' own callback in the same
@@ -298,16 +381,3 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
                 "kill cannot damage.",
                 stacklevel=2,
             )
-
-    def _save_model(self):
-        old = self._backups()
-        sequence = old[-1][0] + 1 if old else 0
-        path = os.path.join(
-            self.backup_dir,
-            f"backup-{sequence:09d}-epoch{self._current_epoch:06d}-"
-            f"batch{self._last_batch_seen:09d}.weights.h5",
-        )
-        save_weights(self.model, path)
-        for *_, stale in old:
-            with contextlib.suppress(OSError):
-                os.remove(stale)

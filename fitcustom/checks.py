@@ -51,6 +51,36 @@ def _arrays(structure):
     return []
 
 
+def as_arrays(data):
+    """`data` with pandas DataFrames and Series as NumPy arrays (for the
+    checks; Keras reads pandas data itself)."""
+    if hasattr(data, "to_numpy") and hasattr(data, "index"):
+        return data.to_numpy()
+    if isinstance(data, dict):
+        return {k: as_arrays(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)) and any(
+        hasattr(v, "to_numpy") for v in data
+    ):
+        return type(data)(as_arrays(v) for v in data)
+    return data
+
+
+def check_numeric(x, what="x"):
+    """Refuses inputs that are not numbers (strings, Python objects, or
+    rows of different lengths), which Keras fails on deep inside
+    TensorFlow with a dump of the data."""
+    for array in _arrays(x):
+        kind = np.asarray(array).dtype.kind if is_array(array) else None
+        if kind in ("U", "S", "O"):
+            raise ValueError(
+                f"`{what}` must hold numbers. Received: an array of dtype "
+                f"{array.dtype} and shape {tuple(array.shape)} (strings, "
+                "Python objects or rows of different lengths). Convert it "
+                "to a float array of one shape first, e.g. "
+                "np.asarray(x, dtype='float32')."
+            )
+
+
 def check_not_empty(x, what="x"):
     """Refuses zero samples (Keras only warns and returns an empty history).
 
@@ -159,6 +189,13 @@ def check_labels(y, output_shape):
         output_shape: Shape of one model output (without the batch axis).
     """
     y = np.asarray(y)
+    if y.dtype.kind in "USO":
+        example = y.ravel()[0] if y.size else None
+        raise ValueError(
+            "Labels must be numbers: class ids or one-hot rows. Received: "
+            f"labels of dtype {y.dtype} (e.g. {example!r}). Map them to "
+            "ids first: `names, y = np.unique(labels, return_inverse=True)`."
+        )
     if y.size == 0 or y.dtype.kind not in "biuf":
         return
     check_finite("y", y)

@@ -498,12 +498,26 @@ class TapeClassifier(TapeModel):
         """
         if not self._check_inputs:
             return
+        x, y, sample_weight = (
+            checks.as_arrays(d) for d in (x, y, sample_weight)
+        )
+        if isinstance(x, list) and self._input_shape() is not None:
+            if not all(checks.is_array(v) for v in x):
+                raise ValueError(
+                    f"{type(self).__name__} takes one input array. "
+                    f"Received: x as a Python list of {len(x)} "
+                    f"{type(x[0]).__name__ if x else 'items'}. Pass "
+                    "np.asarray(x, dtype='float32')."
+                )
         super().check_data(x, y, sample_weight)
         if isinstance(x, tf.data.Dataset):
             checks.check_dataset(x, self._input_shape(), self._output_shape())
             return
         if not checks.is_array(x) and not isinstance(x, (list, tuple, dict)):
             return
+        checks.check_numeric(x)
+        if y is not None and not checks.is_array(y):
+            y = np.asarray(y) if isinstance(y, (list, tuple)) else y
         checks.check_not_empty(x)
         expected = self._input_shape()
         if expected is not None and checks.is_array(x):
@@ -516,6 +530,28 @@ class TapeClassifier(TapeModel):
             input_shape=self._input_shape(),
             output_shape=self._output_shape(),
         )
+        self._check_label_format(y)
+
+    def _check_label_format(self, y):
+        """Refuses labels of another format (class ids vs one-hot) than
+        the compiled accuracy metric was built for (it would fail inside
+        TensorFlow)."""
+        shape = self._output_shape()
+        if not checks.is_array(y) or shape is None or shape[-1] == 1:
+            return
+        kind = checks.label_format(np.shape(y)[1:], shape, n=len(y))
+        built = _compat.compiled_metrics_built(self)
+        before = self.__dict__.get("_label_kind")
+        if built and before is not None and kind != before:
+            names = {"sparse": "class ids", "one_hot": "one-hot rows"}
+            raise ValueError(
+                f"The labels are {names.get(kind, kind)} now, but the "
+                "metrics were built for "
+                f"{names.get(before, before)} in an earlier fit(). Call "
+                "compile() again to rebuild them, or convert the labels "
+                "(np.argmax(y, -1) gives class ids)."
+            )
+        self.__dict__["_label_kind"] = kind
 
     # ------------------------------------------------------------------
     # Prediction

@@ -460,10 +460,53 @@ class TapeModel(keras.Model):
 
     def make_train_function(self, force=False):
         if self.train_function is None or force:
-            self.train_function = _compat.make_step_function(
-                self, self.train_step
+            self.train_function = self._resumable(
+                _compat.make_step_function(self, self.train_step)
             )
         return self.train_function
+
+    def resume_within_epoch(self, batches_done, metric_values=None):
+        """Makes the next `fit()` skip batches of its first epoch.
+
+        Called by `fitcustom.BackupAndRestore` after it restored a backup
+        taken in the middle of an epoch: the first `batches_done` batches
+        of the epoch that `fit()` starts with are read and skipped (their
+        steps are in the restored weights already), and the metrics take
+        the restored running values, so the epoch's logs cover all its
+        batches. Callbacks still see every batch index, so batch-level
+        schedules stay where they were.
+
+        Args:
+            batches_done: Batches of the epoch already trained.
+            metric_values: The values of `self.metrics_variables` when the
+                backup was taken, or `None` to keep the metrics.
+        """
+        self.__dict__["_resume_skip"] = (int(batches_done), metric_values)
+
+    def _resumable(self, function):
+        """`function` (a train function) that first skips the batches
+        `resume_within_epoch` asked for."""
+
+        def train_function(iterator):
+            pending = self.__dict__.get("_resume_skip")
+            if not pending:
+                return function(iterator)
+            remaining, metric_values = pending
+            variables = self.metrics_variables
+            if metric_values is not None and len(metric_values) == len(
+                variables
+            ):
+                for variable, value in zip(variables, metric_values):
+                    variable.assign(value)
+            skipped = min(remaining, self.steps_per_execution)
+            _compat.skip_batches(iterator, skipped)
+            remaining -= skipped
+            self.__dict__["_resume_skip"] = (
+                (remaining, None) if remaining else None
+            )
+            return self.get_metrics_result()
+
+        return train_function
 
     def make_test_function(self, force=False):
         if self.test_function is None or force:
@@ -524,7 +567,7 @@ class TapeModel(keras.Model):
         checks.check_batch_size(validation_batch_size, "validation_batch_size")
         checks.check_not_endless(x, steps_per_epoch)
         checks.check_class_weight(class_weight, y)
-        self.check_fit_data(x, y, sample_weight, validation_data)
+        self.check_fit_data(x, y, sample_weight, validation_data, batch_size)
         if not self._skip_nonfinite and not isinstance(
             callbacks, keras.callbacks.CallbackList
         ):
@@ -580,7 +623,9 @@ class TapeModel(keras.Model):
             **kwargs,
         )
 
-    def check_fit_data(self, x, y, sample_weight, validation_data):
+    def check_fit_data(
+        self, x, y, sample_weight, validation_data, batch_size=None
+    ):
         """Checks `fit()`'s data before any step; see `check_data`.
 
         Called with `fit()`'s own arguments; `validation_data` is checked
@@ -944,8 +989,13 @@ class _StopOnNonFinite(keras.callbacks.Callback):
         self._saved = [v.numpy() for v in self._variables()]
 
     def on_train_begin(self, logs=None):
-        self._saved_epoch = None
-        self._snapshot()
+        self._saved, self._saved_epoch = None, None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        # Taken here, after every on_train_begin: a restored backup is
+        # what training starts from.
+        if self._saved is None:
+            self._snapshot()
 
     def on_epoch_end(self, epoch, logs=None):
         variables = self._variables()
@@ -955,7 +1005,9 @@ class _StopOnNonFinite(keras.callbacks.Callback):
             self._saved_epoch = epoch + 1
             return
         self.model.stop_training = True
-        restored = len(self._saved) == len(variables)
+        restored = self._saved is not None and len(self._saved) == len(
+            variables
+        )
         if restored:
             for variable, value in zip(variables, self._saved):
                 variable.assign(value)

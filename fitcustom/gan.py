@@ -1,11 +1,16 @@
 """`TapeGAN`: a generator and a discriminator trained adversarially by fit()."""
 
+import warnings
+
 import keras
 import numpy as np
 import tensorflow as tf
 
+from fitcustom import _compat
+from fitcustom import checks
 from fitcustom import distribute
 from fitcustom import gan_losses
+from fitcustom.classifier import outputs_logits
 from fitcustom.engine import TapeModel
 from fitcustom.engine import check_saved_version
 
@@ -138,6 +143,16 @@ class TapeGAN(TapeModel):
                 "`simultaneous=True` updates both networks from one forward "
                 f"pass and needs n_critic=1. Received: n_critic={n_critic}."
             )
+        outputs = getattr(discriminator, "outputs", None)
+        if outputs:
+            width = tuple(outputs[0].shape[1:])
+            if len(outputs) != 1 or (width and _prod(width) != 1):
+                raise ValueError(
+                    "The discriminator must give one score (a logit) per "
+                    f"image. Received: {len(outputs)} output(s), the first "
+                    f"of shape {width}. End it with keras.layers.Dense(1) "
+                    "(no activation)."
+                )
         kwargs.setdefault("name", "tape_gan")
         super().__init__(**kwargs)
         self.generator = generator
@@ -193,6 +208,119 @@ class TapeGAN(TapeModel):
             )
         return cls(**config)
 
+    def check_data(self, x, y=None, sample_weight=None, batch_size=None):
+        """Checks real images (and labels) before any step uses them.
+
+        Refuses labels for an unconditional GAN (they would be dropped),
+        images that do not fit the discriminator, NaN or inf in the
+        images, and a batch too small for `n_critic` discriminator
+        updates; warns about images in [0, 255] for a generator that
+        ends in tanh (these two value checks only with
+        `compile(check_inputs=True)`, the default). Arrays are checked in
+        memory; a dataset by its element spec.
+        """
+        images, labels = x, y
+        if isinstance(x, tf.data.Dataset):
+            spec = x.element_spec
+            if isinstance(spec, tuple) and len(spec) > 1:
+                images, labels = spec[0], spec[1]
+            else:
+                images, labels = spec, None
+        elif isinstance(x, (tuple, list)) and len(x) == 2 and y is None:
+            images, labels = x
+        conditional = len(getattr(self.generator, "inputs", None) or []) > 1
+        if labels is not None and not conditional:
+            raise ValueError(
+                "Labels were given, but the GAN is unconditional (its "
+                "generator takes only latent vectors), so they would be "
+                "ignored. Received: labels with the images. Drop them, or "
+                "give both networks a label input for a conditional GAN."
+            )
+        d_shape = _input_shape(self.discriminator)
+        shape = getattr(images, "shape", None)
+        if shape is not None and d_shape is not None:
+            if not _fits(tuple(shape)[1:], d_shape[1:]):
+                raise ValueError(
+                    "The real images do not fit the discriminator. "
+                    f"Received: images of shape {tuple(shape)[1:]}. "
+                    f"Expected: {tuple(d_shape[1:])}. Resize or reshape "
+                    "the data, or change the discriminator's input."
+                )
+        checks.check_not_empty(images)
+        if (
+            self.__dict__.get("_check_inputs", True)
+            and checks.is_array(images)
+            and not isinstance(images, tf.TypeSpec)
+        ):
+            checks.check_finite("images", images)
+            self._warn_if_out_of_range(images)
+        if batch_size is not None and batch_size < self.n_critic:
+            raise ValueError(
+                f"Each step gives each of the n_critic={self.n_critic} "
+                "discriminator updates its own slice of the batch, so a "
+                f"batch needs at least {self.n_critic} images. Received: "
+                f"batch_size={batch_size}. Use batch_size >= n_critic "
+                "(best a multiple of it)."
+            )
+
+    def _warn_if_out_of_range(self, images):
+        images = np.asarray(images)
+        if images.size == 0 or images.dtype.kind not in "biuf":
+            return
+        operation = _compat.output_operation(self.generator)
+        activation = getattr(operation, "activation", None)
+        name = getattr(activation, "__name__", "")
+        high = float(images.max())
+        if name == "tanh" and high > 1.5:
+            warnings.warn(
+                "The generator ends in tanh (values in [-1, 1]) but the "
+                f"real images go up to {high:g}: the discriminator tells "
+                "them apart by their range alone. Scale the images to "
+                "[-1, 1], e.g. images / 127.5 - 1.",
+                stacklevel=4,
+            )
+
+    def check_fit_data(
+        self, x, y, sample_weight, validation_data, batch_size=None
+    ):
+        if batch_size is None and checks.is_array(x):
+            batch_size = min(32, len(x))  # Keras' default
+        self.check_data(x, y, sample_weight, batch_size)
+        if isinstance(validation_data, tf.data.Dataset):
+            self.check_data(validation_data)
+        elif isinstance(validation_data, (list, tuple)) and validation_data:
+            self.check_data(*validation_data[:2])
+
+    def predict(
+        self, x, batch_size=None, verbose="auto", steps=None, callbacks=None
+    ):
+        """The discriminator's scores for images; see `keras.Model.predict`.
+
+        To sample images, use `generate(n)`.
+        """
+        shape = getattr(x, "shape", None)
+        d_shape = _input_shape(self.discriminator)
+        if shape is not None and d_shape is not None:
+            if not _fits(tuple(shape)[1:], d_shape[1:]):
+                hint = (
+                    " These look like latent vectors: to sample images, "
+                    "call gan.generate(n)."
+                    if tuple(shape)[1:] == (self.latent_dim,)
+                    else ""
+                )
+                raise ValueError(
+                    "predict() scores images with the discriminator. "
+                    f"Received: x of shape {tuple(shape)}. Expected: "
+                    f"images of shape {tuple(d_shape[1:])}.{hint}"
+                )
+        return super().predict(
+            x,
+            batch_size=batch_size,
+            verbose=verbose,
+            steps=steps,
+            callbacks=callbacks,
+        )
+
     def _training_optimizers(self):
         return [
             o for o in (self.d_optimizer, self.g_optimizer) if o is not None
@@ -226,6 +354,7 @@ class TapeGAN(TapeModel):
         r1_gamma: float | None = None,
         label_smoothing: float = 0.0,
         label_noise: float = 0.0,
+        check_inputs: bool = True,
         optimizer=None,
         **kwargs,
     ):
@@ -256,17 +385,38 @@ class TapeGAN(TapeModel):
                 discriminator's real and fake targets, drawn anew for every
                 discriminator update (the seeds use 0.05). Same families
                 as `label_smoothing`. Defaults to 0.
+            check_inputs: Check the values of in-memory images before
+                `fit()` / `evaluate()` (NaN or inf refused, a range that
+                does not match a tanh generator warned about). Defaults to
+                `True`; turn it off to feed non-finite batches on purpose
+                (with `skip_nonfinite=True`).
             optimizer: Unused (a GAN has two); must stay `None`.
             **kwargs: `fitcustom.TapeModel.compile` options
                 (`gradient_transforms`, `skip_nonfinite`, `run_eagerly`,
                 `steps_per_execution`, `jit_compile`, ...).
         """
+        if not isinstance(check_inputs, bool):
+            raise ValueError(
+                "`check_inputs` must be True or False. "
+                f"Received: check_inputs={check_inputs!r}."
+            )
+        self._check_inputs = check_inputs
         if optimizer is not None:
             raise ValueError(
                 "TapeGAN has two optimizers: pass d_optimizer= and "
                 f"g_optimizer=. Received: optimizer={optimizer!r}."
             )
         gan_loss = gan_losses.get(loss)
+        if gan_loss.uses_targets and gan_loss.name != "least_squares":
+            if not outputs_logits(self.discriminator):
+                raise ValueError(
+                    f"The {gan_loss.name!r} loss takes the discriminator's "
+                    "logits, but the discriminator ends in a sigmoid (or "
+                    "softmax): its scores saturate and training stalls. "
+                    "Received: a discriminator whose last layer outputs "
+                    "probabilities. Remove the final activation "
+                    "(keras.layers.Dense(1))."
+                )
         for name in ("metrics", "weighted_metrics", "loss_weights"):
             if kwargs.get(name) is not None:
                 raise ValueError(
@@ -326,6 +476,7 @@ class TapeGAN(TapeModel):
             "r1_gamma": r1_gamma,
             "label_smoothing": float(label_smoothing),
             "label_noise": float(label_noise),
+            "check_inputs": check_inputs,
         }
         if self.generator.built and self.discriminator.built:
             self._build_optimizers()
@@ -711,7 +862,10 @@ class TapeGAN(TapeModel):
         Returns:
             A NumPy array of `n` generated images.
         """
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+            raise ValueError(f"`n` must be an int >= 1. Received: n={n!r}.")
+        n = int(n)
+        if n < 1:
             raise ValueError(f"`n` must be an int >= 1. Received: n={n!r}.")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
             raise ValueError(f"`seed` must be an int. Received: seed={seed!r}.")
@@ -721,6 +875,12 @@ class TapeGAN(TapeModel):
                 "The generator takes labels (a conditional GAN): pass "
                 f"`labels=` with one class label per sample. Received: "
                 f"labels=None for n={n}."
+            )
+        if labels is not None and len(inputs) < 2:
+            raise ValueError(
+                "`labels` were given, but the GAN is unconditional (its "
+                "generator takes only latent vectors). Received: labels of "
+                f"length {len(labels)}. Drop `labels=`."
             )
         conditions = None
         if labels is not None:
@@ -758,6 +918,13 @@ def _fits(shape, expected):
     return len(shape) == len(expected) and all(
         a is None or b is None or a == b for a, b in zip(shape, expected)
     )
+
+
+def _prod(shape):
+    result = 1
+    for d in shape:
+        result *= 1 if d is None else d
+    return result
 
 
 def _is_number(value):

@@ -1,10 +1,12 @@
 """A training job for the durability tests, run in fresh processes.
 
-    python durable_job.py OUT KIND [KILL]
+    python durable_job.py OUT KIND SAVE_FREQ [KILL]
 
 Trains a small TapeClassifier or TapeGAN with `fitcustom.BackupAndRestore`
-and `fitcustom.ModelCheckpoint` under `OUT`, then saves the final weights
-to `OUT/final.weights.h5`. `KILL` makes the process SIGKILL itself once:
+(`save_freq` "epoch" or a number of batches) and
+`fitcustom.ModelCheckpoint` under `OUT`, then saves the final weights to
+`OUT/final.weights.h5` and the last epoch's logs to `OUT/logs.json`.
+`KILL` makes the process SIGKILL itself once:
 
 - `batch:E:B`: after batch B of epoch E;
 - `backup:E:HOW` / `checkpoint:E:HOW`: while writing the backup (or the
@@ -13,6 +15,7 @@ to `OUT/final.weights.h5`. `KILL` makes the process SIGKILL itself once:
   new file in place, the old backup not yet removed).
 """
 
+import json
 import os
 import signal
 import sys
@@ -101,7 +104,8 @@ def kill_in_write(which, epoch, how):
 
 def main(argv):
     out, kind = argv[0], argv[1]
-    kill = argv[2].split(":") if len(argv) > 2 else None
+    save_freq = "epoch" if argv[2] == "epoch" else int(argv[2])
+    kill = argv[3].split(":") if len(argv) > 3 else None
     # Grappler's rewrites are not bitwise reproducible from one process
     # to the next; the comparison is exact.
     tf.config.optimizer.set_experimental_options(
@@ -112,13 +116,15 @@ def main(argv):
     callbacks = [
         Position(),
         fitcustom.ModelCheckpoint(os.path.join(out, "checkpoint.keras")),
-        fitcustom.BackupAndRestore(os.path.join(out, "backup")),
+        fitcustom.BackupAndRestore(
+            os.path.join(out, "backup"), save_freq=save_freq
+        ),
     ]
     if kill and kill[0] == "batch":
         callbacks.append(KillAfterBatch(int(kill[1]), int(kill[2])))
     elif kill:
         kill_in_write(kill[0], int(kill[1]), kill[2])
-    model.fit(
+    history = model.fit(
         x,
         y,
         batch_size=BATCH,
@@ -129,6 +135,9 @@ def main(argv):
     )
     checkpoints._before_replace = None
     model.save_weights(os.path.join(out, "final.weights.h5"))
+    last = {k: v[-1] for k, v in history.history.items()}
+    with open(os.path.join(out, "logs.json"), "w") as f:
+        json.dump(last, f)
 
 
 if __name__ == "__main__":

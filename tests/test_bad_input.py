@@ -124,3 +124,65 @@ def test_endless_dataset_without_steps_is_refused():
         model.evaluate(endless, verbose=0)
     history = model.fit(endless, steps_per_epoch=2, verbose=0).history
     assert len(history["loss"]) == 1
+
+
+def _classifier():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((5,))
+    model = fitcustom.TapeClassifier(inputs, keras.layers.Dense(3)(inputs))
+    model.compile()
+    return model
+
+
+def test_pandas_data_is_checked_like_arrays():
+    import pandas as pd
+
+    x, y = _data()
+    frame, labels = pd.DataFrame(x), pd.Series(y)
+    bad = frame.copy()
+    bad.iloc[3, 2] = np.nan
+    _refused(_classifier(), "NaN", x=bad, y=labels)
+    _refused(_classifier(), r"class ids in \[0, 3\)", x=frame, y=labels + 1)
+    history = _classifier().fit(frame, labels, verbose=0).history
+    assert np.isfinite(history["loss"][0])
+
+
+@pytest.mark.parametrize(
+    "x, y, match",
+    [
+        ("same", np.array(["cat", "dog"] * (N // 2)), "np.unique"),
+        (
+            np.array([[1.0] * 5] * (N - 1) + [[1.0]], dtype=object),
+            "same",
+            "dtype object",
+        ),
+        ([[0.0] * 5] * N, "same", "Python list.*np.asarray"),
+    ],
+    ids=["string_labels", "ragged_object_array", "python_list"],
+)
+def test_non_numeric_data_gets_a_message(x, y, match):
+    good_x, good_y = _data()
+    x = good_x if isinstance(x, str) else x
+    y = good_y if isinstance(y, str) else y
+    _refused(_classifier(), match, x=x, y=y)
+
+
+def test_refit_with_labels_of_another_format():
+    x, y = _data()
+    model = _classifier()
+    model.fit(x, y, verbose=0)
+    one_hot = keras.utils.to_categorical(y, 3)
+    _refused(model, "one-hot rows now.*class ids.*compile", x=x, y=one_hot)
+    model.compile()  # as the message says
+    model.fit(x, one_hot, verbose=0)
+
+
+def test_validation_data_of_the_wrong_shape_before_epoch_one():
+    x, y = _data()
+    _refused(
+        _classifier(),
+        r"shape \(4,\).*Expected: \(5,\)",
+        x=x,
+        y=y,
+        validation_data=(x[:, :4], y),
+    )

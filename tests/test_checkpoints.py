@@ -154,7 +154,7 @@ def test_backup_removes_leftovers_and_resumes_from_the_newest(tmp_path):
     model.fit(x, x, epochs=5, verbose=0, callbacks=[callback, StopAfter()])
     # One backup kept: the end of epoch index 1, so resume at epoch 2.
     assert _backup_files(backup) == [
-        "backup-000000001-epoch000002-batch000000000.weights.h5"
+        "backup-000000001-epoch000002-done000000000.weights.h5"
     ]
     (backup / f"{checkpoints.TEMP_PREFIX}123-abc-x.weights.h5").write_bytes(
         b"half"

@@ -12,26 +12,26 @@ def _examples():
     found = []
     for name in fitcustom.__all__:
         obj = getattr(fitcustom, name)
-        if not (inspect.isclass(obj) or inspect.isfunction(obj)):
-            continue
-        members = (
-            [obj]
-            + [
+        if inspect.ismodule(obj):
+            members = [obj]
+        elif inspect.isclass(obj):
+            members = [obj] + [
                 m
                 for _, m in inspect.getmembers(obj, inspect.isfunction)
                 if m.__qualname__.startswith(obj.__name__ + ".")
+                and m.__module__.startswith("fitcustom")
             ]
-            if inspect.isclass(obj)
-            else [obj]
-        )
+        elif inspect.isfunction(obj):
+            members = [obj]
+        else:
+            continue
         for member in members:
             doc = inspect.getdoc(member) or ""
             for i, block in enumerate(
                 re.findall(r"```python\n(.*?)```", doc, flags=re.S)
             ):
-                found.append(
-                    pytest.param(block, id=f"{member.__qualname__}[{i}]")
-                )
+                label = getattr(member, "__qualname__", member.__name__)
+                found.append(pytest.param(block, id=f"{label}[{i}]"))
     return found
 
 

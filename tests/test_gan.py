@@ -563,7 +563,7 @@ def test_early_stopping_and_checkpoint_read_the_gan_losses(tmp_path):
 
 def test_terminate_on_nan_stops_a_diverging_gan():
     gan = _gan()
-    gan.compile()
+    gan.compile(check_inputs=False)  # NaN images on purpose
     images = real_images(64)
     images[20] = np.nan
     history = gan.fit(
@@ -578,7 +578,7 @@ def test_terminate_on_nan_stops_a_diverging_gan():
 
 def test_guard_skips_nan_batches_for_both_networks():
     gan = _gan()
-    gan.compile(skip_nonfinite=True)
+    gan.compile(skip_nonfinite=True, check_inputs=False)
     images = real_images(64)
     images[20] = np.nan
     history = gan.fit(images, batch_size=16, epochs=2, verbose=0).history
@@ -664,9 +664,7 @@ def test_discriminator_without_input_shape_that_rejects_the_output():
 def test_labels_for_a_gan_that_takes_none():
     gan = _gan()
     gan.compile()
-    with pytest.raises(
-        ValueError, match=r"cannot take latent vectors of size 8 with labels"
-    ):
+    with pytest.raises(ValueError, match=r"the GAN is unconditional"):
         gan.fit(real_images(16), np.zeros(16, "int32"), verbose=0)
 
 

@@ -1,0 +1,120 @@
+"""TapeGAN refuses (or warns about) the inputs people get wrong, before any
+weight changes."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from test_gan import LATENT
+from test_gan import make_discriminator
+from test_gan import make_generator
+from test_gan import real_images
+
+import fitcustom
+
+
+def _gan(discriminator=None, **kwargs):
+    keras.utils.set_random_seed(0)
+    return fitcustom.TapeGAN(
+        generator=make_generator(),
+        discriminator=discriminator or make_discriminator(),
+        latent_dim=LATENT,
+        **kwargs,
+    )
+
+
+def _discriminator(units=1, activation=None):
+    images = keras.Input((8, 8, 1))
+    h = keras.layers.Flatten()(images)
+    return keras.Model(
+        images, keras.layers.Dense(units, activation=activation)(h)
+    )
+
+
+def _weights(gan):
+    return gan.generator.get_weights() + gan.discriminator.get_weights()
+
+
+def _refused(gan, match, *args, **kwargs):
+    before = _weights(gan)
+    with pytest.raises(ValueError, match=match):
+        gan.fit(*args, verbose=0, **kwargs)
+    for a, b in zip(before, _weights(gan), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("loss", ["non_saturating", "minimax"])
+def test_discriminator_ending_in_sigmoid_is_refused(loss):
+    """keras.io's DCGAN ends its discriminator in a sigmoid; TapeGAN's
+    cross-entropy takes logits (trained that way it stalls)."""
+    gan = _gan(_discriminator(activation="sigmoid"))
+    with pytest.raises(ValueError, match="ends in a sigmoid.*Dense\\(1\\)"):
+        gan.compile(loss=loss)
+    _gan(_discriminator()).compile(loss=loss)  # logits: accepted
+
+
+def test_discriminator_with_two_outputs_is_refused():
+    with pytest.raises(ValueError, match=r"one score.*shape \(2,\)"):
+        _gan(_discriminator(units=2))
+
+
+def test_nan_images_are_refused():
+    gan = _gan()
+    gan.compile()
+    images = real_images(32)
+    images[5, 2, 2, 0] = np.nan
+    _refused(gan, "images.*NaN", images)
+
+
+def test_images_in_0_255_for_a_tanh_generator_warn():
+    gan = _gan()
+    gan.compile()
+    images = ((real_images(32) + 1) * 127.5).astype("uint8")
+    with pytest.warns(UserWarning, match=r"up to 2\d\d.*127\.5 - 1"):
+        gan.fit(images, batch_size=16, verbose=0)
+
+
+def test_labels_for_an_unconditional_gan_are_refused():
+    gan = _gan()
+    gan.compile()
+    labels = np.zeros(32, "int32")
+    _refused(gan, "unconditional", real_images(32), labels)
+    dataset = tf.data.Dataset.from_tensor_slices(
+        (real_images(32), labels)
+    ).batch(8)
+    _refused(gan, "unconditional", dataset)
+    with pytest.raises(ValueError, match="unconditional.*Drop `labels=`"):
+        gan.generate(4, labels=np.zeros(4, "int32"))
+
+
+def test_batch_smaller_than_n_critic_is_refused():
+    gan = _gan(n_critic=4)
+    gan.compile()
+    _refused(gan, r"n_critic=4.*batch_size=2", real_images(32), batch_size=2)
+
+
+def test_second_fit_on_images_of_another_shape_is_refused():
+    gan = _gan()
+    gan.compile()
+    gan.fit(real_images(16), verbose=0)
+    _refused(
+        gan,
+        r"images of shape \(9, 9, 1\)\. Expected: \(8, 8, 1\)",
+        np.zeros((16, 9, 9, 1), "float32"),
+    )
+
+
+def test_generate_takes_numpy_integers():
+    gan = _gan()
+    a = gan.generate(np.int64(4), seed=np.int32(1))
+    b = gan.generate(4, seed=1)
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == (4, 8, 8, 1)
+
+
+def test_predict_on_latent_vectors_points_to_generate():
+    gan = _gan()
+    with pytest.raises(ValueError, match=r"latent vectors.*generate\(n\)"):
+        gan.predict(np.zeros((4, LATENT), "float32"), verbose=0)
+    scores = gan.predict(real_images(4), verbose=0)
+    assert scores.shape == (4, 1)
