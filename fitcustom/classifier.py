@@ -392,7 +392,9 @@ class TapeClassifier(TapeModel):
                 "`check_inputs` must be True or False. "
                 f"Received: check_inputs={check_inputs!r}."
             )
-        self._classifier_compile_args = {
+        # Not tracked by Keras (a metric object in it would be counted as
+        # one of the model's own metrics too).
+        self.__dict__["_classifier_compile_args"] = {
             "loss": loss,
             "metrics": metrics,
             "label_smoothing": label_smoothing,

@@ -396,7 +396,12 @@ class TapeModel(keras.Model):
             jit_compile=jit_compile,
             auto_scale_loss=auto_scale_loss,
         )
-        self._compiled_by_name = (loss, (metrics, weighted_metrics))
+        # Not tracked by Keras (a metric object in it would be counted as
+        # one of the model's own metrics too).
+        self.__dict__["_compiled_by_name"] = (
+            loss,
+            (metrics, weighted_metrics),
+        )
         self._gradient_transforms = gradient_transforms
         self._log_gradient_norm = log_gradient_norm
         self._skip_nonfinite = skip_nonfinite

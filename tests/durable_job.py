@@ -53,6 +53,7 @@ def build(kind):
             generator=generator,
             discriminator=discriminator,
             latent_dim=4,
+            n_critic=2,
             ema_decay=0.9,
         )
         model.compile(label_noise=0.05)
