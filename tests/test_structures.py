@@ -107,14 +107,19 @@ def list_inputs_and_outputs():
     return graph, compile_kwargs, x, y, {}
 
 
-def nested_inputs():
+def nested_inputs_dict_outputs():
+    """Named inputs, one of them a nested dict; two named outputs with a
+    loss, a loss weight, metrics and sample weights each."""
+
     def graph():
         a = keras.Input((3,), name="a")
         b = keras.Input((2,), name="b")
         c = keras.Input((2,), name="c")
         h = keras.layers.Concatenate()([a, keras.layers.Add()([b, c])])
-        out = keras.layers.Dense(1)(keras.layers.Dense(6, "relu")(h))
-        return {"a": a, "pair": {"b": b, "c": c}}, out
+        h = keras.layers.Dense(8, activation="relu")(h)
+        y1 = keras.layers.Dense(1, name="y1")(h)
+        y2 = keras.layers.Dense(3, activation="softmax", name="y2")(h)
+        return {"a": a, "pair": {"b": b, "c": c}}, {"y1": y1, "y2": y2}
 
     rng = _rng(4)
     x = {
@@ -124,15 +129,15 @@ def nested_inputs():
             "c": rng.normal(size=(N, 2)).astype("float32"),
         },
     }
-    y = rng.normal(size=(N, 1)).astype("float32")
-    return graph, dict(loss="mse"), x, y, {}
+    _, compile_kwargs, _, y, fit_kwargs = dict_outputs()
+    return graph, compile_kwargs, x, y, fit_kwargs
 
 
+# (Flat dict inputs and dict outputs alone: see the dataset, PyDataset,
+# short-batch and save tests below.)
 STRUCTURES = {
-    "dict_inputs": dict_inputs,
-    "dict_outputs": dict_outputs,
+    "nested_inputs_dict_outputs": nested_inputs_dict_outputs,
     "list_inputs_and_outputs": list_inputs_and_outputs,
-    "nested_inputs": nested_inputs,
 }
 
 
