@@ -197,7 +197,7 @@ def markdown(results):
             lines.append(_md_row(cells))
         lines.append("")
     lines += [
-        "**Claims of issue 5**",
+        "**Speed claims**",
         "",
         "| workload | claim | median [min-max] | CPU ratio | noise | status |",
         "| --- | --- | --- | --- | --- | --- |",

@@ -84,7 +84,7 @@ def workload_claims(step_times, noise, spe, is_gan, cpu_step_times=None):
     """The issue's claims for one workload, from per-step times by variant.
 
     - fitcustom `fit()` / built-in `fit()` <= 1.02 (for the GAN: built-in
-      `fit()` with the seeds' step as `train_step`, where it was run);
+      `fit()` with the hand-written step as `train_step`, where it was run);
     - GAN: `TapeGAN.fit` / the hand-written GAN loop <= 1.02;
     - fitcustom `fit()` with `steps_per_execution=spe` / the hand-written
       `tf.function` loop <= 1.00.
@@ -105,7 +105,7 @@ def workload_claims(step_times, noise, spe, is_gan, cpu_step_times=None):
     if is_gan:
         references = [
             ("loop_tf_function", "hand-written tf.function GAN loop"),
-            ("builtin_fit", "built-in fit() with the seeds' train_step"),
+            ("builtin_fit", "built-in fit() with a hand-written train_step"),
         ]
     for reference, other in references:
         if "fitcustom_fit" in step_times and reference in step_times:

@@ -42,7 +42,7 @@ from datetime import datetime
 
 PROFILES = {
     "tiny": dict(
-        workloads=["mlp", "dcgan"],
+        workloads=["multi_io", "dcgan"],
         steps=8,
         rounds=2,
         repeats=1,
@@ -53,7 +53,7 @@ PROFILES = {
     # A first look within 3 minutes on 2 CPU cores (one run per variant
     # and round: 2.0-2.3 min measured, against 3.0 with two).
     "quick": dict(
-        workloads=["mlp", "vgg_cnn", "cifar_cnn", "dcgan"],
+        workloads=["mlp", "vgg_cnn", "cifar_cnn", "multi_io", "dcgan"],
         steps=20,
         rounds=5,
         repeats=1,
@@ -62,7 +62,7 @@ PROFILES = {
         eager_factor=0.2,
     ),
     "full": dict(
-        workloads=["mlp", "vgg_cnn", "cifar_cnn", "dcgan"],
+        workloads=["mlp", "vgg_cnn", "cifar_cnn", "multi_io", "dcgan"],
         steps=100,
         rounds=12,
         repeats=2,
@@ -71,7 +71,7 @@ PROFILES = {
         eager_factor=0.1,
     ),
 }
-WORKLOAD_NAMES = ("mlp", "vgg_cnn", "cifar_cnn", "dcgan")
+WORKLOAD_NAMES = ("mlp", "vgg_cnn", "cifar_cnn", "multi_io", "dcgan")
 DATA_KINDS = ("synthetic", "digits", "keras")
 MIN_ROUNDS = 5  # BENCHMARK.md
 

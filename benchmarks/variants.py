@@ -6,13 +6,13 @@ one epoch over the same batches), and exposes the mean training loss of its
 last run (`train_loss`) and its networks for scoring (`networks`).
 
 Classifiers: built-in `keras.Model.fit`, fitcustom's `fit()`, both with a
-larger `steps_per_execution`, the seeds' GradientTape loop under
+larger `steps_per_execution`, a hand-written GradientTape loop under
 `tf.function` and in eager mode, and the floor. The loops track loss and
 accuracy as `fit()` does (TensorFlow tutorial style), so that every variant
 does the same work per step. GAN: built-in `fit()` of a `keras.Model`
-whose `train_step` is the seeds' two-tape step (keras.io style),
+whose `train_step` is a hand-written two-tape step (keras.io style),
 fitcustom's `TapeGAN.fit`, both with a larger `steps_per_execution`, the
-seeds' step in a loop under `tf.function` and eager, and the floor; all of
+same step in a loop under `tf.function` and eager, and the floor; all of
 them draw the same latent noise.
 """
 
@@ -21,7 +21,7 @@ import tensorflow as tf
 
 import fitcustom
 from benchmarks.workloads import LATENT_DIM
-from benchmarks.workloads import classification_loss
+from benchmarks.workloads import MULTI_IO
 
 # The classifier is TapeClassifier where it exists, else the engine itself;
 # the GAN variants need TapeGAN and are skipped (with a note) without it.
@@ -70,22 +70,26 @@ class Variant:
 
 
 class FitVariant(Variant):
-    """`model.fit(dataset, epochs=1)` on a functional model of class `cls`."""
+    """`model.fit(dataset, epochs=1)` on a functional model of class `cls`
+    (`None`: fitcustom's, `TapeClassifier` for a classifier, `TapeModel`
+    for the multi-input workload)."""
 
-    def __init__(self, name, cls, steps_per_execution=1):
+    def __init__(self, name, cls=None, steps_per_execution=1):
         super().__init__(name)
         self.cls = cls
         self.spe = steps_per_execution
 
     def setup(self, w):
         super().setup(w)
-        self.model = w.build_classifier(self.cls)
+        cls = self.cls
+        if cls is None:
+            cls = fitcustom.TapeModel if w.name == MULTI_IO else TapeClassifier
+        self.model = w.build_classifier(cls)
         self.model.compile(
             optimizer=_optimizer(),
-            loss=classification_loss(),
-            metrics=["accuracy"],
             jit_compile=w.jit_compile,
             steps_per_execution=self.spe,
+            **w.compile_arguments(),
         )
         self.dataset = w.dataset
 
@@ -100,7 +104,7 @@ class FitVariant(Variant):
 
 
 class LoopVariant(Variant):
-    """The seeds' loop: a GradientTape step per batch, under `tf.function`
+    """A hand-written loop: a GradientTape step per batch, under `tf.function`
     (same `jit_compile`) or eager."""
 
     def __init__(self, name, compiled=True, steps_factor=1.0):
@@ -111,7 +115,7 @@ class LoopVariant(Variant):
         super().setup(w)
         model = w.build_classifier(keras.Model)
         optimizer = _optimizer()
-        loss_object = classification_loss()
+        loss_object = w.loss_function()
         loss_mean = keras.metrics.Mean()
         accuracy = keras.metrics.SparseCategoricalAccuracy()
 
@@ -124,7 +128,7 @@ class LoopVariant(Variant):
             grads = tape.gradient(loss, model.trainable_variables)
             optimizer.apply_gradients(zip(grads, model.trainable_variables))
             loss_mean.update_state(loss)
-            accuracy.update_state(y, logits)
+            accuracy.update_state(*w.labels_and_logits(y, logits))
 
         self.step = (
             tf.function(step, jit_compile=w.jit_compile)
@@ -155,18 +159,21 @@ class FloorVariant(Variant):
         model = w.build_classifier(keras.Model)
         optimizer = _optimizer()
         optimizer.build(model.trainable_variables)
-        loss_object = classification_loss()
+        loss_object = w.loss_function()
         xs, ys = w.pre_batched(self.steps)
         steps = self.steps
 
         def body(i, total, correct):
+            x = tf.nest.map_structure(lambda t: t[i], xs)
+            y = tf.nest.map_structure(lambda t: t[i], ys)
             with tf.GradientTape() as tape:
-                logits = model(xs[i], training=True)
-                loss = loss_object(ys[i], logits)
+                logits = model(x, training=True)
+                loss = loss_object(y, logits)
             grads = tape.gradient(loss, model.trainable_variables)
             optimizer.apply_gradients(zip(grads, model.trainable_variables))
-            predicted = tf.argmax(logits, -1, output_type=ys.dtype)
-            hits = tf.reduce_sum(tf.cast(predicted == ys[i], tf.float32))
+            labels, logits = w.labels_and_logits(y, logits)
+            predicted = tf.argmax(logits, -1, output_type=labels.dtype)
+            hits = tf.reduce_sum(tf.cast(predicted == labels, tf.float32))
             return i + 1, total + loss, correct + hits
 
         @tf.function(jit_compile=w.jit_compile)
@@ -210,7 +217,7 @@ def latent_seed(step):
 
 
 def built_gan_optimizers(generator, discriminator):
-    """The seeds' two Adam optimizers `(g_opt, d_opt)`, built for the
+    """The hand-written GAN's two Adam optimizers `(g_opt, d_opt)`, built for the
     networks' trainable variables."""
     g_opt, d_opt = _optimizer(gan=True), _optimizer(gan=True)
     g_opt.build(generator.trainable_variables)
@@ -219,7 +226,7 @@ def built_gan_optimizers(generator, discriminator):
 
 
 def gan_step(generator, discriminator, g_opt, d_opt):
-    """The seeds' DCGAN step: two tapes over one forward pass,
+    """A hand-written DCGAN step: two tapes over one forward pass,
     non-saturating binary cross-entropy from logits; noise drawn
     statelessly from the generator optimizer's step count as `TapeGAN`
     draws it (`latent_seed`). The optimizers must be built.
@@ -254,7 +261,7 @@ def gan_step(generator, discriminator, g_opt, d_opt):
 
 class TutorialGAN(keras.Model):
     """Plain `keras.Model.fit` for a GAN: a `keras.Model` whose
-    `train_step` is the seeds' step (`gan_step`), as keras.io's DCGAN
+    `train_step` is the hand-written step (`gan_step`), as keras.io's DCGAN
     example writes one (with `training=True` and optimizers built before
     `fit()`), logging the epoch means of `d_loss` and `g_loss`."""
 
@@ -302,7 +309,7 @@ class GANFitVariant(Variant):
 
 
 class GANBuiltinFit(GANFitVariant):
-    """`TutorialGAN.fit`: built-in `fit()` running the seeds' step."""
+    """`TutorialGAN.fit`: built-in `fit()` running the hand-written step."""
 
     def make_gan(self, w, generator, discriminator):
         g_opt, d_opt = built_gan_optimizers(generator, discriminator)
@@ -317,7 +324,7 @@ class GANBuiltinFit(GANFitVariant):
 
 class GANFit(GANFitVariant):
     """`TapeGAN.fit`, both networks updated from one forward pass
-    (`simultaneous=True`), as the seeds' step does."""
+    (`simultaneous=True`), as the hand-written step does."""
 
     def make_gan(self, w, generator, discriminator):
         gan = TapeGAN(
@@ -337,7 +344,7 @@ class GANFit(GANFitVariant):
 
 
 class GANLoop(Variant):
-    """The seeds' DCGAN loop under `tf.function` or eager, or (with
+    """The hand-written DCGAN loop under `tf.function` or eager, or (with
     `floor=True`) all its steps in one `tf.while_loop` graph."""
 
     def __init__(self, name, compiled=True, steps_factor=1.0, floor=False):
@@ -409,11 +416,11 @@ def classifier_variants(spe, eager_factor):
     middle."""
     reference = FitVariant("builtin_fit", keras.Model)
     reference.reference = True
-    out = [reference, FitVariant("fitcustom_fit", TapeClassifier)]
+    out = [reference, FitVariant("fitcustom_fit")]
     if spe > 1:
         out += [
             FitVariant(f"builtin_fit_spe{spe}", keras.Model, spe),
-            FitVariant(f"fitcustom_fit_spe{spe}", TapeClassifier, spe),
+            FitVariant(f"fitcustom_fit_spe{spe}", None, spe),
         ]
     out += [
         LoopVariant("loop_tf_function"),
@@ -424,7 +431,7 @@ def classifier_variants(spe, eager_factor):
 
 
 def gan_variants(spe, eager_factor):
-    """The GAN variants (reference: the seeds' loop under `tf.function`);
+    """The GAN variants (reference: the hand-written loop under `tf.function`);
     without `fitcustom.TapeGAN`, the loops only."""
     reference = GANLoop("loop_tf_function")
     reference.reference = True

@@ -7,6 +7,11 @@ the same way, for the same number of steps. Each workload also holds a
 fixed evaluation set on which every variant is scored, outside the timed
 runs, before and after training.
 
+Workloads: three classifiers (`mlp`, `vgg_cnn`, `cifar_cnn`), `multi_io`
+(a model with two named inputs and two named outputs, a loss per output
+with loss weights, accuracy on one output: dict data throughout) and
+`dcgan`.
+
 Data (`data=`):
 
 - `"synthetic"` (default): images of the workload's shape made of a
@@ -53,7 +58,46 @@ CLASSIFIERS = {
     "vgg_cnn": (architectures.vgg_body, (28, 28, 1), (28, 28, 1), "mnist"),
     "cifar_cnn": (cifar_cnn, (32, 32, 3), (32, 32, 3), "cifar10"),
 }
-WORKLOADS = (*CLASSIFIERS, "dcgan")
+# Two named inputs (the image, and the mean of each of its BANDS rows of
+# pixels), two named outputs (the digit, and whether it is even), a loss
+# per output with weights, accuracy on the digit.
+MULTI_IO = "multi_io"
+BANDS = 7
+LOSS_WEIGHTS = {"digit": 1.0, "even": 0.5}
+WORKLOADS = (*CLASSIFIERS, MULTI_IO, "dcgan")
+
+
+def multi_io_network(inputs):
+    """The multi-input workload's body: a small CNN on the image and a
+    dense layer on the band means, joined, then two heads (logits)."""
+    h = inputs["image"]
+    for filters in (16, 32):
+        h = keras.layers.Conv2D(filters, 3, padding="same", activation="relu")(
+            h
+        )
+        h = keras.layers.MaxPooling2D()(h)
+    h = keras.layers.Flatten()(h)
+    bands = keras.layers.Dense(16, activation="relu")(inputs["bands"])
+    h = keras.layers.Concatenate()([h, bands])
+    h = keras.layers.Dense(64, activation="relu")(h)
+    return {
+        "digit": keras.layers.Dense(NUM_CLASSES, name="digit")(h),
+        "even": keras.layers.Dense(1, name="even")(h),
+    }
+
+
+def multi_io_arrays(x, y):
+    """`(inputs, targets)` dicts of the multi-input workload from images
+    `x` (n, 28, 28, 1) and digit labels `y`."""
+    bands = x.reshape(len(x), BANDS, -1).mean(axis=-1).astype("float32")
+    inputs = {"image": x, "bands": bands}
+    targets = {
+        "digit": y.astype("int32"),
+        "even": (y % 2 == 0).astype("float32").reshape(-1, 1),
+    }
+    return inputs, targets
+
+
 GAN_IMAGE_SHAPE = (28, 28, 1)
 
 
@@ -91,6 +135,10 @@ def dcgan_networks(seed=0):
 
 def classification_loss():
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def even_loss():
+    return keras.losses.BinaryCrossentropy(from_logits=True)
 
 
 def synthetic_images(image_shape, n, seed=0):
@@ -208,6 +256,13 @@ class Workload:
                 generator.get_weights(),
                 discriminator.get_weights(),
             )
+        elif name == MULTI_IO:
+            (x, y), (x_eval, y_eval), note = load_images(
+                data, (28, 28, 1), "mnist", n
+            )
+            self.x, self.y = multi_io_arrays(x, y)
+            self.x_eval, self.y_eval = multi_io_arrays(x_eval, y_eval)
+            self.weights = self.build_classifier(keras.Model).get_weights()
         else:
             _, shape, image_shape, keras_name = CLASSIFIERS[name]
             (x, y), (x_eval, y_eval), note = load_images(
@@ -227,13 +282,52 @@ class Workload:
     def build_classifier(self, cls):
         """The workload's classifier as `cls(inputs, outputs)`, with the
         shared initial weights once they exist."""
-        body, shape, _, _ = CLASSIFIERS[self.name]
         keras.utils.set_random_seed(0)
-        inputs = keras.Input(shape)
-        model = cls(inputs, body(inputs))
+        if self.name == MULTI_IO:
+            inputs = {
+                "image": keras.Input((28, 28, 1), name="image"),
+                "bands": keras.Input((BANDS,), name="bands"),
+            }
+            model = cls(inputs, multi_io_network(inputs))
+        else:
+            body, shape, _, _ = CLASSIFIERS[self.name]
+            inputs = keras.Input(shape)
+            model = cls(inputs, body(inputs))
         if hasattr(self, "weights"):
             model.set_weights(self.weights)
         return model
+
+    def compile_arguments(self):
+        """The loss and metrics `compile()` gets (a dict per output for
+        the multi-input workload)."""
+        if self.name == MULTI_IO:
+            return dict(
+                loss={"digit": classification_loss(), "even": even_loss()},
+                loss_weights=dict(LOSS_WEIGHTS),
+                metrics={"digit": ["accuracy"]},
+            )
+        return dict(loss=classification_loss(), metrics=["accuracy"])
+
+    def loss_function(self):
+        """`loss(y, outputs)` as `compile()`'s loss computes it (the
+        weighted sum of the per-output means), for the hand-written
+        loops."""
+        if self.name != MULTI_IO:
+            return classification_loss()
+        digit, even = classification_loss(), even_loss()
+
+        def loss(y, outputs):
+            return LOSS_WEIGHTS["digit"] * digit(
+                y["digit"], outputs["digit"]
+            ) + LOSS_WEIGHTS["even"] * even(y["even"], outputs["even"])
+
+        return loss
+
+    def labels_and_logits(self, y, outputs):
+        """The labels and logits that accuracy is measured on."""
+        if self.name == MULTI_IO:
+            return y["digit"], outputs["digit"]
+        return y, outputs
 
     def build_gan(self):
         """`(generator, discriminator)` with the shared initial weights."""
@@ -246,11 +340,15 @@ class Workload:
         """The first `steps` batches as device tensors `(xs, ys)` of shape
         `(steps, batch, ...)` (`ys` is `None` for the GAN)."""
         n = steps * self.batch
-        shape = (steps, self.batch, *self.x.shape[1:])
-        xs = tf.constant(self.x[:n].reshape(shape))
+
+        def batched(array):
+            shape = (steps, self.batch, *array.shape[1:])
+            return tf.constant(array[:n].reshape(shape))
+
+        xs = tf.nest.map_structure(batched, self.x)
         if self.y is None:
             return xs, None
-        return xs, tf.constant(self.y[:n].reshape((steps, self.batch)))
+        return xs, tf.nest.map_structure(batched, self.y)
 
     def evaluate(self, networks):
         """Scores trained networks on the fixed evaluation set.
@@ -263,18 +361,24 @@ class Workload:
         """
         if self.is_gan:
             return _evaluate_gan(*networks, self.x_eval, self.z_eval)
-        logits = np.concatenate(
-            [
-                keras.ops.convert_to_numpy(
-                    networks(self.x_eval[i : i + 256], training=False)
-                )
-                for i in range(0, len(self.x_eval), 256)
-            ]
+        size = len(tf.nest.flatten(self.x_eval)[0])
+        chunks = [
+            networks(
+                tf.nest.map_structure(
+                    lambda a, i=i: a[i : i + 256], self.x_eval
+                ),
+                training=False,
+            )
+            for i in range(0, size, 256)
+        ]
+        outputs = tf.nest.map_structure(
+            lambda *parts: tf.concat(parts, axis=0), *chunks
         )
-        loss = classification_loss()(self.y_eval, logits)
+        loss = self.loss_function()(self.y_eval, outputs)
+        labels, logits = self.labels_and_logits(self.y_eval, outputs)
         return {
             "loss": float(loss),
-            "accuracy": float(np.mean(logits.argmax(-1) == self.y_eval)),
+            "accuracy": float(np.mean(np.argmax(logits, -1) == labels)),
         }
 
 

@@ -9,6 +9,7 @@ from fitcustom._version import __version__ as __version__
 from fitcustom.callbacks import SampleGrid as SampleGrid
 from fitcustom.checkpoints import BackupAndRestore as BackupAndRestore
 from fitcustom.checkpoints import ModelCheckpoint as ModelCheckpoint
+from fitcustom.checkpoints import load_model as load_model
 from fitcustom.classifier import ClassifierLoss as ClassifierLoss
 from fitcustom.classifier import TapeClassifier as TapeClassifier
 from fitcustom.engine import TapeModel as TapeModel
@@ -33,4 +34,5 @@ __all__ = [
     "checks",
     "distribute",
     "gan_losses",
+    "load_model",
 ]

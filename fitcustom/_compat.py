@@ -467,11 +467,13 @@ def _multi_step_function(model, step):
     batch gets its own graph, traced for that static shape, which each
     call calls directly (at most 8 kept; beyond that, a `tf.function`
     with relaxed shapes). The step is traced twice in the
-    graph (the call's first batch, then the loop's). Iterators of a
-    distribution strategy, ragged or sparse elements and Python iterators
-    keep Keras' own function. The per-step body is Keras': the step under
-    `strategy.run`, logs reduced by the private `reduce_per_replica`,
-    compiled with the model's `jit_compile`.
+    graph (the call's first batch, then the loop's). Under a distribution
+    strategy, whose iterators Keras 3.15's multi-step loop cannot run
+    ("You must feed a value for placeholder tensor"), a call runs its
+    steps one by one with the one-step function; ragged or sparse
+    elements and Python iterators keep Keras' own function. The per-step
+    body is Keras': the step under `strategy.run`, logs reduced by the
+    private `reduce_per_replica`, compiled with the model's `jit_compile`.
     """
     import tensorflow as tf
 
@@ -571,7 +573,26 @@ def _multi_step_function(model, step):
             for spec in specs
         )
 
+    distributed_step = None
+
+    def distributed_steps(iterator):
+        # Keras 3.15's multi-step loop fails under MirroredStrategy ("You
+        # must feed a value for placeholder tensor", for any input): the
+        # call runs its steps one at a time with the one-step function.
+        nonlocal distributed_step
+        if distributed_step is None:
+            distributed_step = _one_step_function(model, step)
+        logs = distributed_step(iterator)  # OutOfRangeError: epoch done
+        for _ in range(steps - 1):
+            try:
+                logs = distributed_step(iterator)
+            except (tf.errors.OutOfRangeError, StopIteration):
+                break
+        return logs
+
     def function(iterator):
+        if isinstance(iterator, tf.distribute.DistributedIterator):
+            return distributed_steps(iterator)
         if not eligible(iterator):
             return keras_function(iterator)
         # At the end of the data this raises `OutOfRangeError`, which

@@ -1,4 +1,5 @@
-"""The seeds' reference architectures, as functional building blocks.
+"""Reference architectures of the scripts and the benchmark, as functional
+building blocks.
 
 Used by the scripts, the benchmark and the tests, so that all of them
 train the same networks.
@@ -8,7 +9,7 @@ import keras
 
 
 def mlp_body(inputs, width=64):
-    """Flatten, Dense(width) x2 with ReLU, Dense(10) logits (the seeds' MLP,
+    """Flatten, Dense(width) x2 with ReLU, Dense(10) logits (the MLP,
     784-64-64-10 on 28x28 inputs)."""
     h = keras.layers.Flatten()(inputs)
     h = keras.layers.Dense(width, activation="relu")(h)
@@ -17,7 +18,7 @@ def mlp_body(inputs, width=64):
 
 
 def vgg_body(inputs, num_classes=10):
-    """The seeds' VGG-like CNN: conv 16; conv 32 x2; conv 64 x3 (3x3,
+    """A VGG-like CNN: conv 16; conv 32 x2; conv 64 x3 (3x3,
     BatchNorm, ReLU, max-pool after each group); dense 256, BatchNorm,
     dropout 0.5; `num_classes` logits."""
     h = inputs

@@ -102,6 +102,14 @@ class SampleGrid(keras.callbacks.Callback):
                     "`epochs` must be a non-empty list of 1-based epoch "
                     f"numbers (ints >= 1). Received: epochs={epochs!r}."
                 )
+        try:  # needed only at the first epoch's end: checked now
+            import matplotlib  # noqa: F401
+        except ImportError as e:
+            raise ImportError(
+                "SampleGrid draws its grids with matplotlib, which is not "
+                "installed. Install it with `pip install matplotlib` (or "
+                "`pip install fitcustom[examples]`)."
+            ) from e
         low, high = value_range
         if not high > low:
             raise ValueError(

@@ -166,6 +166,52 @@ def save_weights(model, filepath, overwrite=True, max_shard_size=None):
     return None
 
 
+def load_model(filepath, custom_objects=None, compile=True, safe_mode=True):
+    """`keras.saving.load_model` with fitcustom's classes registered, and a
+    short message when the file holds a class that is not.
+
+    Importing fitcustom is what makes its classes known to Keras; a class
+    of your own (a `TapeModel` subclass, a custom layer) must be imported
+    too, or given in `custom_objects`. Keras' own error for a missing
+    class ends with the file's whole configuration (kilobytes of JSON);
+    this one names the class and how to make it known.
+
+    Args:
+        filepath: A `.keras` file.
+        custom_objects: As in `keras.saving.load_model`.
+        compile: As in `keras.saving.load_model`. Defaults to `True`.
+        safe_mode: As in `keras.saving.load_model`. Defaults to `True`.
+
+    Returns:
+        The model.
+    """
+    try:
+        return keras.saving.load_model(
+            filepath,
+            custom_objects=custom_objects,
+            compile=compile,
+            safe_mode=safe_mode,
+        )
+    except TypeError as e:
+        found = re.match(r"Could not locate (\w+) '([^']+)'", str(e))
+        if found is None:
+            raise
+        kind, name = found.groups()
+        # Keras looks the class up by its registered name ("package>name").
+        registered = re.search(
+            r"'registered_name': '([^']*>" + re.escape(name) + ")'", str(e)
+        )
+        if registered is not None:
+            name = registered.group(1)
+    raise ValueError(
+        f"{filepath} holds a {kind} {name!r} that Keras does not know in "
+        "this program. Received: no registered class of that name. Import "
+        "the module that defines it (decorated with "
+        "@keras.saving.register_keras_serializable()) before loading, or "
+        f"pass custom_objects={{{name!r}: {name.split('>')[-1]}}}."
+    ) from None
+
+
 class _AtomicSaves:
     """A model whose `save` / `save_weights` are the atomic ones; every
     other attribute is the model's."""
@@ -226,9 +272,12 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
     trained are read and skipped, not trained again (Keras' callback
     replays the whole epoch), and the epoch's logs include them. The run
     then ends with exactly the weights of an uninterrupted run when the
-    batches come in the same order on every run (`shuffle=False`, or a
-    dataset without random shuffling); with `shuffle=True` the resumed
-    epoch skips as many batches of a new order. A backup taken mid-epoch
+    batches come in the same order on every run: `shuffle=False`, or
+    `shuffle=True` (fit()'s default) in a run seeded with
+    `keras.utils.set_random_seed` (Keras then draws the same shuffled
+    order in every process), or a dataset without unseeded shuffling.
+    Unseeded, the resumed epoch skips as many batches of a new order.
+    A backup taken mid-epoch
     is refused if the number of batches per epoch has changed (another
     `batch_size` or data size). Other Keras models resume at the start of
     the epoch, as with Keras' callback.

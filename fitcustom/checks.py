@@ -469,14 +469,30 @@ def check_batch_size(batch_size, what="batch_size"):
         )
 
 
-def check_sample_weight(sample_weight):
-    """Refuses negative weights (they turn the step into gradient ascent)
-    and weights that are all zero (nothing to learn from)."""
+def check_sample_weight(sample_weight, y=None):
+    """Refuses negative weights (they turn the step into gradient ascent),
+    weights that are all zero (nothing to learn from), and weights with
+    more values per sample than the targets have positions (Keras would
+    broadcast them against the per-sample losses)."""
     if not is_array(sample_weight):
         return
     weights = np.asarray(sample_weight)
     if weights.size == 0 or weights.dtype.kind not in "biuf":
         return
+    per_sample = tuple(weights.shape[1:])
+    while per_sample and per_sample[-1] == 1:
+        per_sample = per_sample[:-1]
+    target = tuple(getattr(y, "shape", ())[1:]) if is_array(y) else None
+    if per_sample and target is not None:
+        if tuple(target[: len(per_sample)]) != per_sample:
+            raise ValueError(
+                "`sample_weight` must hold one weight per sample (shape "
+                f"(n,)), or one per target position for sequence targets. "
+                f"Received: sample_weight of shape {weights.shape} for "
+                f"targets of shape {tuple(y.shape)}. Give one weight per "
+                "sample, e.g. sample_weight[:, 0], or use class_weight "
+                "to weigh classes."
+            )
     low = weights.min()
     if low < 0:
         raise ValueError(

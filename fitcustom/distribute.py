@@ -127,7 +127,16 @@ def all_finite(tensors):
             t = t.values
         checks.append(tf.reduce_all(tf.math.is_finite(t)))
     ok = tf.reduce_all(tf.stack(checks)) if checks else tf.constant(True)
-    bad = tf.cast(tf.logical_not(ok), tf.float32)
+    return all_true(ok)
+
+
+def all_true(flag):
+    """True (on every replica alike) when `flag` is True on every replica.
+
+    Args:
+        flag: A scalar boolean tensor, this replica's verdict.
+    """
+    bad = tf.cast(tf.logical_not(flag), tf.float32)
     ctx = tf.distribute.get_replica_context()
     if ctx is not None and ctx.num_replicas_in_sync > 1:
         bad = ctx.all_reduce(tf.distribute.ReduceOp.SUM, bad)

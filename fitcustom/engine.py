@@ -295,7 +295,7 @@ class TapeModel(keras.Model):
         """
         results = super().get_metrics_result()
         tracker = _compat.loss_tracker(self)
-        if not self._skip_nonfinite or tracker is None:
+        if not self._may_skip_steps() or tracker is None:
             return results
         # A mean of its own (loss, d_loss, gradient_norm) is NaN while it
         # has counted nothing; compiled metrics follow the loss.
@@ -314,6 +314,11 @@ class TapeModel(keras.Model):
             return tf.where(applied, value, nan)
 
         return {name: honest(name, v) for name, v in results.items()}
+
+    def _may_skip_steps(self):
+        """Whether a step can leave the metrics alone (then an epoch
+        without an applied step logs NaN)."""
+        return self._skip_nonfinite
 
     # ------------------------------------------------------------------
     # compile / fit entry points
@@ -660,7 +665,7 @@ class TapeModel(keras.Model):
             ValueError: Naming the keys or structure received and
                 expected.
         """
-        checks.check_sample_weight(sample_weight)
+        checks.check_sample_weight(sample_weight, y)
         name = f"{type(self).__name__} {self.name!r}"
         graph = self._graph_model()
         try:
@@ -1093,31 +1098,37 @@ def _loss_scale(optimizer):
 def apply_if(finite, optimizer, grads, variables):
     """`optimizer.apply_gradients` only where `finite` is True.
 
-    Under a strategy that needs `merge_call` (MirroredStrategy on CPUs), a
-    `tf.cond` around `apply_gradients` is not allowed in a replica context;
-    the condition is then evaluated in the cross-replica context, as Keras'
-    `LossScaleOptimizer` does. `finite` must be equal on all replicas
+    `finite` must be equal on all replicas
     (`fitcustom.distribute.all_finite` ensures it).
     """
-    grads = list(grads)
-    variables = list(variables)
 
     def apply(grads_, variables_):
         optimizer.apply_gradients(zip(grads_, variables_))
 
+    run_if(finite, apply, list(grads), list(variables))
+
+
+def run_if(condition, fn, *args):
+    """Calls `fn(*args)` in the replica context only where `condition`.
+
+    Under a strategy that needs `merge_call` (MirroredStrategy on CPUs), a
+    `tf.cond` around cross-replica work (`apply_gradients`) is not allowed
+    in a replica context; the condition is then evaluated in the
+    cross-replica context and `fn` runs on every replica from there, as
+    Keras' `LossScaleOptimizer` does. `condition` must be equal on all
+    replicas; `fn` returns nothing.
+    """
     ctx = tf.distribute.get_replica_context()
     if ctx is None or not _compat.needs_merge_call():
-        tf.cond(finite, lambda: apply(grads, variables), lambda: None)
+        tf.cond(condition, lambda: fn(*args), lambda: None)
         return
 
-    def merged(strategy, finite_, grads_, variables_):
-        first = strategy.experimental_local_results(finite_)[0]
+    def merged(strategy, condition_, *args_):
+        first = strategy.experimental_local_results(condition_)[0]
 
         def run():
-            strategy.extended.call_for_each_replica(
-                apply, args=(grads_, variables_)
-            )
+            strategy.extended.call_for_each_replica(fn, args=args_)
 
         tf.cond(first, run, lambda: None)
 
-    ctx.merge_call(merged, args=(finite, grads, variables))
+    ctx.merge_call(merged, args=(condition,) + tuple(args))

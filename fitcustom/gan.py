@@ -13,6 +13,7 @@ from fitcustom import gan_losses
 from fitcustom.classifier import outputs_logits
 from fitcustom.engine import TapeModel
 from fitcustom.engine import check_saved_version
+from fitcustom.engine import run_if
 
 # What a stateless draw is for; folded into the step's seed with the index
 # of the draw within the step, so no two draws of a run share a seed.
@@ -28,7 +29,9 @@ class TapeGAN(TapeModel):
     k + 2 * n_critic, ...`: `batch_size // n_critic` images; make
     `batch_size` a multiple of `n_critic` times the number of replicas, or
     the remainder is not used), then one generator update on as many latent
-    vectors (with the labels of the first slice when conditional). With
+    vectors (with the labels of the first slice when conditional). A batch
+    with fewer than `n_critic` images on some replica (a dataset's short
+    last batch) is skipped: no update, nothing logged. With
     `simultaneous=True` (and `n_critic=1`) both networks are updated from
     one forward pass, as in TensorFlow's DCGAN tutorial. Both networks are
     called with `training=True`. Losses are reduced per replica and divided
@@ -254,6 +257,12 @@ class TapeGAN(TapeModel):
         ):
             checks.check_finite("images", images)
             self._warn_if_out_of_range(images)
+        if (
+            labels is not None
+            and checks.is_array(labels)
+            and not isinstance(labels, tf.TypeSpec)
+        ):
+            self._check_label_range(labels)
         if batch_size is not None and batch_size < self.n_critic:
             raise ValueError(
                 f"Each step gives each of the n_critic={self.n_critic} "
@@ -261,6 +270,40 @@ class TapeGAN(TapeModel):
                 f"batch needs at least {self.n_critic} images. Received: "
                 f"batch_size={batch_size}. Use batch_size >= n_critic "
                 "(best a multiple of it)."
+            )
+
+    def _check_label_range(self, labels):
+        """Labels feeding an Embedding must be integers in its range (out
+        of range, TensorFlow fails inside the step, or a GPU silently
+        reads zeros)."""
+        classes = min(
+            (
+                _embedding_sizes(self.generator)
+                + _embedding_sizes(self.discriminator)
+            )
+            or [None],
+            key=lambda v: float("inf") if v is None else v,
+        )
+        if classes is None:
+            return
+        labels = np.asarray(labels)
+        if labels.size == 0:
+            return
+        if labels.dtype.kind not in "iu" and not (
+            labels.dtype.kind == "f" and np.all(labels == np.round(labels))
+        ):
+            raise ValueError(
+                "Conditional labels go into an Embedding and must be "
+                f"integer class ids. Received: labels of dtype {labels.dtype}. "
+                "Convert them, e.g. labels.astype('int32')."
+            )
+        low, high = labels.min(), labels.max()
+        if low < 0 or high >= classes:
+            raise ValueError(
+                f"Conditional labels must be class ids in [0, {classes - 1}] "
+                f"(the label Embedding has input_dim={classes}). Received: "
+                f"labels from {low:g} to {high:g}. Map the classes to "
+                "0..n-1, or give the Embeddings a larger input_dim."
             )
 
     def _warn_if_out_of_range(self, images):
@@ -286,10 +329,30 @@ class TapeGAN(TapeModel):
         if batch_size is None and checks.is_array(x):
             batch_size = min(32, len(x))  # Keras' default
         self.check_data(x, y, sample_weight, batch_size)
+        self._warn_if_last_batch_skipped(x, batch_size)
         if isinstance(validation_data, tf.data.Dataset):
             self.check_data(validation_data)
         elif isinstance(validation_data, (list, tuple)) and validation_data:
             self.check_data(*validation_data[:2])
+
+    def _warn_if_last_batch_skipped(self, x, batch_size):
+        if self.simultaneous or self.n_critic == 1 or not batch_size:
+            return
+        if not checks.is_array(x) or isinstance(x, tf.TypeSpec):
+            return
+        images = x[0] if isinstance(x, (tuple, list)) else x
+        rest = len(images) % batch_size
+        replicas = self.distribute_strategy.num_replicas_in_sync
+        if 0 < rest < self.n_critic * replicas:
+            warnings.warn(
+                f"The last batch of each epoch has {rest} image(s), fewer "
+                f"than n_critic={self.n_critic} per replica "
+                f"({replicas} replica(s)), so it is skipped: {rest} "
+                f"image(s) of {len(images)} are never trained on. Use a "
+                "batch_size that divides the number of images, or drop "
+                "the last ones.",
+                stacklevel=4,
+            )
 
     def predict(
         self, x, batch_size=None, verbose="auto", steps=None, callbacks=None
@@ -319,6 +382,12 @@ class TapeGAN(TapeModel):
             verbose=verbose,
             steps=steps,
             callbacks=callbacks,
+        )
+
+    def _may_skip_steps(self):
+        # A batch smaller than n_critic is skipped (see train_step).
+        return super()._may_skip_steps() or (
+            self.n_critic > 1 and not self.simultaneous
         )
 
     def _training_optimizers(self):
@@ -381,10 +450,12 @@ class TapeGAN(TapeModel):
                 the discriminator. Only for the families with targets
                 (`non_saturating`, `minimax`, `least_squares`). Defaults
                 to 0.
-            label_noise: Adds `label_noise * U[0, 1]` to the
-                discriminator's real and fake targets, drawn anew for every
-                discriminator update (the seeds use 0.05). Same families
-                as `label_smoothing`. Defaults to 0.
+            label_noise: Moves the discriminator's targets towards the
+                other class by `label_noise * U[0, 1]` (real targets down,
+                fake targets up, so they stay in [0, 1]), drawn anew for
+                every discriminator update (the scripts use 0.05). Same
+                families as `label_smoothing`; `label_smoothing +
+                label_noise` must be at most 0.5. Defaults to 0.
             check_inputs: Check the values of in-memory images before
                 `fit()` / `evaluate()` (NaN or inf refused, a range that
                 does not match a tanh generator warned about). Defaults to
@@ -442,6 +513,13 @@ class TapeGAN(TapeModel):
                     f"with loss={gan_loss.name!r}. Remove it, or use one of "
                     "'non_saturating', 'minimax', 'least_squares'."
                 )
+        if label_smoothing + label_noise > 0.5:
+            raise ValueError(
+                "`label_smoothing + label_noise` must be at most 0.5, or "
+                "some real targets would sit below fake ones. Received: "
+                f"label_smoothing={label_smoothing}, "
+                f"label_noise={label_noise}."
+            )
         if r1_gamma is not None and (not _is_number(r1_gamma) or r1_gamma <= 0):
             raise ValueError(
                 "`r1_gamma` must be a number > 0 or None. "
@@ -643,7 +721,9 @@ class TapeGAN(TapeModel):
         if noise:
             seed = self._seed(_TARGETS, index)
             u = tf.random.stateless_uniform([2, batch_size, 1], seed)
-            real = real + noise * u[0]
+            # Towards the other class, so targets stay in [0, 1] (above 1
+            # the cross-entropy on logits has no lower bound).
+            real = real - noise * u[0]
             fake = fake + noise * u[1]
         return real, fake
 
@@ -729,70 +809,77 @@ class TapeGAN(TapeModel):
         real, conditions, _ = self.unpack_data(data)
         if self.d_optimizer is None:
             self._require_compiled("fit")
+        if self.simultaneous:
+            self._simultaneous_step(real, conditions)
+        elif self.n_critic == 1:
+            self._alternating_step(real, conditions)
+        else:
+            # A batch too small to give every discriminator update an
+            # image (the short last batch of a dataset) is skipped as a
+            # whole: on empty slices the forward passes would put NaN
+            # into BatchNormalization's statistics and the optimizers
+            # would still move the weights by their momentum.
+            full = distribute.all_true(tf.shape(real)[0] >= self.n_critic)
+            run_if(full, self._alternating_step, real, conditions)
+        return self.get_metrics_result()
+
+    def _simultaneous_step(self, real, conditions):
+        """Both networks updated from one forward pass."""
         batch = tf.shape(real)[0]
-        n = self.n_critic
-        m = batch // n
+        z = self.sample_latent(batch, 0)
+        with tf.GradientTape() as d_tape, tf.GradientTape() as g_tape:
+            fake = self._generate(z, conditions, training=True)
+            d_loss, d_total, penalties, fake_logits = self._discriminator_loss(
+                real, fake, conditions, 0
+            )
+            d_scaled = self.scale_loss(d_total, self.d_optimizer)
+            g_loss = distribute.mean_loss(self.gan_loss.generator(fake_logits))
+            g_total = g_loss + self._extra_losses(self.generator)
+            g_scaled = self.scale_loss(g_total, self.g_optimizer)
         d_vars = self.discriminator.trainable_weights
         g_vars = self.generator.trainable_weights
-        oks = []
-        if self.simultaneous:
-            z = self.sample_latent(batch, 0)
-            with tf.GradientTape() as d_tape, tf.GradientTape() as g_tape:
-                fake = self._generate(z, conditions, training=True)
-                d_loss, d_total, penalties, fake_logits = (
-                    self._discriminator_loss(real, fake, conditions, 0)
+        d_ok = self._update(d_tape, d_scaled, d_total, d_vars, self.d_optimizer)
+        g_ok = self._update(g_tape, g_scaled, g_total, g_vars, self.g_optimizer)
+        self._finish_step(
+            real, [(d_loss, penalties, d_ok, batch)], g_loss, g_ok, batch
+        )
+
+    def _alternating_step(self, real, conditions):
+        """`n_critic` discriminator updates, then one generator update."""
+        n = self.n_critic
+        m = tf.shape(real)[0] // n
+        d_vars = self.discriminator.trainable_weights
+        g_vars = self.generator.trainable_weights
+        d_losses = []
+        for k in range(n):
+            # Strided slices: update k uses images k, k + n, k + 2n... of
+            # the batch, so N replicas (each with a contiguous part of the
+            # global batch) use the same images as one device.
+            real_k = real[k : m * n : n]
+            cond_k = None if conditions is None else conditions[k : m * n : n]
+            z = self.sample_latent(m, k)
+            with tf.GradientTape() as tape:
+                fake = self._generate(z, cond_k, training=True)
+                d_loss, d_total, penalties, _ = self._discriminator_loss(
+                    real_k, fake, cond_k, k
                 )
                 d_scaled = self.scale_loss(d_total, self.d_optimizer)
-                g_loss = distribute.mean_loss(
-                    self.gan_loss.generator(fake_logits)
-                )
-                g_total = g_loss + self._extra_losses(self.generator)
-                g_scaled = self.scale_loss(g_total, self.g_optimizer)
-            d_ok = self._update(
-                d_tape, d_scaled, d_total, d_vars, self.d_optimizer
-            )
-            g_ok = self._update(
-                g_tape, g_scaled, g_total, g_vars, self.g_optimizer
-            )
-            oks = [d_ok, g_ok]
-            d_losses = [(d_loss, penalties, d_ok, batch)]
-            g_size = batch
-        else:
-            d_losses = []
-            for k in range(self.n_critic):
-                # Strided slices: update k uses images k, k + n, k + 2n...
-                # of the batch, so N replicas (each with a contiguous part
-                # of the global batch) use the same images as one device.
-                real_k = real[k : m * n : n]
-                cond_k = (
-                    None if conditions is None else conditions[k : m * n : n]
-                )
-                z = self.sample_latent(m, k)
-                with tf.GradientTape() as tape:
-                    fake = self._generate(z, cond_k, training=True)
-                    d_loss, d_total, penalties, _ = self._discriminator_loss(
-                        real_k, fake, cond_k, k
-                    )
-                    d_scaled = self.scale_loss(d_total, self.d_optimizer)
-                ok = self._update(
-                    tape, d_scaled, d_total, d_vars, self.d_optimizer
-                )
-                d_losses.append((d_loss, penalties, ok, m))
-            cond_g = None if conditions is None else conditions[0 : m * n : n]
-            z = self.sample_latent(m, self.n_critic)
-            with tf.GradientTape() as tape:
-                fake = self._generate(z, cond_g, training=True)
-                fake_logits = self._discriminate(fake, cond_g, True)
-                g_loss = distribute.mean_loss(
-                    self.gan_loss.generator(fake_logits)
-                )
-                g_total = g_loss + self._extra_losses(self.generator)
-                g_scaled = self.scale_loss(g_total, self.g_optimizer)
-            g_ok = self._update(
-                tape, g_scaled, g_total, g_vars, self.g_optimizer
-            )
-            oks = [ok for _, _, ok, _ in d_losses] + [g_ok]
-            g_size = m
+            ok = self._update(tape, d_scaled, d_total, d_vars, self.d_optimizer)
+            d_losses.append((d_loss, penalties, ok, m))
+        cond_g = None if conditions is None else conditions[0 : m * n : n]
+        z = self.sample_latent(m, n)
+        with tf.GradientTape() as tape:
+            fake = self._generate(z, cond_g, training=True)
+            fake_logits = self._discriminate(fake, cond_g, True)
+            g_loss = distribute.mean_loss(self.gan_loss.generator(fake_logits))
+            g_total = g_loss + self._extra_losses(self.generator)
+            g_scaled = self.scale_loss(g_total, self.g_optimizer)
+        g_ok = self._update(tape, g_scaled, g_total, g_vars, self.g_optimizer)
+        self._finish_step(real, d_losses, g_loss, g_ok, m)
+
+    def _finish_step(self, real, d_losses, g_loss, g_ok, g_size):
+        """EMA update and the step's logs. `d_losses` holds
+        `(d_loss, penalties, verdict, images)` per discriminator update."""
         if self.ema_generator is not None:
             self._update_ema(g_ok)
         for d_loss, penalties, ok, size in d_losses:
@@ -805,26 +892,56 @@ class TapeGAN(TapeModel):
                 )
                 self._track(tracker, value, size, ok)
         self._track(self.g_loss_tracker, g_loss, g_size, g_ok)
-        last_d = d_losses[-1]
         both = None
         if self._skip_nonfinite:
-            both = tf.logical_and(last_d[2], g_ok)
-            self.count_nonfinite(oks)
+            both = tf.logical_and(d_losses[-1][2], g_ok)
+            self.count_nonfinite([ok for _, _, ok, _ in d_losses] + [g_ok])
         mean_d = tf.add_n([d for d, _, _, _ in d_losses]) / len(d_losses)
         self.track_loss(mean_d + g_loss, real, both)
-        return self.get_metrics_result()
+
+    def evaluation_latent(self, images):
+        """The latent vectors `evaluate()` pairs with real images: one per
+        image, drawn from a seed made of `seed` and the image's content.
+
+        Keyed to the image, not to its batch or replica, so `evaluate()`
+        gives the same numbers for any `batch_size` and number of
+        replicas, and on every run.
+
+        Args:
+            images: A batch of real images.
+
+        Returns:
+            float32 tensor of shape `(batch, latent_dim)`.
+        """
+        flat = tf.reshape(
+            tf.cast(images, tf.float32), [tf.shape(images)[0], -1]
+        )
+        bits = tf.cast(tf.bitcast(flat, tf.int32), tf.int64)
+        # An exact integer hash of each row (no rounding, so the same for
+        # any batch layout): a weighted sum of its bits modulo a prime.
+        prime = tf.constant(2147483647, tf.int64)
+        position = tf.range(tf.shape(flat)[1], dtype=tf.int64)
+        weights = tf.math.floormod(position * 2654435761, 65521) + 1
+        terms = tf.math.floormod(bits * weights[None, :], prime)
+        keys = tf.math.floormod(tf.reduce_sum(terms, axis=1), prime)
+        base = tf.constant(self.seed, tf.int64)
+
+        def draw(key):
+            return tf.random.stateless_normal(
+                [self.latent_dim], tf.stack([base, key])
+            )
+
+        return tf.map_fn(draw, keys, fn_output_signature=tf.float32)
 
     def test_step(self, data):
         """`evaluate()`: `d_loss`, `g_loss` and `loss` on held-out images,
-        updating nothing. The latent vectors come from a fixed seed per
-        replica, so two evaluations of the same data agree; no label noise,
-        and the penalties (training regularisers) are not computed."""
+        updating nothing. Each image is paired with latent vectors keyed to
+        its content (`evaluation_latent`), so evaluations agree for any
+        batch size; no label noise, and the penalties (training
+        regularisers) are not computed."""
         real, conditions, _ = self.unpack_data(data)
         batch = tf.shape(real)[0]
-        seed = tf.random.experimental.stateless_fold_in(
-            tf.constant([self.seed, -1], tf.int64), distribute.replica_id()
-        )
-        z = tf.random.stateless_normal([batch, self.latent_dim], seed)
+        z = self.evaluation_latent(real)
         fake = self._generate(z, conditions, training=False)
         real_logits = self._discriminate(real, conditions, training=False)
         fake_logits = self._discriminate(fake, conditions, training=False)
@@ -884,6 +1001,7 @@ class TapeGAN(TapeModel):
             )
         conditions = None
         if labels is not None:
+            self._check_label_range(labels)
             conditions = tf.convert_to_tensor(labels)
             if conditions.shape.rank == 0 or conditions.shape[0] != n:
                 raise ValueError(
@@ -929,6 +1047,23 @@ def _prod(shape):
 
 def _is_number(value):
     return not isinstance(value, bool) and isinstance(value, (int, float))
+
+
+def _embedding_sizes(model):
+    """`input_dim` of each Embedding that takes the model's label input
+    (its second input) directly."""
+    inputs = getattr(model, "inputs", None) or []
+    if len(inputs) < 2:
+        return []
+    labels = inputs[1]
+    sizes = []
+    for operation in getattr(model, "operations", []):
+        if not isinstance(operation, keras.layers.Embedding):
+            continue
+        for node in getattr(operation, "_inbound_nodes", []):
+            if any(t is labels for t in node.input_tensors):
+                sizes.append(int(operation.input_dim))
+    return sizes
 
 
 def _input_shape(model):

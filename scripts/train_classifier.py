@@ -29,7 +29,7 @@ def parse_args(argv):
         "--model",
         choices=("mlp", "cnn"),
         default="mlp",
-        help="the seeds' MLP (64-64) or VGG-like CNN",
+        help="an MLP (flatten, 64, 64) or a VGG-like CNN",
     )
     parser.add_argument("--epochs", type=positive_int("--epochs"), default=30)
     parser.add_argument(
@@ -48,7 +48,7 @@ def parse_args(argv):
 
 
 def build_model(kind, input_shape):
-    """The seeds' MLP (flatten, 64, 64) or VGG-like CNN, as a classifier."""
+    """An MLP (flatten, 64, 64) or a VGG-like CNN, as a classifier."""
     import keras
 
     import fitcustom

@@ -130,8 +130,7 @@ def main(argv):
         y,
         batch_size=BATCH,
         epochs=EPOCHS,
-        shuffle=False,
-        verbose=0,
+        verbose=0,  # shuffle=True, fit()'s default: seeded, so exact
         callbacks=callbacks,
     )
     checkpoints._before_replace = None

@@ -59,6 +59,10 @@ FIT_CASES = {
         dict(sample_weight=np.zeros(N)),
         "0 for every sample",
     ),
+    "sample_weight_per_class": (
+        dict(sample_weight=np.ones((N, 3))),
+        r"one weight per sample.*\(32, 3\) for targets of shape \(32,\)",
+    ),
     "class_weight_missing_class": (
         dict(class_weight={0: 1.0, 1: 2.0}),
         r"no weight for classes \[2\]",
@@ -82,13 +86,17 @@ def test_bad_fit_arguments_are_refused(case, cls):
 
 
 def test_keras_trains_silently_on_the_same_arguments():
-    """Control: built-in fit() takes batch_size=0, negative sample weights
-    and string class-weight keys without a word (the weights move)."""
+    """Control: built-in fit() takes batch_size=0, negative sample weights,
+    string class-weight keys and a weight per class for each sample without
+    a word (the weights move)."""
     x, y = _data()
     for kwargs in (
         dict(batch_size=0),
         dict(sample_weight=-np.ones(N)),
         dict(class_weight={"0": 1.0, "1": 1.0, "2": 1.0}),
+        # (batch,) losses times (batch, 3) weights broadcast for batches
+        # of 1 or 3 samples (and fail inside TensorFlow otherwise).
+        dict(sample_weight=np.ones((N, 3)), batch_size=1),
     ):
         keras.utils.set_random_seed(0)
         inputs = keras.Input((5,))
@@ -186,3 +194,20 @@ def test_validation_data_of_the_wrong_shape_before_epoch_one():
         y=y,
         validation_data=(x[:, :4], y),
     )
+
+
+def test_sequence_weights_for_sequence_targets_are_accepted():
+    """One weight per time step is Keras' temporal weighting, not a
+    mistake: (n, T) weights for (n, T) sparse targets train."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4, 5))
+    model = fitcustom.TapeModel(inputs, keras.layers.Dense(3)(inputs))
+    model.compile(
+        optimizer="sgd",
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    x = np.random.default_rng(0).normal(size=(8, 4, 5)).astype("float32")
+    y = np.arange(32).reshape(8, 4) % 3
+    weights = np.ones((8, 4), "float32")
+    weights[:, 2:] = 0.0
+    model.fit(x, y, sample_weight=weights, verbose=0)

@@ -271,3 +271,40 @@ def test_saved_file_records_the_fitcustom_version(tmp_path, cls):
     with pytest.warns(UserWarning, match="saved by fitcustom 9.9.9"):
         loaded = keras.models.load_model(path)
     assert_weights_close(model.get_weights(), loaded.get_weights(), atol=0)
+
+
+def test_load_model_names_a_class_it_does_not_know(tmp_path):
+    """Keras' own error for an unregistered class ends with the file's
+    whole configuration; fitcustom.load_model names the class and the
+    fix in a few lines."""
+    package = f"test_{uuid.uuid4().hex[:8]}"
+
+    @keras.saving.register_keras_serializable(package=package)
+    class MyModel(fitcustom.TapeModel):
+        pass
+
+    inputs = keras.Input((4,))
+    model = MyModel(inputs, keras.layers.Dense(3)(inputs))
+    path = tmp_path / "mine.keras"
+    model.save(path)
+    loaded = fitcustom.load_model(path)  # registered: loads
+    assert type(loaded).__name__ == "MyModel"
+    # As in a program that never imported the class's module:
+    del keras.saving.get_custom_objects()[f"{package}>MyModel"]
+    with pytest.raises(TypeError, match="Full object config") as keras_error:
+        keras.saving.load_model(path)
+    with pytest.raises(ValueError) as ours:
+        fitcustom.load_model(path)
+    message = str(ours.value)
+    assert f"'{package}>MyModel'" in message
+    assert (
+        "custom_objects={" in message
+        and "register_keras_serializable" in message
+    )
+    assert len(message) < 400 < len(str(keras_error.value))
+    loaded = fitcustom.load_model(
+        path, custom_objects={f"{package}>MyModel": MyModel}
+    )
+    np.testing.assert_array_equal(
+        loaded.get_weights()[0], model.get_weights()[0]
+    )

@@ -1,6 +1,7 @@
 """SampleGrid: PNG grids of a TapeGAN's samples at chosen epochs."""
 
 import os
+import sys
 
 import keras
 import matplotlib
@@ -12,6 +13,7 @@ from test_gan import make_generator
 from test_gan import real_images
 
 import fitcustom
+from fitcustom import datasets
 from fitcustom.callbacks import save_grid
 
 
@@ -141,3 +143,31 @@ def test_a_model_without_generate_is_refused(tmp_path):
             verbose=0,
             callbacks=[fitcustom.SampleGrid(tmp_path)],
         )
+
+
+@pytest.mark.parametrize(
+    "module, make, hint",
+    [
+        (
+            "matplotlib",
+            lambda d: fitcustom.SampleGrid(str(d)),
+            "pip install matplotlib",
+        ),
+        (
+            "sklearn.datasets",
+            lambda d: datasets.load_digits(),
+            "pip install scikit-learn",
+        ),
+    ],
+    ids=["SampleGrid", "load_digits"],
+)
+def test_missing_optional_dependency_fails_at_once_with_a_hint(
+    tmp_path, monkeypatch, module, make, hint
+):
+    """Without the optional package, the object that needs it fails when
+    it is made (not after an epoch has trained), in one line that says
+    what to install."""
+    monkeypatch.setitem(sys.modules, module, None)  # import -> ImportError
+    with pytest.raises(ImportError, match=hint) as error:
+        make(tmp_path)
+    assert "\n" not in str(error.value)

@@ -118,3 +118,80 @@ def test_predict_on_latent_vectors_points_to_generate():
         gan.predict(np.zeros((4, LATENT), "float32"), verbose=0)
     scores = gan.predict(real_images(4), verbose=0)
     assert scores.shape == (4, 1)
+
+
+def test_label_noise_keeps_targets_in_0_1():
+    """Noise moves targets towards the other class: real targets above 1
+    leave the cross-entropy on logits without a lower bound."""
+    gan = _gan()
+    gan.compile(label_noise=0.05)
+    real, fake = (t.numpy() for t in gan._targets(2000, 0))
+    assert 0.95 <= real.min() and real.max() <= 1.0
+    assert real.min() < 0.951  # the noise is there
+    assert 0.0 <= fake.min() and fake.max() <= 0.05
+
+
+def _short_last_batch_run(data, strategy=None, run_eagerly=False, **fit):
+    with strategy.scope() if strategy else _null():
+        gan = _gan(n_critic=3)
+        gan.compile(run_eagerly=run_eagerly)
+    history = gan.fit(data, epochs=2, verbose=0, shuffle=False, **fit)
+    return (
+        _weights(gan),
+        history.history,
+        int(gan.g_optimizer.iterations.numpy()),
+    )
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.mark.parametrize("mode", ["graph", "eager", "two_replicas"])
+def test_batch_too_short_for_n_critic_is_skipped(mode, request):
+    """A last batch with fewer images than n_critic (per replica) trains
+    nothing: its empty slices would put NaN into BatchNormalization and
+    the optimizers' momentum would still move the weights."""
+    strategy = request.getfixturevalue(mode) if mode == "two_replicas" else None
+    images = real_images(26)
+    kwargs = dict(strategy=strategy, run_eagerly=mode == "eager")
+    dataset = tf.data.Dataset.from_tensor_slices(images).batch(12)
+    skipped = _short_last_batch_run(dataset, **kwargs)  # batches 12, 12, 2
+    reference = _short_last_batch_run(
+        tf.data.Dataset.from_tensor_slices(images[:24]).batch(12), **kwargs
+    )
+    assert skipped[2] == reference[2] == 4  # 2 steps per epoch
+    for a, b in zip(skipped[0], reference[0], strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert skipped[1] == reference[1]
+    assert all(np.isfinite(v).all() for v in skipped[1].values())
+
+
+def test_short_last_batch_of_arrays_warns():
+    with pytest.warns(
+        UserWarning, match=r"last batch.*2 image\(s\).*n_critic=3"
+    ):
+        _short_last_batch_run(real_images(26), batch_size=12)
+
+
+def test_conditional_labels_outside_the_embedding_are_refused():
+    keras.utils.set_random_seed(0)
+    gan = fitcustom.TapeGAN(
+        generator=make_generator(conditional=True),
+        discriminator=make_discriminator(conditional=True),
+        latent_dim=LATENT,
+    )
+    gan.compile()
+    images = real_images(32)
+    labels = np.arange(32) % 10
+    _refused(gan, r"\[0, 9\].*input_dim=10.*from 1 to 10", images, labels + 1)
+    _refused(gan, r"from -1 to 8", images, labels - 1)
+    _refused(gan, "integer class ids.*float", images, labels + 0.5)
+    with pytest.raises(ValueError, match=r"from 10 to 10"):
+        gan.generate(2, labels=np.array([10, 10]))
+    gan.fit(images, labels, batch_size=16, verbose=0)  # in range: trains
+    assert gan.generate(2, labels=np.array([0, 9])).shape == (2, 8, 8, 1)

@@ -754,13 +754,14 @@ def test_classifier_with_dict_inputs_parity(mode, two_replicas):
         "b": rng.normal(size=(N, 3)).astype("float32"),
     }
     y = rng.integers(0, 3, size=(N,))
-    # Two replicas in graph mode only: built-in fit() with
-    # steps_per_execution > 1 under MirroredStrategy fails in Keras 3.15
-    # ("You must feed a value for placeholder tensor"), for any input.
-    strategies = (None, two_replicas) if mode == "graph" else (None,)
-    for strategy in strategies:
+    for strategy in (None, two_replicas):
         reference, ours = make_pair(graph, strategy, fitcustom.TapeClassifier)
         scope = strategy.scope() if strategy is not None else _Null()
+        # Built-in fit() with steps_per_execution > 1 under MirroredStrategy
+        # fails in Keras 3.15 ("You must feed a value for placeholder
+        # tensor", for any input; see the test below): there the reference
+        # runs one step per call, which gives the same numbers.
+        reference_mode = MODES[mode] if strategy is None else {}
         with scope:
             reference.compile(
                 optimizer="adam",
@@ -768,11 +769,55 @@ def test_classifier_with_dict_inputs_parity(mode, two_replicas):
                     from_logits=True
                 ),
                 metrics=["accuracy"],
-                **MODES[mode],
+                **reference_mode,
             )
             ours.compile(**MODES[mode])
-        h_ref, h_ours = fit_both((reference, ours), x, y)
+        h_ref, h_ours = fit_both(
+            (reference, ours), x, y, validation_data=(x, y)
+        )
         assert_parity(reference, ours, h_ref, h_ours)
         np.testing.assert_allclose(
             ours.predict(x, verbose=0).sum(axis=-1), 1.0, rtol=1e-5
         )
+
+
+def test_steps_per_execution_on_two_replicas(two_replicas):
+    """fitcustom runs steps_per_execution > 1 under MirroredStrategy with
+    the numbers of one step per call; Keras 3.15's own multi-step loop
+    fails there (the control)."""
+    graph, compile_kwargs, x, y, fit_kwargs = STRUCTURES[
+        "nested_inputs_dict_outputs"
+    ]()
+    reference, ours = make_pair(graph, two_replicas)
+    compile_pair((reference,), compile_kwargs, two_replicas)
+    compile_pair((ours,), compile_kwargs, two_replicas, steps_per_execution=3)
+    h_ref, h_ours = fit_both(
+        (reference, ours), x, y, validation_data=(x, y), **fit_kwargs
+    )
+    assert_parity(reference, ours, h_ref, h_ours)
+    with two_replicas.scope():
+        failing = keras.Model(*graph())
+    compile_pair(
+        (failing,), compile_kwargs, two_replicas, steps_per_execution=3
+    )
+    with pytest.raises(tf.errors.InvalidArgumentError, match="(?i)placeholder"):
+        fit_both((failing,), x, y, **fit_kwargs)
+
+
+@pytest.mark.parametrize("structure", list(STRUCTURES), ids=list(STRUCTURES))
+def test_mixed_float16_parity(structure):
+    """Under mixed_float16 (loss scaling, float16 outputs, per-output
+    losses in float32) the structures train as built-in fit() trains them
+    (the engine's test shows that skipping the loss scale fails this)."""
+    keras.config.set_dtype_policy("mixed_float16")
+    graph, compile_kwargs, x, y, fit_kwargs = STRUCTURES[structure]()
+    reference, ours = make_pair(graph)
+    compile_pair((reference, ours), compile_kwargs)
+    assert isinstance(ours.optimizer, keras.optimizers.LossScaleOptimizer)
+    h_ref, h_ours = fit_both((reference, ours), x, y, **fit_kwargs)
+    assert_parity(reference, ours, h_ref, h_ours)
+    keras.tree.map_structure(
+        np.testing.assert_array_equal,
+        reference.predict(x, verbose=0),
+        ours.predict(x, verbose=0),
+    )
