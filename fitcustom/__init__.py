@@ -5,6 +5,7 @@ from fitcustom import checkpoints as checkpoints
 from fitcustom import checks as checks
 from fitcustom import distribute as distribute
 from fitcustom import gan_losses as gan_losses
+from fitcustom import testing as testing
 from fitcustom._version import __version__ as __version__
 from fitcustom.callbacks import SampleGrid as SampleGrid
 from fitcustom.checkpoints import BackupAndRestore as BackupAndRestore
@@ -12,6 +13,7 @@ from fitcustom.checkpoints import ModelCheckpoint as ModelCheckpoint
 from fitcustom.checkpoints import load_model as load_model
 from fitcustom.classifier import ClassifierLoss as ClassifierLoss
 from fitcustom.classifier import TapeClassifier as TapeClassifier
+from fitcustom.distiller import TapeDistiller as TapeDistiller
 from fitcustom.engine import TapeModel as TapeModel
 from fitcustom.gan import TapeGAN as TapeGAN
 from fitcustom.transforms import ClipByGlobalNorm as ClipByGlobalNorm
@@ -27,6 +29,7 @@ __all__ = [
     "SampleGrid",
     "ScaleByLayer",
     "TapeClassifier",
+    "TapeDistiller",
     "TapeGAN",
     "TapeModel",
     "architectures",
@@ -35,4 +38,5 @@ __all__ = [
     "distribute",
     "gan_losses",
     "load_model",
+    "testing",
 ]

@@ -355,21 +355,37 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         if optimizer is not None and not optimizer.built:
             optimizer.build(self.model.trainable_variables)
         _, epoch, done, path = backups[-1]
+        metrics = self._check_resume(path, epoch, done)  # before loading
         self.model.load_weights(path)
         _compat.set_initial_epoch(self.model, epoch)
         self._current_epoch = epoch
-        if done:
-            self._resume_within_epoch(path, epoch, done)
+        if done and metrics is not None:
+            self._resume_within_epoch(epoch, done, metrics)
 
-    def _resume_within_epoch(self, path, epoch, done):
+    def _check_resume(self, path, epoch, done):
+        """Refuses (mid-epoch) or warns about (at an epoch's end) a backup
+        written with another number of batches per epoch; returns the
+        backup's metric values (None for a file without them)."""
         import h5py
 
         with h5py.File(path, "r") as f:
-            group = f[_RESUME_GROUP]
+            group = f.get(_RESUME_GROUP)
+            if group is None:  # not written by this callback
+                return None
             steps = int(group.attrs["steps"])
             metrics = [group[f"metric_{i}"][()] for i in range(len(group))]
         now = self.params.get("steps")
-        if steps >= 0 and now is not None and now != steps:
+        changed = steps >= 0 and now is not None and now != steps
+        if changed and not done:
+            warnings.warn(
+                f"The backup in {self.backup_dir} was written by a run with "
+                f"{steps} batches per epoch; an epoch now has {now} "
+                "(another batch_size or data size). Training goes on from "
+                f"epoch {epoch + 1}, but will not end with the numbers the "
+                "interrupted run would have given.",
+                stacklevel=2,
+            )
+        if changed and done:
             raise ValueError(
                 f"The backup in {self.backup_dir} was taken after {done} of "
                 f"the {steps} batches of epoch {epoch + 1}, but an epoch now "
@@ -378,6 +394,9 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
                 "batch_size and data of the interrupted run, or delete "
                 f"{self.backup_dir} to start over."
             )
+        return metrics
+
+    def _resume_within_epoch(self, epoch, done, metrics):
         resume = getattr(self.model, "resume_within_epoch", None)
         if resume is None:
             warnings.warn(

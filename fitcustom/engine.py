@@ -34,6 +34,7 @@ class TapeModel(keras.Model):
     | `unpack_data(data)` | `(x, y, sample_weight)`, clear error otherwise |
     | `forward(x, training)` | `self(x, training=training)` |
     | `compute_loss(...)` | Keras' compiled loss + regularizers |
+    | `loss_terms(...)` | `{}`; extra terms, see `add_loss_term` |
     | `track_loss(loss, x)` | the `loss` metric, as `fit()` logs it |
     | `scale_loss(loss)` | the optimizer's loss scale (mixed precision) |
     | `compute_gradients(tape, loss, variables)` | `tape.gradient` |
@@ -44,7 +45,11 @@ class TapeModel(keras.Model):
     `loss_and_gradients` (forward pass under the tape to scaled gradients)
     and `update_and_report` (transforms, guarded update, logs) group these
     for steps that take more than one gradient, like SAM in
-    `TapeClassifier`.
+    `TapeClassifier`. `update(tape, scaled_loss, loss, variables,
+    optimizer)` (gradients, guard, transforms, optimizer) and
+    `track_mean(tracker, value, batch_size)` (a loss logged as `fit()`
+    logs its loss) serve steps with several networks and optimizers, like
+    `TapeGAN`'s.
 
     It can be built three ways, like `keras.Model`: functionally
     (`TapeModel(inputs, outputs)`), by subclassing with a `call()`, or by
@@ -124,8 +129,52 @@ class TapeModel(keras.Model):
         self._gradient_transforms = ()
         self._log_gradient_norm = False
         self._skip_nonfinite = False
+        self._loss_term_trackers = {}
+        self.__dict__["_step_terms"] = {}
         if network is not None and network.built:
             self.built = True
+
+    def add_loss_term(self, name: str):
+        """Declares an extra loss term that `loss_terms` returns.
+
+        Call it in `__init__`. The term is added to the loss, and logged as
+        `name` (and `val_name`): its epoch mean, as the loss is. Return its
+        values from `loss_terms` one per sample, unreduced: the engine
+        takes the (sample-weighted) mean over the batch and divides it by
+        the number of replicas, once, as Keras does for the compiled loss.
+        So a term is right on any number of replicas whether computed with
+        raw ops or with a Keras loss (`keras.losses.KLDivergence(
+        reduction=None)`); an already reduced scalar is refused.
+
+        Args:
+            name: The term's name in the logs, e.g. `"distillation_loss"`.
+        """
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(
+                "A loss term's name must be an identifier such as "
+                f"'distillation_loss'. Received: name={name!r}."
+            )
+        taken = {m.name for m in self.metrics} | {"loss"}
+        if name in taken or name in self._loss_term_trackers:
+            raise ValueError(
+                f"A loss term needs a name of its own. Received: "
+                f"name={name!r}, already a logged name ({sorted(taken)})."
+            )
+        self._loss_term_trackers[name] = keras.metrics.Mean(name=name)
+
+    def loss_terms(self, x, y, y_pred, sample_weight, training):
+        """Extra loss terms of a step: `{name: per-sample values}`.
+
+        Override it (with `add_loss_term` for each name) to add terms to
+        the compiled loss, e.g. a distillation or consistency term. Each
+        value has the batch as its first axis and is not reduced; further
+        axes are averaged. Runs in training and in evaluation (`training`
+        tells which), after `forward`.
+
+        Returns:
+            A dict with one entry per declared term. Defaults to `{}`.
+        """
+        return {}
 
     # ------------------------------------------------------------------
     # Model plumbing
@@ -210,6 +259,15 @@ class TapeModel(keras.Model):
             )
         return getattr(network, name)
 
+    #: Constructor arguments that are models (or layers), read from the
+    #: attributes of the same names: saved in the config and rebuilt on
+    #: loading, so a subclass that holds sub-models needs no
+    #: `get_config` / `from_config` of its own.
+    config_models: tuple = ()
+    #: Constructor arguments that are plain values (numbers, strings),
+    #: read from the attributes of the same names and saved likewise.
+    config_values: tuple = ()
+
     def get_config(self):
         config = super().get_config()
         config["fitcustom_version"] = __version__
@@ -217,19 +275,26 @@ class TapeModel(keras.Model):
             config["network"] = keras.saving.serialize_keras_object(
                 self.network
             )
+        for name in self.config_models:
+            config[name] = keras.saving.serialize_keras_object(
+                getattr(self, name)
+            )
+        for name in self.config_values:
+            config[name] = getattr(self, name)
         return config
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
         config = check_saved_version(config, cls.__name__)
-        if "network" not in config:
+        models = [k for k in ("network", *cls.config_models) if k in config]
+        if not models:
             # A functional config (layers and their connections), or a
             # subclass's own arguments: Keras' `Model.from_config`.
             return super().from_config(config, custom_objects)
-        config = dict(config)
-        config["network"] = keras.saving.deserialize_keras_object(
-            config["network"], custom_objects=custom_objects
-        )
+        for key in models:
+            config[key] = keras.saving.deserialize_keras_object(
+                config[key], custom_objects=custom_objects
+            )
         return cls(**config)
 
     def save(self, filepath, overwrite=True, zipped=None, **kwargs):
@@ -757,7 +822,42 @@ class TapeModel(keras.Model):
             training=training,
         )
         self._check_loss(loss)
+        terms = self._reduced_loss_terms(x, y, y_pred, sample_weight, training)
+        for value in terms.values():
+            loss = loss + tf.cast(value, loss.dtype)
+        # Tracked with the loss (`track_loss`), under the same guard.
+        self.__dict__["_step_terms"] = terms
         return y_pred, loss
+
+    def _reduced_loss_terms(self, x, y, y_pred, sample_weight, training):
+        """`loss_terms`, checked, each reduced to its per-replica mean."""
+        terms = self.loss_terms(x, y, y_pred, sample_weight, training)
+        declared = set(self._loss_term_trackers)
+        if not isinstance(terms, dict) or set(terms) != declared:
+            got = sorted(terms) if isinstance(terms, dict) else terms
+            raise ValueError(
+                f"{type(self).__name__}.loss_terms() must return a dict with "
+                f"one entry per term declared with add_loss_term(). "
+                f"Received: {got!r}. Expected keys: {sorted(declared)}."
+            )
+        weights = sample_weight if tf.is_tensor(sample_weight) else None
+        reduced = {}
+        for name, values in terms.items():
+            values = tf.convert_to_tensor(values)
+            if values.shape.rank == 0:
+                raise ValueError(
+                    f"Loss term {name!r} must give one value per sample "
+                    "(the engine averages over the batch and the replicas). "
+                    "Received: a scalar, already reduced. Return the "
+                    "unreduced values, e.g. keras.losses.KLDivergence("
+                    "reduction=None)(...), or raw ops without the final "
+                    "mean."
+                )
+            w = weights
+            if w is not None and w.shape.rank != 1:
+                w = None
+            reduced[name] = distribute.mean_loss(tf.cast(values, tf.float32), w)
+        return reduced
 
     def count_nonfinite(self, verdicts):
         """Adds the steps the guard skipped to the `nonfinite_steps` metric.
@@ -780,21 +880,62 @@ class TapeModel(keras.Model):
         and weighted by the local batch size, so the epoch value is the
         sample-weighted mean over all batches, short last batch included.
 
+        The terms of `loss_terms` computed with this loss (by
+        `forward_and_loss`) go to their own metrics the same way.
+
         Args:
             loss: The scalar loss returned by `compute_loss`.
             x: The batch's inputs (for its size).
             finite: Optional boolean tensor; when `False` the step adds
                 nothing (the non-finite guard).
         """
-        tracker = _compat.loss_tracker(self)
-        if tracker is None:
-            return
+        terms = self.__dict__.get("_step_terms", {})
+        self.__dict__["_step_terms"] = {}
+        trackers = [(_compat.loss_tracker(self), loss)] + [
+            (self._loss_term_trackers[name], value)
+            for name, value in terms.items()
+        ]
         batch_size = tf.shape(_first_tensor(x))[0]
-        value = distribute.unscale_loss_for_replicas(loss)
+        for tracker, value in trackers:
+            if tracker is not None:
+                self.track_mean(tracker, value, batch_size, finite)
+
+    def track_mean(self, tracker, value, batch_size, finite=None):
+        """Adds a per-replica loss value to a `Mean` metric, as `fit()`
+        adds its loss: multiplied back by the number of replicas and
+        weighted by the replica's batch size (so the epoch value is the
+        mean over samples). Nothing is added when `finite` is `False`.
+
+        Args:
+            tracker: A `keras.metrics.Mean`.
+            value: A scalar, divided by the number of replicas (as a loss
+                for `tape.gradient` is).
+            batch_size: Number of samples behind `value` on this replica.
+            finite: Optional boolean tensor, the guard's verdict.
+        """
+        value = distribute.unscale_loss_for_replicas(value)
         if finite is not None:
             value = tf.where(finite, value, tf.zeros_like(value))
             batch_size = tf.where(finite, batch_size, 0)
         tracker.update_state(value, sample_weight=batch_size)
+
+    def update(self, tape, scaled_loss, loss, variables, optimizer=None):
+        """One update of `variables` from a tape: `compute_gradients` of
+        `scaled_loss`, the non-finite guard on `loss` and the gradients
+        (with `skip_nonfinite`), `transform_gradients`, then
+        `apply_gradients`. For steps with several networks and optimizers
+        (a GAN's discriminator and generator updates).
+
+        Returns:
+            The guard's verdict (`None` without `skip_nonfinite`).
+        """
+        grads = self.compute_gradients(tape, scaled_loss, variables)
+        finite = None
+        if self._skip_nonfinite:
+            finite = self.check_finite(loss, grads, optimizer)
+        grads = self.transform_gradients(grads, variables, optimizer)
+        self.apply_gradients(grads, variables, optimizer, finite)
+        return finite
 
     def scale_loss(self, loss, optimizer=None):
         """Multiplies the loss by the optimizer's loss scale, if any.
@@ -901,9 +1042,12 @@ class TapeModel(keras.Model):
         `skip_nonfinite`, `loss` goes to the `loss` metric here; the guard
         tracks it only once the step is known to be finite.
         """
+        pending = self.__dict__.get("_step_terms", {})
         with tf.GradientTape() as tape:
             y_pred, loss = self.forward_and_loss(x, y, sample_weight, True)
-            if track and not self._skip_nonfinite:
+            if not track:  # the terms of the pass that is tracked stay
+                self.__dict__["_step_terms"] = pending
+            elif not self._skip_nonfinite:
                 self.track_loss(loss, x)
             scaled_loss = self.scale_loss(loss)
         variables = self.trainable_weights

@@ -12,7 +12,6 @@ from fitcustom import distribute
 from fitcustom import gan_losses
 from fitcustom.classifier import outputs_logits
 from fitcustom.engine import TapeModel
-from fitcustom.engine import check_saved_version
 from fitcustom.engine import run_if
 
 # What a stateless draw is for; folded into the step's seed with the index
@@ -107,6 +106,15 @@ class TapeGAN(TapeModel):
     ```
     """
 
+    config_models = ("generator", "discriminator")
+    config_values = (
+        "latent_dim",
+        "n_critic",
+        "ema_decay",
+        "simultaneous",
+        "seed",
+    )
+
     def __init__(
         self,
         generator,
@@ -186,30 +194,6 @@ class TapeGAN(TapeModel):
         self.g_optimizer = None
         self.gan_loss = gan_losses.get("non_saturating")
         self._gan_compile_args = {}
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(
-            generator=keras.saving.serialize_keras_object(self.generator),
-            discriminator=keras.saving.serialize_keras_object(
-                self.discriminator
-            ),
-            latent_dim=self.latent_dim,
-            n_critic=self.n_critic,
-            ema_decay=self.ema_decay,
-            simultaneous=self.simultaneous,
-            seed=self.seed,
-        )
-        return config
-
-    @classmethod
-    def from_config(cls, config, custom_objects=None):
-        config = check_saved_version(config, cls.__name__)
-        for key in ("generator", "discriminator"):
-            config[key] = keras.saving.deserialize_keras_object(
-                config[key], custom_objects=custom_objects
-            )
-        return cls(**config)
 
     def check_data(self, x, y=None, sample_weight=None, batch_size=None):
         """Checks real images (and labels) before any step uses them.
@@ -765,26 +749,6 @@ class TapeGAN(TapeModel):
             total = total + 0.5 * args["r1_gamma"] * r1
         return d_loss, total, penalties, fake_logits
 
-    def _update(self, tape, scaled, total, variables, optimizer):
-        """Gradients of `scaled` (the loss-scaled `total`), then the
-        engine's guard, transforms and optimizer; returns the guard's
-        verdict (None without the guard)."""
-        grads = self.compute_gradients(tape, scaled, variables)
-        finite = None
-        if self._skip_nonfinite:
-            finite = self.check_finite(total, grads, optimizer)
-        grads = self.transform_gradients(grads, variables, optimizer)
-        self.apply_gradients(grads, variables, optimizer, finite)
-        return finite
-
-    def _track(self, tracker, value, batch_size, finite):
-        value = distribute.unscale_loss_for_replicas(value)
-        weight = tf.cast(batch_size, tf.float32)
-        if finite is not None:
-            value = tf.where(finite, value, tf.zeros_like(value))
-            weight = tf.where(finite, weight, 0.0)
-        tracker.update_state(value, sample_weight=weight)
-
     def _update_ema(self, finite=None):
         """`ema = decay * ema + (1 - decay) * generator`, after the
         generator's update; the first applied update copies the weights
@@ -833,13 +797,11 @@ class TapeGAN(TapeModel):
                 real, fake, conditions, 0
             )
             d_scaled = self.scale_loss(d_total, self.d_optimizer)
-            g_loss = distribute.mean_loss(self.gan_loss.generator(fake_logits))
-            g_total = g_loss + self._extra_losses(self.generator)
-            g_scaled = self.scale_loss(g_total, self.g_optimizer)
+            g_loss, g_total, g_scaled = self._generator_loss(fake_logits)
         d_vars = self.discriminator.trainable_weights
         g_vars = self.generator.trainable_weights
-        d_ok = self._update(d_tape, d_scaled, d_total, d_vars, self.d_optimizer)
-        g_ok = self._update(g_tape, g_scaled, g_total, g_vars, self.g_optimizer)
+        d_ok = self.update(d_tape, d_scaled, d_total, d_vars, self.d_optimizer)
+        g_ok = self.update(g_tape, g_scaled, g_total, g_vars, self.g_optimizer)
         self._finish_step(
             real, [(d_loss, penalties, d_ok, batch)], g_loss, g_ok, batch
         )
@@ -864,18 +826,23 @@ class TapeGAN(TapeModel):
                     real_k, fake, cond_k, k
                 )
                 d_scaled = self.scale_loss(d_total, self.d_optimizer)
-            ok = self._update(tape, d_scaled, d_total, d_vars, self.d_optimizer)
+            ok = self.update(tape, d_scaled, d_total, d_vars, self.d_optimizer)
             d_losses.append((d_loss, penalties, ok, m))
         cond_g = None if conditions is None else conditions[0 : m * n : n]
         z = self.sample_latent(m, n)
         with tf.GradientTape() as tape:
             fake = self._generate(z, cond_g, training=True)
             fake_logits = self._discriminate(fake, cond_g, True)
-            g_loss = distribute.mean_loss(self.gan_loss.generator(fake_logits))
-            g_total = g_loss + self._extra_losses(self.generator)
-            g_scaled = self.scale_loss(g_total, self.g_optimizer)
-        g_ok = self._update(tape, g_scaled, g_total, g_vars, self.g_optimizer)
+            g_loss, g_total, g_scaled = self._generator_loss(fake_logits)
+        g_ok = self.update(tape, g_scaled, g_total, g_vars, self.g_optimizer)
         self._finish_step(real, d_losses, g_loss, g_ok, m)
+
+    def _generator_loss(self, fake_logits):
+        """`(g_loss, total, scaled)`: the adversarial loss, plus the
+        generator's own losses, then loss-scaled (inside the tape)."""
+        g_loss = distribute.mean_loss(self.gan_loss.generator(fake_logits))
+        total = g_loss + self._extra_losses(self.generator)
+        return g_loss, total, self.scale_loss(total, self.g_optimizer)
 
     def _finish_step(self, real, d_losses, g_loss, g_ok, g_size):
         """EMA update and the step's logs. `d_losses` holds
@@ -883,15 +850,15 @@ class TapeGAN(TapeModel):
         if self.ema_generator is not None:
             self._update_ema(g_ok)
         for d_loss, penalties, ok, size in d_losses:
-            self._track(self.d_loss_tracker, d_loss, size, ok)
+            self.track_mean(self.d_loss_tracker, d_loss, size, ok)
             for name, value in penalties.items():
                 tracker = (
                     self.gp_tracker
                     if name == "gradient_penalty"
                     else self.r1_tracker
                 )
-                self._track(tracker, value, size, ok)
-        self._track(self.g_loss_tracker, g_loss, g_size, g_ok)
+                self.track_mean(tracker, value, size, ok)
+        self.track_mean(self.g_loss_tracker, g_loss, g_size, g_ok)
         both = None
         if self._skip_nonfinite:
             both = tf.logical_and(d_losses[-1][2], g_ok)
@@ -954,8 +921,8 @@ class TapeGAN(TapeModel):
             )
         )
         g_loss = distribute.mean_loss(self.gan_loss.generator(fake_logits))
-        self._track(self.d_loss_tracker, d_loss, batch, None)
-        self._track(self.g_loss_tracker, g_loss, batch, None)
+        self.track_mean(self.d_loss_tracker, d_loss, batch, None)
+        self.track_mean(self.g_loss_tracker, g_loss, batch, None)
         self.track_loss(d_loss + g_loss, real)
         names = {"loss", "d_loss", "g_loss"}
         return {

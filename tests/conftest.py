@@ -1,7 +1,8 @@
 """Test setup: split the CPU into two logical devices before any TF op.
 
-Multi-replica tests use `tf.distribute.MirroredStrategy(["/cpu:0",
-"/cpu:1"])`; single-device tests run on the default strategy (CPU:0).
+Multi-replica tests use `fitcustom.testing.two_replicas()`, a
+MirroredStrategy over the two; single-device tests run on the default
+strategy (CPU:0).
 """
 
 import os
@@ -11,15 +12,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
-_cpus = tf.config.list_physical_devices("CPU")
-tf.config.set_logical_device_configuration(
-    _cpus[0],
-    [tf.config.LogicalDeviceConfiguration()] * 2,
-)
+import fitcustom.testing  # noqa: E402
 
-TWO_CPUS = ["/cpu:0", "/cpu:1"]
+fitcustom.testing.split_cpu(2)
 
 
 @pytest.fixture(scope="session")
@@ -30,7 +26,7 @@ def two_replicas():
     in one process can reuse collective keys and abort each other's
     all-reduces ("Shape mismatch in the collective instance").
     """
-    return tf.distribute.MirroredStrategy(TWO_CPUS)
+    return fitcustom.testing.two_replicas()
 
 
 @pytest.fixture(autouse=True)

@@ -1,5 +1,6 @@
 """Shared checks: compare two trained models numerically."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -54,3 +55,10 @@ def run_python(script, *args, timeout=300):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
+
+
+def strategy_scope(strategy=None):
+    """`strategy.scope()`, or a context that does nothing for `None`."""
+    if strategy is None:
+        return contextlib.nullcontext()
+    return strategy.scope()

@@ -308,3 +308,76 @@ def test_load_model_names_a_class_it_does_not_know(tmp_path):
     np.testing.assert_array_equal(
         loaded.get_weights()[0], model.get_weights()[0]
     )
+
+
+class _Crash(keras.callbacks.Callback):
+    """Stops the run with an exception after batch `batch` of epoch 0."""
+
+    def __init__(self, batch):
+        super().__init__()
+        self.batch = batch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if batch == self.batch:
+            raise RuntimeError("crash")
+
+
+def test_resume_with_another_batch_size_is_refused_or_warned(tmp_path):
+    """Mid-epoch, the batches already trained cannot be skipped in a new
+    batching: refused. At an epoch's end training can go on, but not to
+    the interrupted run's numbers: a warning."""
+    x = np.ones((16, 4), "float32")
+    backup = tmp_path / "mid"
+    with pytest.raises(RuntimeError, match="crash"):
+        _model().fit(
+            x,
+            x,
+            batch_size=4,
+            epochs=2,
+            verbose=0,
+            callbacks=[
+                fitcustom.BackupAndRestore(backup, save_freq=1),
+                _Crash(1),
+            ],
+        )
+    model = _model()
+    before = model.get_weights()
+    with pytest.raises(
+        ValueError, match=r"after 2 of the 4 batches.*now has 2"
+    ):
+        model.fit(
+            x,
+            x,
+            batch_size=8,
+            epochs=2,
+            verbose=0,
+            callbacks=[fitcustom.BackupAndRestore(backup, save_freq=1)],
+        )
+    assert_weights_close(before, model.get_weights(), atol=0)
+
+    class StopAfterFirst(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            self.model.stop_training = True
+
+    backup = tmp_path / "epoch"
+    _model().fit(
+        x,
+        x,
+        batch_size=4,
+        epochs=2,
+        verbose=0,
+        callbacks=[
+            fitcustom.BackupAndRestore(backup, delete_checkpoint=False),
+            StopAfterFirst(),
+        ],
+    )
+    with pytest.warns(UserWarning, match="4 batches per epoch.*now has 2"):
+        history = _model().fit(
+            x,
+            x,
+            batch_size=8,
+            epochs=2,
+            verbose=0,
+            callbacks=[fitcustom.BackupAndRestore(backup)],
+        )
+    assert len(history.history["loss"]) == 1  # epoch 2 only

@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 from helpers import assert_history_close
 from helpers import assert_weights_close
+from helpers import strategy_scope
 from helpers import update_size
 
 import fitcustom
@@ -29,7 +30,7 @@ def _layers(inputs, regularizer=True, batchnorm=True):
 
 def make_pair(strategy=None, **kwargs):
     """A keras.Model and a TapeModel with identical initial weights."""
-    scope = strategy.scope() if strategy is not None else _null()
+    scope = strategy_scope(strategy)
     with scope:
         inputs = keras.Input((N_FEATURES,))
         reference = keras.Model(inputs, _layers(inputs, **kwargs))
@@ -37,14 +38,6 @@ def make_pair(strategy=None, **kwargs):
         ours = fitcustom.TapeModel(inputs, _layers(inputs, **kwargs))
         ours.set_weights(reference.get_weights())
     return reference, ours
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def trainable(model):
@@ -59,7 +52,7 @@ def make_data(n=70, seed=0):
 
 
 def compile_both(models, strategy=None, optimizer=lambda: "adam", **kwargs):
-    scope = strategy.scope() if strategy is not None else _null()
+    scope = strategy_scope(strategy)
     with scope:
         for m in models:
             m.compile(optimizer=optimizer(), loss=LOSS, **kwargs)

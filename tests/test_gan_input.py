@@ -5,6 +5,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import strategy_scope
 from test_gan import LATENT
 from test_gan import make_discriminator
 from test_gan import make_generator
@@ -132,7 +133,7 @@ def test_label_noise_keeps_targets_in_0_1():
 
 
 def _short_last_batch_run(data, strategy=None, run_eagerly=False, **fit):
-    with strategy.scope() if strategy else _null():
+    with strategy_scope(strategy):
         gan = _gan(n_critic=3)
         gan.compile(run_eagerly=run_eagerly)
     history = gan.fit(data, epochs=2, verbose=0, shuffle=False, **fit)
@@ -141,14 +142,6 @@ def _short_last_batch_run(data, strategy=None, run_eagerly=False, **fit):
         history.history,
         int(gan.g_optimizer.iterations.numpy()),
     )
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 @pytest.mark.parametrize("mode", ["graph", "eager", "two_replicas"])

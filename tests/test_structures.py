@@ -14,6 +14,7 @@ import tensorflow as tf
 from helpers import assert_history_close
 from helpers import assert_weights_close
 from helpers import max_abs_diff
+from helpers import strategy_scope
 
 import fitcustom
 
@@ -142,7 +143,7 @@ STRUCTURES = {
 
 
 def make_pair(graph, strategy=None, cls=fitcustom.TapeModel):
-    scope = strategy.scope() if strategy is not None else _Null()
+    scope = strategy_scope(strategy)
     with scope:
         reference = keras.Model(*graph())
         ours = cls(*graph())
@@ -150,16 +151,8 @@ def make_pair(graph, strategy=None, cls=fitcustom.TapeModel):
     return reference, ours
 
 
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def compile_pair(models, compile_kwargs, strategy=None, **mode):
-    scope = strategy.scope() if strategy is not None else _Null()
+    scope = strategy_scope(strategy)
     with scope:
         for model in models:
             model.compile(optimizer="adam", **compile_kwargs, **mode)
@@ -756,7 +749,7 @@ def test_classifier_with_dict_inputs_parity(mode, two_replicas):
     y = rng.integers(0, 3, size=(N,))
     for strategy in (None, two_replicas):
         reference, ours = make_pair(graph, strategy, fitcustom.TapeClassifier)
-        scope = strategy.scope() if strategy is not None else _Null()
+        scope = strategy_scope(strategy)
         # Built-in fit() with steps_per_execution > 1 under MirroredStrategy
         # fails in Keras 3.15 ("You must feed a value for placeholder
         # tensor", for any input; see the test below): there the reference

@@ -1,0 +1,158 @@
+"""`TapeDistiller`: a student trained on labels and on a teacher's outputs."""
+
+import keras
+import tensorflow as tf
+
+from fitcustom.classifier import outputs_logits
+from fitcustom.engine import TapeModel
+
+
+@keras.saving.register_keras_serializable(package="fitcustom")
+class TapeDistiller(TapeModel):
+    """Knowledge distillation (Hinton et al., 2015) with `fit()`.
+
+    The loss is `alpha * student_loss + distillation_loss`, where
+    `student_loss` is the compiled loss on the labels and
+    `distillation_loss = (1 - alpha) * temperature**2 * KL(teacher || student)`
+    on the outputs softened by `temperature` (an extra loss term of the
+    engine: averaged and divided by the number of replicas once). Logged:
+    `loss`, `student_loss` (unweighted), `distillation_loss` (as it enters
+    the loss) and the compiled metrics, all on the student's outputs.
+
+    The teacher is never trained: it is frozen at construction, called in
+    inference mode (BatchNormalization and Dropout as at test time), and
+    its weights are saved with the distiller but left out of every update.
+    `call()` (hence `predict()`) runs the student.
+
+    Args:
+        student: `keras.Model` mapping inputs to class logits (or
+            probabilities).
+        teacher: `keras.Model` with the same inputs and classes.
+        alpha: Weight of the student loss, in [0, 1]; the distillation
+            term gets `1 - alpha`. Defaults to 0.1.
+        temperature: Softening of both networks' outputs, > 0. Defaults
+            to 3.
+
+    Example:
+
+    ```python
+    import keras
+    import numpy as np
+    import fitcustom
+
+    def net(width):
+        inputs = keras.Input((8,))
+        h = keras.layers.Dense(width, activation="relu")(inputs)
+        return keras.Model(inputs, keras.layers.Dense(3)(h))
+
+    x = np.random.rand(64, 8).astype("float32")
+    y = np.random.randint(0, 3, 64)
+    teacher = net(32)
+    distiller = fitcustom.TapeDistiller(student=net(4), teacher=teacher)
+    distiller.compile(optimizer="adam")
+    history = distiller.fit(x, y, epochs=1, verbose=0)
+    print(sorted(history.history))
+    ```
+    """
+
+    config_models = ("student", "teacher")
+    config_values = ("alpha", "temperature")
+
+    def __init__(self, student, teacher, alpha=0.1, temperature=3.0, **kwargs):
+        for name, net in (("student", student), ("teacher", teacher)):
+            if not isinstance(net, keras.Layer):
+                raise ValueError(
+                    f"`{name}` must be a keras.Model. Received: {name}="
+                    f"{net!r} of type {type(net).__name__}."
+                )
+        if not _number(alpha) or not 0.0 <= alpha <= 1.0:
+            raise ValueError(
+                "`alpha` must be a number in [0, 1]. "
+                f"Received: alpha={alpha!r}."
+            )
+        if not _number(temperature) or not temperature > 0:
+            raise ValueError(
+                "`temperature` must be a number > 0. "
+                f"Received: temperature={temperature!r}."
+            )
+        kwargs.setdefault("name", "tape_distiller")
+        super().__init__(**kwargs)
+        teacher.trainable = False
+        self.student = student
+        self.teacher = teacher
+        self.alpha = float(alpha)
+        self.temperature = float(temperature)
+        self.add_loss_term("distillation_loss")
+        self.student_loss_tracker = keras.metrics.Mean(name="student_loss")
+        if student.built and teacher.built:
+            self.built = True
+
+    def call(self, inputs, training=None):
+        """The student's outputs."""
+        return self.student(inputs, training=training)
+
+    def compile(self, optimizer="adam", loss=None, metrics=None, **kwargs):
+        """Configures training: `keras.Model.compile`'s arguments (and the
+        engine's options) without `loss_weights` (`alpha` sets them).
+
+        Args:
+            optimizer: Defaults to `"adam"`.
+            loss: The student's loss on the labels. Defaults to sparse
+                categorical cross-entropy (from logits if the student
+                outputs logits).
+            metrics: Defaults to `["accuracy"]`. `student_loss` (the
+                loss, unweighted) is logged besides.
+            **kwargs: Other `fitcustom.TapeModel.compile` arguments.
+        """
+        weights = kwargs.pop("loss_weights", None)
+        if weights is not None and weights != self.alpha:
+            raise ValueError(
+                "TapeDistiller weighs its student loss with `alpha`. "
+                f"Received: loss_weights={weights!r}. Set alpha= instead."
+            )
+        if loss is None:
+            loss = keras.losses.SparseCategoricalCrossentropy(
+                from_logits=outputs_logits(self.student)
+            )
+        if metrics is None:
+            metrics = ["accuracy"]
+        per_sample = keras.losses.get(loss)
+        if isinstance(per_sample, keras.losses.Loss):
+            per_sample = per_sample.call  # unreduced
+        self.__dict__["_student_loss_fn"] = per_sample
+        super().compile(
+            optimizer=optimizer,
+            loss=loss,
+            loss_weights=self.alpha,
+            metrics=metrics,
+            **kwargs,
+        )
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        """The compiled metrics and `student_loss` (the mean per sample of
+        the loss on the labels, unweighted by `alpha`)."""
+        values = self.__dict__["_student_loss_fn"](y, y_pred)
+        weights = sample_weight if tf.is_tensor(sample_weight) else None
+        self.student_loss_tracker.update_state(values, sample_weight=weights)
+        return super().compute_metrics(x, y, y_pred, sample_weight)
+
+    def loss_terms(self, x, y, y_pred, sample_weight, training):
+        teacher = tf.stop_gradient(self.teacher(x, training=False))
+        t = self.temperature
+        soft_teacher = tf.nn.softmax(self._logits(teacher, self.teacher) / t)
+        soft_student = tf.nn.softmax(self._logits(y_pred, self.student) / t)
+        kl = keras.losses.KLDivergence(reduction=None)(
+            soft_teacher, soft_student
+        )
+        return {"distillation_loss": (1.0 - self.alpha) * t * t * kl}
+
+    @staticmethod
+    def _logits(outputs, network):
+        outputs = tf.cast(outputs, tf.float32)
+        if outputs_logits(network):
+            return outputs
+        return tf.math.log(tf.maximum(outputs, 1e-7))
+
+
+def _number(value):
+    return not isinstance(value, bool) and isinstance(value, (int, float))
