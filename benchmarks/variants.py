@@ -217,8 +217,8 @@ def latent_seed(step):
 
 
 def built_gan_optimizers(generator, discriminator):
-    """The hand-written GAN's two Adam optimizers `(g_opt, d_opt)`, built for the
-    networks' trainable variables."""
+    """The hand-written GAN's two Adam optimizers `(g_opt, d_opt)`, built
+    for the networks' trainable variables."""
     g_opt, d_opt = _optimizer(gan=True), _optimizer(gan=True)
     g_opt.build(generator.trainable_variables)
     d_opt.build(discriminator.trainable_variables)
