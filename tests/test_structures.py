@@ -39,21 +39,34 @@ def _rng(seed=0):
 # ----------------------------------------------------------------------
 
 
-def dict_inputs():
+def named_inputs_graph(units):
+    """A builder of a graph with inputs named "a" (4) and "b" (3) and one
+    output of `units`."""
+
     def graph():
         a = keras.Input((4,), name="a")
         b = keras.Input((3,), name="b")
         h = keras.layers.Dense(8, activation="relu")(
             keras.layers.Concatenate()([a, b])
         )
-        return {"a": a, "b": b}, keras.layers.Dense(1)(h)
+        return {"a": a, "b": b}, keras.layers.Dense(units)(h)
 
-    rng = _rng(1)
-    x = {
+    return graph
+
+
+def named_inputs_data(rng):
+    """Inputs for `named_inputs_graph`, drawn from `rng`."""
+    return {
         "a": rng.normal(size=(N, 4)).astype("float32"),
         "b": rng.normal(size=(N, 3)).astype("float32"),
     }
+
+
+def dict_inputs():
+    rng = _rng(1)
+    x = named_inputs_data(rng)
     y = rng.normal(size=(N, 1)).astype("float32")
+    graph = named_inputs_graph(1)
     return graph, dict(loss="mse", metrics=["mae"]), x, y, {}
 
 
@@ -733,19 +746,9 @@ def test_classifier_with_dict_inputs_parity(mode, two_replicas):
     """TapeClassifier (its default loss and accuracy) on named inputs, in
     parity with built-in fit() on one device and on two replicas."""
 
-    def graph():
-        a = keras.Input((4,), name="a")
-        b = keras.Input((3,), name="b")
-        h = keras.layers.Dense(8, activation="relu")(
-            keras.layers.Concatenate()([a, b])
-        )
-        return {"a": a, "b": b}, keras.layers.Dense(3)(h)
-
+    graph = named_inputs_graph(3)
     rng = _rng(9)
-    x = {
-        "a": rng.normal(size=(N, 4)).astype("float32"),
-        "b": rng.normal(size=(N, 3)).astype("float32"),
-    }
+    x = named_inputs_data(rng)
     y = rng.integers(0, 3, size=(N,))
     for strategy in (None, two_replicas):
         reference, ours = make_pair(graph, strategy, fitcustom.TapeClassifier)
