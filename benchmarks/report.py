@@ -262,9 +262,40 @@ def table(results):
     return "\n".join(out)
 
 
+WORKLOAD_TITLES = {
+    "mlp": "MLP",
+    "vgg_cnn": "VGG-like CNN",
+    "cifar_cnn": "CNN on 32x32 colour images",
+    "multi_io": "two named inputs, two outputs",
+    "dcgan": "DCGAN (two networks, two optimizers)",
+}
+_PLAIN = {
+    "fitcustom_fit": "fit() with fitcustom",
+    "builtin_fit": "Keras fit()",
+    "builtin_fit_repeat": "Keras fit() again (noise check)",
+    "loop_tf_function": "hand-written loop (tf.function)",
+    "loop_tf_function_repeat": "hand-written loop again (noise check)",
+    "loop_eager": "hand-written loop, eager",
+    "floor_while_loop": "whole loop in one graph (lower bound)",
+}
+
+
+def plain_name(name, reference):
+    """A variant's name in words, for the chart."""
+    base, _, spe = name.partition("_spe")
+    if base == "builtin_fit" and reference != "builtin_fit":
+        words = "fit(), hand-written train_step"
+    else:
+        words = _PLAIN.get(base, base)
+    return f"{words}, {spe} steps per call" if spe else words
+
+
 def chart(results, path):
-    """Paired ratios to the reference with their min-max, per workload,
-    and the noise band, as a PNG."""
+    """Time per step of each variant against the workload's reference
+    (median and min-max over rounds) with the noise band, one panel per
+    workload, as a PNG."""
+    import math
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -272,28 +303,58 @@ def chart(results, path):
     from matplotlib import ticker
 
     workloads = results["workloads"]
+    cols = min(2, len(workloads))
+    rows_ = math.ceil(len(workloads) / cols)
     fig, axes = plt.subplots(
-        1, len(workloads), figsize=(5 * len(workloads), 4), squeeze=False
+        rows_, cols, figsize=(6.8 * cols, 0.8 + 3.2 * rows_), squeeze=False
     )
-    for ax, w in zip(axes[0], workloads, strict=True):
+    for ax in axes.flat[len(workloads) :]:
+        ax.axis("off")
+    for ax, w in zip(axes.flat, workloads):
         variants = w["variants"]
-        names = [v["name"] for v in variants]
+        names = [plain_name(v["name"], w["reference"]) for v in variants]
         med = [v["ratio"]["median"] for v in variants]
         low = [v["ratio"]["median"] - v["ratio"]["min"] for v in variants]
         high = [v["ratio"]["max"] - v["ratio"]["median"] for v in variants]
-        ax.barh(names, med, xerr=[low, high], color="#4477aa", capsize=3)
+        y = range(len(variants))
+        ax.axvspan(
+            1 - w["noise"],
+            1 + w["noise"],
+            color="grey",
+            alpha=0.2,
+            label="noise band",
+        )
         ax.axvline(1.0, color="black", lw=1)
-        ax.axvspan(1 - w["noise"], 1 + w["noise"], color="grey", alpha=0.25)
-        ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
-        ax.set_xlabel(f"time per step / {w['reference']} (log)")
-        ax.set_title(f"{w['name']} (grey: noise band)")
+        ax.errorbar(
+            med,
+            y,
+            xerr=[low, high],
+            fmt="o",
+            color="#4477aa",
+            capsize=3,
+            label="median, min-max",
+        )
+        ax.set_yticks(list(y), names)
         ax.invert_yaxis()
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+        reference = plain_name(w["reference"], w["reference"])
+        ax.set_xlabel("time per step / the reference's (lower is faster)")
+        ax.set_title(
+            f"{WORKLOAD_TITLES.get(w['name'], w['name'])}\n"
+            f"reference: {reference}",
+            fontsize="medium",
+        )
+        ax.grid(axis="x", alpha=0.3)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, frameon=False)
     fig.suptitle(
-        f"{results['machine']['device']}, jit_compile="
-        f"{results['jit_compile']}, {results['rounds']} rounds"
+        f"Training speed on {results['machine']['device']} "
+        f"({results['rounds']} rounds; 1 = as fast as the reference)"
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 

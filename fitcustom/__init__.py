@@ -4,7 +4,9 @@ from fitcustom import architectures as architectures
 from fitcustom import checkpoints as checkpoints
 from fitcustom import checks as checks
 from fitcustom import distribute as distribute
+from fitcustom import evaluation as evaluation
 from fitcustom import gan_losses as gan_losses
+from fitcustom import quality as quality
 from fitcustom import testing as testing
 from fitcustom._version import __version__ as __version__
 from fitcustom.callbacks import SampleGrid as SampleGrid
@@ -16,6 +18,7 @@ from fitcustom.classifier import TapeClassifier as TapeClassifier
 from fitcustom.distiller import TapeDistiller as TapeDistiller
 from fitcustom.engine import TapeModel as TapeModel
 from fitcustom.gan import TapeGAN as TapeGAN
+from fitcustom.quality import GANQuality as GANQuality
 from fitcustom.transforms import ClipByGlobalNorm as ClipByGlobalNorm
 from fitcustom.transforms import GradientTransform as GradientTransform
 from fitcustom.transforms import ScaleByLayer as ScaleByLayer
@@ -24,6 +27,7 @@ __all__ = [
     "BackupAndRestore",
     "ClassifierLoss",
     "ClipByGlobalNorm",
+    "GANQuality",
     "GradientTransform",
     "ModelCheckpoint",
     "SampleGrid",
@@ -36,7 +40,9 @@ __all__ = [
     "checkpoints",
     "checks",
     "distribute",
+    "evaluation",
     "gan_losses",
     "load_model",
+    "quality",
     "testing",
 ]

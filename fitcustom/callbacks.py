@@ -149,16 +149,17 @@ class SampleGrid(keras.callbacks.Callback):
             )
         images = self.model.generate(self.n, seed=self.seed, labels=self.labels)
         path = os.path.join(self.output_dir, self.filename.format(epoch=epoch))
-        save_grid(images, path, self.value_range)
+        save_grid(images, path, self.value_range, title=f"after epoch {epoch}")
         self.written.append(path)
 
 
-def save_grid(images, path, value_range=(-1.0, 1.0)):
+def save_grid(images, path, value_range=(-1.0, 1.0), title=None):
     """Saves images `(N, H, W)` or `(N, H, W, C)` as one PNG grid.
 
     Values are mapped linearly from `value_range` to black..white (clipped),
     the same mapping for every grid. Uses matplotlib's Agg canvas without
-    touching the global backend.
+    touching the global backend. `title`, if given, is written above the
+    grid.
 
     Returns:
         `path`.
@@ -179,8 +180,12 @@ def save_grid(images, path, value_range=(-1.0, 1.0)):
     n = len(images)
     cols = int(np.ceil(np.sqrt(n)))
     rows = int(np.ceil(n / cols))
-    fig = Figure(figsize=(cols, rows))
+    top = 0.4 if title else 0.0  # inches for the title
+    fig = Figure(figsize=(cols, rows + top))
     FigureCanvasAgg(fig)
+    if title:
+        fig.suptitle(title)
+        fig.subplots_adjust(top=rows / (rows + top))
     for i in range(rows * cols):
         ax = fig.add_subplot(rows, cols, i + 1)
         ax.axis("off")

@@ -251,6 +251,20 @@ _BACKUP_NAME = re.compile(r"^backup-(\d+)-epoch(\d+)-done(\d+)\.weights\.h5$")
 _RESUME_GROUP = "fitcustom_resume"
 
 
+def _list_backups(backup_dir):
+    """`(sequence, epoch, done, path)` of every complete backup in
+    `backup_dir`, newest last."""
+    if not os.path.isdir(backup_dir):
+        return []
+    found = []
+    for name in os.listdir(backup_dir):
+        match = _BACKUP_NAME.match(name)
+        if match:
+            numbers = tuple(int(g) for g in match.groups())
+            found.append((*numbers, os.path.join(backup_dir, name)))
+    return sorted(found)
+
+
 class BackupAndRestore(keras.callbacks.BackupAndRestore):
     """Keras' `BackupAndRestore`: a backup that survives any kill, and a
     resume at the exact batch where training stopped.
@@ -319,18 +333,21 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
             self._resume_at = None
         self._save_at(self._current_epoch, batch + 1)
 
+    @staticmethod
+    def progress(backup_dir):
+        """Where the backup in `backup_dir` stands, without loading it.
+
+        Returns:
+            `(epochs, batches)`: the epochs completed and the batches of
+            the next epoch already trained, or `None` when `backup_dir`
+            holds no backup of this callback (a run that has not saved
+            yet, or a finished one).
+        """
+        backups = _list_backups(backup_dir)
+        return tuple(backups[-1][1:3]) if backups else None
+
     def _backups(self):
-        """`(sequence, epoch, done, path)` of every complete backup,
-        newest last."""
-        if not os.path.isdir(self.backup_dir):
-            return []
-        found = []
-        for name in os.listdir(self.backup_dir):
-            match = _BACKUP_NAME.match(name)
-            if match:
-                numbers = tuple(int(g) for g in match.groups())
-                found.append((*numbers, os.path.join(self.backup_dir, name)))
-        return sorted(found)
+        return _list_backups(self.backup_dir)
 
     def _remove_leftovers(self):
         if not os.path.isdir(self.backup_dir):

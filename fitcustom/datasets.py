@@ -7,15 +7,15 @@ real and offline.
 import numpy as np
 
 
-def _check_fraction(test_fraction):
+def _check_fraction(value, name="test_fraction"):
     if (
-        isinstance(test_fraction, bool)
-        or not isinstance(test_fraction, (int, float))
-        or not 0.0 < test_fraction < 1.0
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not 0.0 < value < 1.0
     ):
         raise ValueError(
-            "`test_fraction` must be a float strictly between 0 and 1. "
-            f"Received: test_fraction={test_fraction!r}."
+            f"`{name}` must be a float strictly between 0 and 1. "
+            f"Received: {name}={value!r}."
         )
 
 
@@ -44,17 +44,46 @@ def load_digits(test_fraction=0.25, seed=0):
     bunch = sk_load_digits()
     x = (bunch.images.astype("float32") / 16.0)[..., None]
     y = bunch.target.astype("int32")
+    return split(x, y, test_fraction, seed)
+
+
+def split(x, y, fraction, seed=0):
+    """Splits `(x, y)` in two, stratified by class: each class gives the
+    same `fraction` of its samples to the second part.
+
+    Use it to hold out a validation set from a training set, so that the
+    test set is read only once, at the end.
+
+    Args:
+        x: Array of samples.
+        y: Array of integer class ids, one per sample.
+        fraction: Float strictly between 0 and 1: the share of each class
+            that goes to the second part.
+        seed: Seed of the draw. Defaults to 0.
+
+    Returns:
+        `((x_first, y_first), (x_second, y_second))`, each part in a
+        shuffled order.
+    """
+    _check_fraction(fraction, "fraction")
+    y = np.asarray(y)
+    if len(x) != len(y) or y.ndim != 1:
+        raise ValueError(
+            "`x` and `y` must hold the same number of samples and `y` one "
+            f"class id per sample. Received: len(x)={len(x)}, y.shape="
+            f"{y.shape}."
+        )
     rng = np.random.default_rng(seed)
-    test_idx = []
+    second = []
     for label in np.unique(y):
         idx = np.flatnonzero(y == label)
         rng.shuffle(idx)
-        test_idx.extend(idx[: int(round(len(idx) * test_fraction))])
-    test_mask = np.zeros(len(y), bool)
-    test_mask[test_idx] = True
-    train_idx = rng.permutation(np.flatnonzero(~test_mask))
-    test_idx = np.flatnonzero(test_mask)
-    return (x[train_idx], y[train_idx]), (x[test_idx], y[test_idx])
+        second.extend(idx[: int(round(len(idx) * fraction))])
+    mask = np.zeros(len(y), bool)
+    mask[second] = True
+    first = rng.permutation(np.flatnonzero(~mask))
+    second = np.flatnonzero(mask)
+    return (x[first], y[first]), (x[second], y[second])
 
 
 def keras_cache_dir():

@@ -1,7 +1,19 @@
-"""Helpers shared by the training scripts."""
+"""Helpers shared by the training scripts: output directories, runs that
+resume or start fresh, pictures."""
 
+import contextlib
+import csv
+import json
 import os
+import shutil
 import sys
+
+# Before TensorFlow loads: no C++ info and warning lines (errors still
+# show). The scripts run as `python -m scripts.NAME`, so this runs first.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+SUMMARY = "summary.json"
+BACKUP = "backup"
 
 
 def prepare_output_dir(path):
@@ -36,36 +48,103 @@ def positive_int(name):
     return parse
 
 
-def save_curves(history, path, keys):
-    """A PNG of the learning curves (train and validation) for `keys`."""
+def fraction(name):
+    """An argparse type for floats strictly between 0 and 1."""
+    import argparse
+
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{name} must be a number, got {text!r}"
+            ) from None
+        if not 0.0 < value < 1.0:
+            raise argparse.ArgumentTypeError(
+                f"{name} must be between 0 and 1 (exclusive), got {value}"
+            )
+        return value
+
+    return parse
+
+
+def make_parser(doc, module):
+    """An argument parser for `python -m module` whose --help shows the
+    script's description and every option's default (an option needs a
+    `help` text for its default to show)."""
+    import argparse
+
+    class Formatter(argparse.ArgumentDefaultsHelpFormatter):
+        def _get_help_string(self, action):
+            if action.required or action.default in (None, False):
+                return action.help
+            return super()._get_help_string(action)
+
+    return argparse.ArgumentParser(
+        prog=f"python -m {module}",
+        description=doc.split("\n\n")[0].replace("\n", " "),
+        formatter_class=Formatter,
+    )
+
+
+LABELS = {
+    "loss": "loss (cross-entropy)",
+    "accuracy": "accuracy",
+    "d_loss": "discriminator loss",
+    "g_loss": "generator loss",
+    "kid": "KID (lower is better)",
+    "fid": "FID (lower is better)",
+}
+
+
+def save_curves(history, path, keys, title):
+    """A PNG of the learning curves (train and validation) for `keys`,
+    under `title`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.ticker import MaxNLocator
 
     keys = [k for k in keys if k in history]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.5))
-    axes = [axes] if len(keys) == 1 else axes
-    for ax, key in zip(axes, keys):
-        ax.plot(range(1, len(history[key]) + 1), history[key], label="train")
+    cols = len(keys) if len(keys) <= 2 else 2
+    rows = -(-len(keys) // cols)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(4.5 * cols, 0.4 + 3.2 * rows), squeeze=False
+    )
+    for ax in axes.flat[len(keys) :]:
+        ax.axis("off")
+    for ax, key in zip(axes.flat, keys):
+        values = np.asarray(history[key], float)
+        epochs = np.arange(1, len(values) + 1)
+        scored = np.isfinite(values)
+        if scored.all():
+            ax.plot(epochs, values, label="training")
+        else:  # scored every few epochs (GANQuality): points, joined
+            ax.plot(epochs[scored], values[scored], "o-", label="samples")
         if f"val_{key}" in history:
-            ax.plot(
-                range(1, len(history[key]) + 1),
-                history[f"val_{key}"],
-                label="validation",
+            ax.plot(epochs, history[f"val_{key}"], label="validation")
+        if f"{key}_real" in history:
+            ax.axhline(
+                history[f"{key}_real"][-1],
+                color="grey",
+                ls="--",
+                label="real images (the floor)",
             )
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
-        ax.set_title(key)
+        ax.set_ylabel(LABELS.get(key, key))
+        ax.grid(alpha=0.3)
         ax.legend()
+    fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
 def read_csv_history(path):
     """The per-epoch logs that Keras' CSVLogger wrote, as lists."""
-    import csv
-
     with open(path) as f:
         rows = list(csv.DictReader(f))
     history = {}
@@ -77,3 +156,98 @@ def read_csv_history(path):
                 float("nan") if v == "NA" else float(v) for v in values
             ]
     return history
+
+
+def _remove(out, names):
+    for name in names:
+        path = os.path.join(out, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+
+
+def _keep_epochs(path, epochs):
+    """Keeps the first `epochs` epochs of a CSVLogger file: rows written
+    after the backup that the run resumes from are trained again."""
+    if not os.path.exists(path):
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        return
+    kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) < epochs]
+    temp = path + ".tmp"
+    with open(temp, "w", newline="") as f:
+        csv.writer(f).writerows(kept)
+    os.replace(temp, path)
+
+
+def start_run(out, overwrite, outputs):
+    """Starts a run in `out` from what the directory holds.
+
+    - With `overwrite`, whatever is there (`outputs`, a backup, a summary)
+      is removed: a fresh run.
+    - A finished run (its summary file) is refused with a one-line hint.
+    - An interrupted run (a backup) resumes: it says so, and the history
+      file keeps the epochs the backup holds.
+    - Otherwise a fresh run; leftovers of a run stopped before its first
+      backup are removed.
+
+    Returns:
+        The epochs already completed (0 for a fresh run).
+    """
+    from fitcustom import BackupAndRestore
+
+    everything = [*outputs, BACKUP, SUMMARY]
+    if overwrite:
+        _remove(out, everything)
+        return 0
+    if os.path.exists(os.path.join(out, SUMMARY)):
+        sys.exit(
+            f"error: {out} holds a finished run; add --overwrite to replace "
+            "it, or choose another --output-dir"
+        )
+    progress = BackupAndRestore.progress(os.path.join(out, BACKUP))
+    if progress is None:
+        _remove(out, everything)
+        return 0
+    epochs, batches = progress
+    _keep_epochs(os.path.join(out, "history.csv"), epochs)
+    extra = f" and {batches} batches" if batches else ""
+    print(
+        f"Resuming the interrupted run in {out} after {epochs} epoch(s){extra}."
+    )
+    return epochs
+
+
+def finish_run(out, summary):
+    """Marks the run in `out` finished: writes its summary file (the
+    numbers the final report shows), then removes the backup."""
+    path = os.path.join(out, SUMMARY)
+    with open(path + ".tmp", "w") as f:
+        json.dump(summary, f, indent=2)
+    os.replace(path + ".tmp", path)
+    shutil.rmtree(os.path.join(out, BACKUP), ignore_errors=True)
+
+
+@contextlib.contextmanager
+def resumable(out):
+    """Turns Ctrl-C into one line that says how to resume (exit status
+    130, as for any interrupted command)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        from fitcustom import BackupAndRestore
+
+        progress = BackupAndRestore.progress(os.path.join(out, BACKUP))
+        saved = (
+            f"{progress[0]} epoch(s) saved"
+            if progress
+            else "no epoch finished yet"
+        )
+        print(
+            f"\nInterrupted ({saved}); run the same command to resume.",
+            file=sys.stderr,
+        )
+        raise SystemExit(130) from None

@@ -1,69 +1,137 @@
 """Trains a TapeClassifier end to end (offline on the default dataset).
 
+The training images are split into a training part and a validation part
+(--validation-fraction); the epoch kept is the best on validation, and
+the test images are read once, at the end.
+
 Writes under --output-dir: the model (`model.keras`, the best epoch by
 validation accuracy), the per-epoch log (`history.csv`), the learning
-curves (`curves.png`), TensorBoard logs (`tensorboard/`); a killed run
-started again with the same command resumes from `backup/` (Keras'
-BackupAndRestore).
+curves (`curves.png`), TensorBoard logs (`tensorboard/`) and the final
+numbers (`summary.json`). A run that was interrupted (Ctrl-C, a crash, a
+killed machine) resumes when the same command runs again; a finished run
+is kept unless --overwrite is given.
 
 Usage: python -m scripts.train_classifier --output-dir outputs/classifier
 """
 
-import argparse
 import os
 import sys
 
+import numpy as np
+
+from scripts._common import finish_run
+from scripts._common import fraction
+from scripts._common import make_parser
 from scripts._common import positive_int
 from scripts._common import prepare_output_dir
 from scripts._common import read_csv_history
+from scripts._common import resumable
 from scripts._common import save_curves
+from scripts._common import start_run
 
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10")
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--dataset", choices=DATASETS, default="digits")
+    parser = make_parser(__doc__, "scripts.train_classifier")
+    parser.add_argument(
+        "--output-dir", required=True, help="where everything is written"
+    )
+    parser.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        default="digits",
+        help="digits is offline; the others come through Keras' cache",
+    )
     parser.add_argument(
         "--model",
         choices=("mlp", "cnn"),
         default="mlp",
-        help="an MLP (flatten, 64, 64) or a VGG-like CNN",
+        help="an MLP (two hidden layers of 64) or a small CNN",
     )
-    parser.add_argument("--epochs", type=positive_int("--epochs"), default=30)
     parser.add_argument(
-        "--batch-size", type=positive_int("--batch-size"), default=64
+        "--epochs",
+        type=positive_int("--epochs"),
+        default=30,
+        help="at most this many epochs",
     )
-    parser.add_argument("--clip-norm", type=float, default=5.0)
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int("--batch-size"),
+        default=64,
+        help="images per training step",
+    )
+    parser.add_argument(
+        "--validation-fraction",
+        type=fraction("--validation-fraction"),
+        default=0.2,
+        help="share of the training images held out to pick the best epoch",
+    )
+    parser.add_argument(
+        "--clip-norm",
+        type=float,
+        default=5.0,
+        help="gradients are clipped to this global norm",
+    )
     parser.add_argument(
         "--patience",
-        type=int,
+        type=positive_int("--patience"),
         default=10,
-        help="EarlyStopping patience (epochs)",
+        help="stop after this many epochs without a better validation accuracy",
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2))
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seeds the weights, the data order and the splits",
+    )
+    parser.add_argument(
+        "--verbose",
+        type=int,
+        default=1,
+        choices=(0, 1, 2),
+        help="0 silent, 1 progress bar, 2 one line per epoch",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run in --output-dir (finished or interrupted) "
+        "with a new one",
+    )
     return parser.parse_args(argv)
 
 
 def build_model(kind, input_shape):
-    """An MLP (flatten, 64, 64) or a VGG-like CNN, as a classifier."""
+    """An MLP (flatten, 64, 64) or a small CNN, as a classifier."""
     import keras
 
     import fitcustom
     from fitcustom import architectures
 
     inputs = keras.Input(input_shape)
-    body = architectures.mlp_body if kind == "mlp" else architectures.vgg_body
+    body = architectures.mlp_body if kind == "mlp" else architectures.cnn_body
     return fitcustom.TapeClassifier(
         inputs, body(inputs), name=f"{kind}_classifier"
     )
 
 
+def _best_so_far(out):
+    history = read_csv_history(os.path.join(out, "history.csv"))
+    return max(history.get("val_accuracy", [float("-inf")]))
+
+
+OUTPUTS = ["history.csv", "model.keras", "curves.png", "tensorboard"]
+
+
 def main(argv=None):
     args = parse_args(argv)
     prepare_output_dir(args.output_dir)
+    out = args.output_dir
+    with resumable(out):
+        return _train(args, out)
+
+
+def _train(args, out):
     import keras
 
     import fitcustom
@@ -73,15 +141,20 @@ def main(argv=None):
         (x_train, y_train), (x_test, y_test) = datasets.load(args.dataset)
     except OSError as e:
         sys.exit(f"error: {e}")
+    (x_fit, y_fit), (x_val, y_val) = datasets.split(
+        x_train, y_train, args.validation_fraction, seed=args.seed
+    )
+    done = start_run(out, args.overwrite, OUTPUTS)
     keras.utils.set_random_seed(args.seed)
     model = build_model(args.model, x_train.shape[1:])
     model.compile(
         gradient_transforms=[fitcustom.ClipByGlobalNorm(args.clip_norm)],
         log_gradient_norm=True,
     )
-    out = args.output_dir
     callbacks = [
-        fitcustom.BackupAndRestore(os.path.join(out, "backup")),
+        fitcustom.BackupAndRestore(
+            os.path.join(out, "backup"), delete_checkpoint=False
+        ),
         keras.callbacks.CSVLogger(
             os.path.join(out, "history.csv"), append=True
         ),
@@ -89,6 +162,8 @@ def main(argv=None):
             os.path.join(out, "model.keras"),
             monitor="val_accuracy",
             save_best_only=True,
+            # A resumed run keeps the best model of the epochs before.
+            initial_value_threshold=_best_so_far(out) if done else None,
         ),
         keras.callbacks.EarlyStopping(
             monitor="val_accuracy",
@@ -97,22 +172,49 @@ def main(argv=None):
         ),
         keras.callbacks.TensorBoard(os.path.join(out, "tensorboard")),
     ]
+    print(
+        f"Training the {args.model.upper()} on {args.dataset}: "
+        f"{len(x_fit)} training, {len(x_val)} validation and "
+        f"{len(x_test)} test images."
+    )
     model.fit(
-        x_train,
-        y_train,
+        x_fit,
+        y_fit,
         batch_size=args.batch_size,
         epochs=args.epochs,
-        validation_data=(x_test, y_test),
+        validation_data=(x_val, y_val),
         callbacks=callbacks,
         verbose=args.verbose,
     )
-    results = model.evaluate(x_test, y_test, verbose=0, return_dict=True)
+    # The best epoch on validation (EarlyStopping restores it only when
+    # it stops early), then the test images, read once.
+    best = fitcustom.load_model(os.path.join(out, "model.keras"))
+    results = best.evaluate(x_test, y_test, verbose=0, return_dict=True)
     history = read_csv_history(os.path.join(out, "history.csv"))
-    save_curves(history, os.path.join(out, "curves.png"), ["loss", "accuracy"])
+    save_curves(
+        history,
+        os.path.join(out, "curves.png"),
+        ["loss", "accuracy"],
+        title=f"{args.model.upper()} on {args.dataset}",
+    )
+    best_epoch = int(np.argmax(history["val_accuracy"]))
+    summary = {
+        "dataset": args.dataset,
+        "model": args.model,
+        "epochs": len(history["loss"]),
+        "best_epoch": best_epoch + 1,
+        "val_accuracy": history["val_accuracy"][best_epoch],
+        "test_accuracy": results["accuracy"],
+        "test_loss": results["loss"],
+        "model_path": os.path.join(out, "model.keras"),
+        "curves": os.path.join(out, "curves.png"),
+        "tensorboard": os.path.join(out, "tensorboard"),
+    }
+    finish_run(out, summary)
     print(
         f"{args.dataset}/{args.model}: test accuracy "
-        f"{results['accuracy']:.4f}, test loss {results['loss']:.4f}; "
-        f"outputs in {out}"
+        f"{results['accuracy']:.4f} (best validation epoch "
+        f"{best_epoch + 1} of {len(history['loss'])}); outputs in {out}"
     )
     return results
 

@@ -2,60 +2,133 @@
 
 Writes under --output-dir: sample grids from a fixed latent seed
 (`grids/`), the whole GAN (`gan.keras`), the generator alone
-(`generator.keras`), the per-epoch log (`history.csv`) and loss curves
-(`curves.png`); a killed run started again with the same command resumes
-from `backup/` (both optimizers and the noise stream included).
+(`generator.keras`), the per-epoch log (`history.csv`), loss curves
+(`curves.png`) and the final numbers (`summary.json`). A run that was
+interrupted (Ctrl-C, a crash, a killed machine) resumes when the same
+command runs again, both optimizers and the noise stream included; a
+finished run is kept unless --overwrite is given.
 
 Usage: python -m scripts.train_gan --output-dir outputs/gan
 """
 
-import argparse
 import os
 
+from scripts._common import finish_run
+from scripts._common import make_parser
 from scripts._common import positive_int
 from scripts._common import prepare_output_dir
 from scripts._common import read_csv_history
+from scripts._common import resumable
 from scripts._common import save_curves
+from scripts._common import start_run
+
+# fitcustom.gan_losses.LOSSES, named here so that --help needs no
+# TensorFlow import (a test checks that the two agree).
+LOSS_NAMES = (
+    "non_saturating",
+    "minimax",
+    "wasserstein",
+    "hinge",
+    "least_squares",
+)
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--epochs", type=positive_int("--epochs"), default=60)
+    parser = make_parser(__doc__, "scripts.train_gan")
     parser.add_argument(
-        "--batch-size", type=positive_int("--batch-size"), default=64
+        "--output-dir", required=True, help="where everything is written"
     )
     parser.add_argument(
-        "--latent-dim", type=positive_int("--latent-dim"), default=32
+        "--epochs",
+        type=positive_int("--epochs"),
+        default=60,
+        help="epochs to train",
     )
-    parser.add_argument("--loss", default="non_saturating")
     parser.add_argument(
-        "--grid-every", type=positive_int("--grid-every"), default=10
+        "--batch-size",
+        type=positive_int("--batch-size"),
+        default=64,
+        help="images per training step",
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2))
+    parser.add_argument(
+        "--latent-dim",
+        type=positive_int("--latent-dim"),
+        default=32,
+        help="size of the generator's random input",
+    )
+    parser.add_argument(
+        "--loss",
+        default="non_saturating",
+        metavar="{" + ",".join(LOSS_NAMES) + "}",
+        help="the GAN loss",
+    )
+    parser.add_argument(
+        "--grid-every",
+        type=positive_int("--grid-every"),
+        default=10,
+        help="write a grid of samples every this many epochs (and after "
+        "the last)",
+    )
+    parser.add_argument(
+        "--quality-every",
+        type=positive_int("--quality-every"),
+        default=10,
+        help="score the samples (KID and FID against held-out digits) "
+        "every this many epochs, and after the first and the last",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seeds the weights, the noise and the data order",
+    )
+    parser.add_argument(
+        "--verbose",
+        type=int,
+        default=1,
+        choices=(0, 1, 2),
+        help="0 silent, 1 progress bar, 2 one line per epoch",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run in --output-dir (finished or interrupted) "
+        "with a new one",
+    )
     args = parser.parse_args(argv)
-    from fitcustom import gan_losses
-
-    if args.loss not in gan_losses.LOSSES:
+    if args.loss not in LOSS_NAMES:
         parser.error(
-            f"--loss must be one of {sorted(gan_losses.LOSSES)}, got "
-            f"{args.loss!r}"
+            f"--loss must be one of {', '.join(LOSS_NAMES)}; got {args.loss!r}"
         )
     return args
+
+
+OUTPUTS = [
+    "history.csv",
+    "gan.keras",
+    "generator.keras",
+    "curves.png",
+    "grids",
+]
 
 
 def main(argv=None):
     args = parse_args(argv)
     prepare_output_dir(args.output_dir)
+    with resumable(args.output_dir):
+        return _train(args, args.output_dir)
+
+
+def _train(args, out):
     import keras
 
     import fitcustom
     from fitcustom import architectures
     from fitcustom.datasets import load_digits
 
-    (x_train, _), _ = load_digits(seed=args.seed)
+    (x_train, _), (x_test, _) = load_digits(seed=args.seed)
     images = x_train * 2.0 - 1.0  # tanh range
+    start_run(out, args.overwrite, OUTPUTS)
     keras.utils.set_random_seed(args.seed)
     generator, discriminator = architectures.dcgan_8x8(args.latent_dim)
     gan = fitcustom.TapeGAN(
@@ -70,9 +143,22 @@ def main(argv=None):
         loss=args.loss,
         label_noise=0.05,
     )
-    out = args.output_dir
+    # Samples against the test digits (never trained on), whose two halves
+    # give the real-vs-real floor.
+    quality = fitcustom.GANQuality(
+        x_test * 2.0 - 1.0,
+        metrics=("kid", "fid"),
+        every=args.quality_every,
+        seed=args.seed,
+        verbose=0,
+    )
+    quality.set_model(gan)
+    untrained = quality.measure()
     callbacks = [
-        fitcustom.BackupAndRestore(os.path.join(out, "backup")),
+        fitcustom.BackupAndRestore(
+            os.path.join(out, "backup"), delete_checkpoint=False
+        ),
+        quality,  # before CSVLogger, which then logs the scores
         keras.callbacks.CSVLogger(
             os.path.join(out, "history.csv"), append=True
         ),
@@ -84,6 +170,10 @@ def main(argv=None):
             seed=args.seed,
         ),
     ]
+    print(
+        f"Training a DCGAN on {len(images)} digits ({args.loss} loss, "
+        f"{args.epochs} epochs)."
+    )
     gan.fit(
         images,
         batch_size=args.batch_size,
@@ -96,13 +186,49 @@ def main(argv=None):
         gan.generator, os.path.join(out, "generator.keras")
     )
     history = read_csv_history(os.path.join(out, "history.csv"))
-    save_curves(history, os.path.join(out, "curves.png"), ["d_loss", "g_loss"])
+    save_curves(
+        history,
+        os.path.join(out, "curves.png"),
+        ["d_loss", "g_loss", "kid", "fid"],
+        title=f"DCGAN on the digits ({args.loss} loss)",
+    )
+    grids = sorted(os.listdir(os.path.join(out, "grids")))
+    summary = {
+        "loss": args.loss,
+        "epochs": len(history["loss"]),
+        "d_loss": history["d_loss"][-1],
+        "g_loss": history["g_loss"][-1],
+        "kid": history["kid"][-1],
+        "fid": history["fid"][-1],
+        "kid_real": quality.baseline["kid"],
+        "fid_real": quality.baseline["fid"],
+        "kid_untrained": untrained["kid"],
+        "fid_untrained": untrained["fid"],
+        "last_grid": os.path.join(out, "grids", grids[-1]) if grids else None,
+        "gan_path": os.path.join(out, "gan.keras"),
+        "generator_path": os.path.join(out, "generator.keras"),
+        "curves": os.path.join(out, "curves.png"),
+    }
+    finish_run(out, summary)
     print(
         f"GAN trained for {len(history['loss'])} epochs: d_loss "
         f"{history['d_loss'][-1]:.3f}, g_loss {history['g_loss'][-1]:.3f}; "
-        f"grids and models in {out}"
+        f"grids and models in {out}\n"
+        f"Sample quality (lower is better): {_scores(summary)}"
     )
     return history
+
+
+def _scores(summary):
+    """KID and FID of the samples beside the two ends of the scale."""
+    parts = []
+    for key in ("kid", "fid"):
+        real, untrained = summary[f"{key}_real"], summary[f"{key}_untrained"]
+        parts.append(
+            f"{key.upper()} {summary[key]:.2f} (real images {real:.2f}, "
+            f"untrained generator {untrained:.2f})"
+        )
+    return "; ".join(parts)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,13 @@ strategy (CPU:0).
 """
 
 import os
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The Keras folder is one of this session, not ~/.keras: files fitcustom
+# keeps there (GANQuality's digits feature extractor) are made fresh, and
+# a user's keras.json (another backend, say) does not apply.
+os.environ["KERAS_HOME"] = tempfile.mkdtemp(prefix="fitcustom-tests-keras-")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402

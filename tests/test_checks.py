@@ -2,7 +2,6 @@
 any weight changes; good input passes; the checks cost little."""
 
 import re
-import time
 
 import keras
 import numpy as np
@@ -131,22 +130,39 @@ def test_bad_validation_data_is_refused_before_training():
 
 
 def test_good_input_passes_in_every_format():
+    """Every label format the checks accept trains, and the four spellings
+    of the same class ids give the same numbers (the loss follows the
+    format); soft targets give others."""
     x, y = images(20)
     soft = np.full((20, 10), 0.1, "float32")
-    for labels in (
-        y,  # class ids
-        y[:, None],  # class ids of shape (n, 1)
-        y.astype("float32"),  # whole floats
-        keras.utils.to_categorical(y, 10),  # one-hot
-        soft,  # soft targets
-    ):
+    formats = {
+        "class ids": y,
+        "class ids (n, 1)": y[:, None],
+        "whole floats": y.astype("float32"),
+        "one-hot": keras.utils.to_categorical(y, 10),
+        "soft": soft,
+    }
+    logs = {}
+    for name, labels in formats.items():
+        keras.utils.set_random_seed(0)
         model = backbone()
         model.compile()
-        model.fit(x, labels, sample_weight=np.ones(20), verbose=0)
+        logs[name] = model.fit(
+            x, labels, sample_weight=np.ones(20), epochs=2, verbose=0
+        ).history
+    for name in ("class ids (n, 1)", "whole floats", "one-hot"):
+        np.testing.assert_allclose(
+            logs[name]["loss"], logs["class ids"]["loss"], rtol=1e-6
+        )
+        assert logs[name]["accuracy"] == logs["class ids"]["accuracy"], name
+    assert np.all(np.isfinite(logs["soft"]["loss"]))
+    assert not np.allclose(logs["soft"]["loss"], logs["class ids"]["loss"])
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+    keras.utils.set_random_seed(0)
     model = backbone()
     model.compile()
-    model.fit(ds, validation_data=ds, verbose=0)
+    history = model.fit(ds, validation_data=ds, verbose=0).history
+    assert np.all(np.isfinite(history["loss"] + history["val_loss"]))
 
 
 def test_checks_can_be_turned_off():
@@ -226,25 +242,6 @@ def test_finite_check_ignores_integers_and_names_the_first_bad_value():
     checks.check_finite("x", {"a": np.zeros(3), "b": [np.ones(2)]})
     with pytest.raises(ValueError, match=r"index \(1,\) \(value nan\)"):
         checks.check_finite("x", {"a": np.zeros(3), "b": np.array([0, np.nan])})
-
-
-def test_check_overhead_is_small_next_to_an_epoch():
-    """The checks are reductions over the arrays: a few ms for 60,000
-    28x28 images (a full epoch of the MLP takes seconds)."""
-    rng = np.random.default_rng(0)
-    x = rng.random((60000, 28, 28), dtype=np.float32)
-    y = rng.integers(0, 10, size=60000).astype("int32")
-    inputs = keras.Input((28, 28))
-    model = fitcustom.TapeClassifier(
-        inputs, fitcustom.architectures.mlp_body(inputs)
-    )
-    model.compile()
-    model.check_data(x, y)  # warm-up
-    start = time.perf_counter()
-    model.check_data(x, y)
-    seconds = time.perf_counter() - start
-    print(f"checks: {seconds * 1e3:.1f} ms for 60000 images")
-    assert seconds < 0.5, f"checks took {seconds:.2f} s"
 
 
 def test_module_docstring_example_runs(capsys):

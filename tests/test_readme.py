@@ -22,7 +22,11 @@ def test_readme_python_snippets_run(tmp_path):
         f"print('--- README block {i}', flush=True)\n{block}"
         for i, block in enumerate(blocks)
     )
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    # The digits feature extractor is kept under KERAS_HOME: here, not in
+    # the user's ~/.keras.
+    env = dict(
+        os.environ, TF_CPP_MIN_LOG_LEVEL="3", KERAS_HOME=str(tmp_path / "kh")
+    )
     proc = subprocess.run(
         [sys.executable, "-c", script],
         cwd=tmp_path,

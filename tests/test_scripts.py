@@ -1,9 +1,17 @@
 """Scripts: main(argv) end to end at tiny settings, resume, bad input."""
 
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+
 import keras
 import pytest
 
 import fitcustom
+from scripts import summary as summary_script
 from scripts import train_classifier
 from scripts import train_gan
 from scripts._common import read_csv_history
@@ -49,12 +57,22 @@ def test_train_classifier_end_to_end(tmp_path, model):
     assert history["loss"][-1] < history["loss"][0]
     loaded = keras.models.load_model(out / "model.keras", safe_mode=True)
     assert isinstance(loaded, fitcustom.TapeClassifier)
-    if model == "mlp":  # the CNN's BatchNorm needs more than 3 epochs
-        assert results["accuracy"] > 0.3
+    assert results["accuracy"] > 0.3
     assert not (out / "backup").exists()  # removed after a finished run
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["test_accuracy"] == pytest.approx(results["accuracy"])
 
 
-def test_train_classifier_resumes_an_interrupted_run(tmp_path, monkeypatch):
+def _epochs(out):
+    """The epoch column of history.csv, and the history."""
+    with open(out / "history.csv", newline="") as f:
+        epochs = [int(row["epoch"]) for row in csv.DictReader(f)]
+    return epochs, read_csv_history(out / "history.csv")
+
+
+def test_classifier_resume_then_rerun_keeps_each_epoch_once(
+    tmp_path, monkeypatch, capsys
+):
     out = tmp_path / "run"
     argv = ["--output-dir", str(out), "--epochs", "4", "--verbose", "0"]
     with monkeypatch.context() as patch:
@@ -62,13 +80,53 @@ def test_train_classifier_resumes_an_interrupted_run(tmp_path, monkeypatch):
         with pytest.raises(Interrupted):
             train_classifier.main(argv)
     assert (out / "backup").exists()
+    assert not (out / "summary.json").exists()
+    # A row the interrupted run wrote after its last backup (a kill
+    # between the two writes): the resumed run trains epoch 2 again.
+    header = (out / "history.csv").read_text().splitlines()[0].split(",")
+    with open(out / "history.csv", "a") as f:
+        f.write(",".join(["2"] + ["0.5"] * (len(header) - 1)) + "\n")
+    capsys.readouterr()
     train_classifier.main(argv)
-    epochs = [
-        int(e) for e in read_csv_history(out / "history.csv").get("epoch", [])
-    ] or None
-    history = read_csv_history(out / "history.csv")
-    # 2 epochs before the interruption + 2 after: no epoch run twice.
-    assert len(history["loss"]) == 4, epochs
+    assert "Resuming the interrupted run" in capsys.readouterr().out
+    epochs, history = _epochs(out)
+    assert epochs == [0, 1, 2, 3]
+    assert history["loss"][2] != 0.5
+    assert not (out / "backup").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs"] == 4 and 0 < summary["test_accuracy"] <= 1
+
+    # The same command after the run finished: refused in one line, and
+    # nothing is touched.
+    before = (out / "history.csv").read_text()
+    with pytest.raises(SystemExit, match="holds a finished run; add "):
+        train_classifier.main(argv)
+    assert (out / "history.csv").read_text() == before
+
+    # With --overwrite: a new run, its own history only.
+    train_classifier.main(argv[:-4] + ["--epochs", "2", "--overwrite"])
+    epochs, _ = _epochs(out)
+    assert epochs == [0, 1]
+
+
+def test_ctrl_c_says_how_to_resume_in_one_line(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    argv = ["--output-dir", str(out), "--epochs", "3", "--verbose", "0"]
+    original = keras.callbacks.CSVLogger.on_epoch_end
+
+    def on_epoch_end(self, epoch, logs=None):
+        original(self, epoch, logs)
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(keras.callbacks.CSVLogger, "on_epoch_end", on_epoch_end)
+    with pytest.raises(SystemExit) as info:
+        train_classifier.main(argv)
+    assert info.value.code == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "Interrupted (2 epoch(s) saved); run the same command to resume."
+    ]
 
 
 def test_train_gan_end_to_end_and_resume(tmp_path, monkeypatch):
@@ -96,6 +154,12 @@ def test_train_gan_end_to_end_and_resume(tmp_path, monkeypatch):
     assert grids == [f"samples_epoch_{e:03d}.png" for e in (1, 3)]
     gan = keras.models.load_model(out / "gan.keras", safe_mode=True)
     assert isinstance(gan, fitcustom.TapeGAN)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs"] == 3
+    assert summary["last_grid"].endswith("samples_epoch_003.png")
+    text = "\n".join(summary_script.lines(str(tmp_path)))
+    assert "GAN          3 epochs" in text
+    assert "Classifier   not run yet" in text
 
 
 @pytest.mark.parametrize(
@@ -106,6 +170,11 @@ def test_train_gan_end_to_end_and_resume(tmp_path, monkeypatch):
         (train_classifier, ["--epochs", "two"], "--epochs must be an integer"),
         (train_classifier, ["--dataset", "svhn"], "invalid choice: 'svhn'"),
         (train_gan, ["--loss", "wgan"], "--loss must be one of"),
+        (
+            train_classifier,
+            ["--validation-fraction", "1"],
+            "--validation-fraction must be between 0 and 1",
+        ),
         (train_gan, ["--epochs", "0"], "--epochs must be >= 1"),
     ],
 )
@@ -139,3 +208,54 @@ def test_offline_dataset_error_is_one_line(tmp_path, monkeypatch):
         train_classifier.main(
             ["--output-dir", str(tmp_path), "--dataset", "mnist"]
         )
+
+
+def test_gan_loss_names_match_the_library():
+    from fitcustom import gan_losses
+
+    assert sorted(train_gan.LOSS_NAMES) == sorted(gan_losses.LOSSES)
+
+
+def test_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit) as info:
+        train_gan.main(["--help"])
+    assert info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 60)" in text and "least_squares" in text
+
+
+# TensorFlow's C++ log lines: "I0000 00:00:17... cpu_feature_guard.cc:..."
+# and the like, or oneDNN's notice.
+TF_LOG_LINE = re.compile(r"^[IWEF]\d{4} |oneDNN|cpu_feature_guard|absl::")
+
+
+@pytest.mark.slow
+def test_a_normal_run_prints_no_tensorflow_log_lines(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    run = subprocess.run(
+        [sys.executable, "-m", "scripts.train_gan", "--output-dir"]
+        + [str(tmp_path), "--epochs", "1", "--verbose", "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
+    assert run.returncode == 0, run.stderr
+    noise = [
+        line for line in run.stderr.splitlines() if TF_LOG_LINE.search(line)
+    ]
+    assert noise == [], noise
+
+
+@pytest.mark.slow
+def test_cnn_beats_the_mlp_on_the_digits(tmp_path):
+    """The script's defaults (30 epochs at most, the best validation epoch
+    kept): measured test accuracy MLP 0.9644, CNN 0.9756."""
+    accuracy = {}
+    for model in ("mlp", "cnn"):
+        argv = ["--output-dir", str(tmp_path / model), "--model", model]
+        results = train_classifier.main(argv + ["--verbose", "0"])
+        accuracy[model] = results["accuracy"]
+    assert accuracy["mlp"] > 0.95, accuracy
+    assert accuracy["cnn"] > accuracy["mlp"] + 0.005, accuracy

@@ -211,13 +211,42 @@ def test_fit_evaluate_predict_parity(structure, mode):
     keras.tree.map_structure(np.testing.assert_array_equal, p_ref, p_ours)
 
 
+@pytest.mark.parametrize("mode", ["eager", "graph"])
 @pytest.mark.parametrize("structure", list(STRUCTURES), ids=list(STRUCTURES))
-def test_parity_on_two_replicas(structure, two_replicas):
+def test_parity_on_two_replicas(structure, mode, two_replicas):
+    """steps_per_execution > 1 on two replicas: see
+    test_steps_per_execution_on_two_replicas; jit_compile: see
+    test_jit_on_two_logical_cpus_fails_as_built_in_fit_does."""
     graph, compile_kwargs, x, y, fit_kwargs = STRUCTURES[structure]()
     reference, ours = make_pair(graph, two_replicas)
-    compile_pair((reference, ours), compile_kwargs, two_replicas)
+    compile_pair((reference, ours), compile_kwargs, two_replicas, **MODES[mode])
     h_ref, h_ours = fit_both((reference, ours), x, y, **fit_kwargs)
     assert_parity(reference, ours, h_ref, h_ours)
+    e_ref = reference.evaluate(x, y, batch_size=BATCH, verbose=0)
+    e_ours = ours.evaluate(x, y, batch_size=BATCH, verbose=0)
+    np.testing.assert_allclose(e_ours, e_ref, rtol=1e-6)
+
+
+def test_jit_on_two_logical_cpus_fails_as_built_in_fit_does(two_replicas):
+    """XLA cannot compile a step whose replicas' variables live on two
+    logical devices of one CPU (TensorFlow's "tf.Variable on a different
+    device" known issue): built-in fit() fails there, and fitcustom fails
+    the same way, before any weight changes. Real accelerators have one
+    device per replica."""
+    graph, compile_kwargs, x, y, fit_kwargs = STRUCTURES[
+        "list_inputs_and_outputs"
+    ]()
+    reference, ours = make_pair(graph, two_replicas)
+    compile_pair(
+        (reference, ours), compile_kwargs, two_replicas, jit_compile=True
+    )
+    before = ours.get_weights()
+    for model in (reference, ours):
+        with pytest.raises(
+            tf.errors.InvalidArgumentError, match="located in device"
+        ):
+            fit_both((model,), x, y, **fit_kwargs)
+    assert_weights_close(before, ours.get_weights(), atol=0)
 
 
 @pytest.mark.parametrize("mode", ["graph", "steps_per_execution", "jit"])
