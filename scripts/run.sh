@@ -14,6 +14,19 @@
 #       benchmark   (e.g. bash scripts/run.sh benchmark --workloads mlp)
 #       summary     (what the last runs gave)
 #   bash scripts/run.sh PART --help       that part's options
+case "${1:-}" in
+    classifier|gan|benchmark|summary|""|--overwrite) ;;
+    *)
+        echo "error: unknown part or option '$1'; use classifier, gan," \
+            "benchmark, summary or --overwrite (see the top of $0)" >&2
+        exit 2
+        ;;
+esac
+if [ "${1:-}" = "--overwrite" ] && [ $# -gt 1 ]; then
+    echo "error: after --overwrite nothing else is taken; options go to one" \
+        "part, e.g. bash $0 gan --epochs 20" >&2
+    exit 2
+fi
 source "$(dirname "$0")/_env.sh" examples
 OUT="${OUTPUT_DIR:-$ROOT/outputs}"
 
@@ -28,12 +41,6 @@ case "${1:-}" in
         shift
         "$part" "$@"
         exit
-        ;;
-    ""|--overwrite) ;;
-    *)
-        echo "error: unknown part or option '$1'; use classifier, gan," \
-            "benchmark, summary or --overwrite (see the top of $0)" >&2
-        exit 2
         ;;
 esac
 

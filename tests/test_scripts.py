@@ -259,3 +259,24 @@ def test_cnn_beats_the_mlp_on_the_digits(tmp_path):
         accuracy[model] = results["accuracy"]
     assert accuracy["mlp"] > 0.95, accuracy
     assert accuracy["cnn"] > accuracy["mlp"] + 0.005, accuracy
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["bogus"], "unknown part or option 'bogus'"),
+        (["--overwrite", "--epochs", "3"], "after --overwrite nothing else"),
+    ],
+)
+def test_run_sh_refuses_bad_arguments_in_one_line(argv, message):
+    """Checked before the environment is set up: nothing installed."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run(
+        ["bash", os.path.join(root, "scripts", "run.sh"), *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 2
+    assert run.stdout == ""
+    assert run.stderr.count("\n") == 1 and message in run.stderr
