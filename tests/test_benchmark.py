@@ -318,3 +318,11 @@ def test_failed_claims_lists_every_claim_that_does_not_hold():
     }
     failed = [c["claim"] for c in report.failed_claims(results)]
     assert failed == ["b", "c"]
+
+
+def test_general_paths_measures_paired_rounds():
+    from benchmarks import general_paths
+
+    times = general_paths.measure("generator", rounds=2, steps=10)
+    assert set(times) == {"builtin_fit", "builtin_fit_repeat", "fitcustom_fit"}
+    assert all(len(v) == 2 and min(v) > 0 for v in times.values())
