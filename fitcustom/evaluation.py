@@ -303,11 +303,21 @@ def _in_any_ball(points, centres, radii):
     return inside / len(points)
 
 
-def _centred(real, fake):
-    """Both sets minus the real mean: the same distances, less rounding
-    in `|x|^2 + |y|^2 - 2 x.y`."""
+def _neighbour_sets(real, fake, k):
+    """`k` and both sets checked for a k-nearest-neighbour metric, minus
+    the real mean (the same distances, less rounding in
+    `|x|^2 + |y|^2 - 2 x.y`)."""
+    k = _positive_int("k", k)
+    real, fake = _feature_pair(
+        ("real", "fake"),
+        real,
+        fake,
+        k + 1,
+        f"k={k} nearest other points need {k + 1}",
+        "Pass more samples or a smaller k.",
+    )
     mean = real.mean(axis=0)
-    return real - mean, fake - mean
+    return k, real - mean, fake - mean
 
 
 def precision_recall(real, fake, *, k: int = 3) -> tuple[float, float]:
@@ -337,16 +347,7 @@ def precision_recall(real, fake, *, k: int = 3) -> tuple[float, float]:
     Returns:
         `(precision, recall)`.
     """
-    k = _positive_int("k", k)
-    real, fake = _feature_pair(
-        ("real", "fake"),
-        real,
-        fake,
-        k + 1,
-        f"k={k} nearest other points need {k + 1}",
-        "Pass more samples or a smaller k.",
-    )
-    real, fake = _centred(real, fake)
+    k, real, fake = _neighbour_sets(real, fake, k)
     precision = _in_any_ball(fake, real, _knn_radii(real, k))
     recall = _in_any_ball(real, fake, _knn_radii(fake, k))
     return precision, recall
@@ -382,16 +383,7 @@ def density_coverage(real, fake, *, k: int = 5) -> tuple[float, float]:
     Returns:
         `(density, coverage)`.
     """
-    k = _positive_int("k", k)
-    real, fake = _feature_pair(
-        ("real", "fake"),
-        real,
-        fake,
-        k + 1,
-        f"k={k} nearest other points need {k + 1}",
-        "Pass more samples or a smaller k.",
-    )
-    real, fake = _centred(real, fake)
+    k, real, fake = _neighbour_sets(real, fake, k)
     in_balls = 0
     covered = np.zeros(len(real), bool)
     for block in _memberships(fake, real, _knn_radii(real, k)):

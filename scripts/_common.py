@@ -76,7 +76,9 @@ def make_parser(doc, module):
 
     class Formatter(argparse.ArgumentDefaultsHelpFormatter):
         def _get_help_string(self, action):
-            if action.required or action.default in (None, False):
+            if action.required or action.default is None:
+                return action.help
+            if action.default is False:  # a flag, off unless given
                 return action.help
             return super()._get_help_string(action)
 
@@ -84,6 +86,25 @@ def make_parser(doc, module):
         prog=f"python -m {module}",
         description=doc.split("\n\n")[0].replace("\n", " "),
         formatter_class=Formatter,
+    )
+
+
+def add_run_arguments(parser, seed_help):
+    """The options every training script ends with: --seed, --verbose,
+    --overwrite."""
+    parser.add_argument("--seed", type=int, default=0, help=seed_help)
+    parser.add_argument(
+        "--verbose",
+        type=int,
+        default=1,
+        choices=(0, 1, 2),
+        help="0 silent, 1 progress bar, 2 one line per epoch",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run in --output-dir (finished or interrupted) "
+        "with a new one",
     )
 
 

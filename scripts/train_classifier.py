@@ -19,6 +19,7 @@ import sys
 
 import numpy as np
 
+from scripts._common import add_run_arguments
 from scripts._common import finish_run
 from scripts._common import fraction
 from scripts._common import make_parser
@@ -79,24 +80,8 @@ def parse_args(argv):
         default=10,
         help="stop after this many epochs without a better validation accuracy",
     )
-    parser.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help="seeds the weights, the data order and the splits",
-    )
-    parser.add_argument(
-        "--verbose",
-        type=int,
-        default=1,
-        choices=(0, 1, 2),
-        help="0 silent, 1 progress bar, 2 one line per epoch",
-    )
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace the run in --output-dir (finished or interrupted) "
-        "with a new one",
+    add_run_arguments(
+        parser, seed_help="seeds the weights, the data order and the splits"
     )
     return parser.parse_args(argv)
 

@@ -13,6 +13,7 @@ Usage: python -m scripts.train_gan --output-dir outputs/gan
 
 import os
 
+from scripts._common import add_run_arguments
 from scripts._common import finish_run
 from scripts._common import make_parser
 from scripts._common import positive_int
@@ -76,24 +77,8 @@ def parse_args(argv):
         help="score the samples (KID and FID against held-out digits) "
         "every this many epochs, and after the first and the last",
     )
-    parser.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help="seeds the weights, the noise and the data order",
-    )
-    parser.add_argument(
-        "--verbose",
-        type=int,
-        default=1,
-        choices=(0, 1, 2),
-        help="0 silent, 1 progress bar, 2 one line per epoch",
-    )
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace the run in --output-dir (finished or interrupted) "
-        "with a new one",
+    add_run_arguments(
+        parser, seed_help="seeds the weights, the noise and the data order"
     )
     args = parser.parse_args(argv)
     if args.loss not in LOSS_NAMES:
