@@ -1,7 +1,7 @@
 """TapeClassifier: parity with built-in fit(), defaults, SAM, bad input."""
 
 import json
-import textwrap
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -493,27 +493,7 @@ def test_backbone_needs_num_classes():
 # Save, load in a fresh process, continue exactly
 # ----------------------------------------------------------------------
 
-CONTINUE = textwrap.dedent(
-    """
-    import sys
-    import keras
-    import numpy as np
-    import fitcustom  # registers the classes
-
-    path, data, out = sys.argv[1:4]
-    model = keras.models.load_model(path, safe_mode=True)
-    assert isinstance(model, fitcustom.TapeClassifier), type(model)
-    assert model.sam_rho == 0.05, model.sam_rho
-    assert model.loss.label_smoothing == 0.1, model.loss
-    assert model.gradient_transforms[0].max_norm == 2.0
-    assert model.optimizer.iterations.numpy() == 4
-    with np.load(data) as f:
-        x, y = f["x"], f["y"]
-    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
-    np.savez(out, *model.get_weights(),
-             iterations=model.optimizer.iterations.numpy())
-    """
-)
+CONTINUE = Path(__file__).parent / "programs" / "classifier_continue.py"
 
 
 def test_save_load_in_fresh_process_continues_exactly(tmp_path):
@@ -527,9 +507,8 @@ def test_save_load_in_fresh_process_continues_exactly(tmp_path):
     model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
     model.save(tmp_path / "model.keras")
     np.savez(tmp_path / "data.npz", x=x, y=y)
-    (tmp_path / "continue.py").write_text(CONTINUE)
     run_python(
-        tmp_path / "continue.py",
+        CONTINUE,
         str(tmp_path / "model.keras"),
         str(tmp_path / "data.npz"),
         str(tmp_path / "out.npz"),

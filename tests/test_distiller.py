@@ -1,7 +1,7 @@
 """TapeDistiller: the teacher never moves, both terms are logged, one
 device == two replicas, mixed precision, save / load / continue."""
 
-import textwrap
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -155,23 +155,7 @@ def test_mixed_precision_update_size_matches_float32():
 
 # Loads the saved distiller in a fresh process, trains one more epoch and
 # writes its weights.
-CONTINUE = textwrap.dedent(
-    """
-    import sys
-    import keras
-    import numpy as np
-    import fitcustom
-
-    path, out = sys.argv[1], sys.argv[2]
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(48, 6)).astype("float32")
-    y = (x[:, 0] > 0).astype("int32") + (x[:, 1] > 0).astype("int32")
-    distiller = keras.saving.load_model(path)
-    assert isinstance(distiller, fitcustom.TapeDistiller)
-    distiller.fit(x, y, batch_size=12, epochs=1, shuffle=False, verbose=0)
-    distiller.save_weights(out)
-    """
-)
+CONTINUE = Path(__file__).parent / "programs" / "distiller_continue.py"
 
 
 @pytest.mark.slow
@@ -181,9 +165,9 @@ def test_save_load_and_continue_in_a_fresh_process(tmp_path):
     first = _distiller()
     _fit(first, epochs=1)
     first.save(tmp_path / "distiller.keras")
-    script = tmp_path / "continue.py"
-    script.write_text(CONTINUE)
-    run_python(script, tmp_path / "distiller.keras", tmp_path / "w.weights.h5")
+    run_python(
+        CONTINUE, tmp_path / "distiller.keras", tmp_path / "w.weights.h5"
+    )
     resumed = _distiller()
     resumed.load_weights(tmp_path / "w.weights.h5")
     assert_weights_close(

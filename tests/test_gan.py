@@ -1,6 +1,5 @@
 """TapeGAN: equal to hand-written GAN loops, distribution, saving, input."""
 
-import textwrap
 from pathlib import Path
 
 import keras
@@ -786,40 +785,7 @@ def resumable_gan():
 # Run in fresh processes. "save": one epoch, then save. "continue": load
 # the saved GAN, one more epoch. "uninterrupted": two epochs, no saving.
 # The last two write what the test compares.
-RESUME = textwrap.dedent(
-    """
-    import sys
-    sys.path.insert(0, sys.argv[1])
-    import keras
-    import numpy as np
-    import tensorflow as tf
-    import fitcustom
-
-    tf.config.optimizer.set_experimental_options(
-        {"disable_meta_optimizer": True}
-    )
-    from test_gan import real_images, resumable_gan
-
-    mode, path, out = sys.argv[2:5]
-    images = real_images(64)
-    if mode == "continue":
-        gan = keras.models.load_model(path, safe_mode=True)
-        assert isinstance(gan, fitcustom.TapeGAN), type(gan)
-    else:
-        gan = resumable_gan()
-        gan.fit(images, batch_size=16, epochs=1, shuffle=False, verbose=0)
-    if mode == "save":
-        gan.save(path)
-        sys.exit(0)
-    logs = gan.fit(images, batch_size=16, epochs=1, shuffle=False,
-                   verbose=0).history
-    np.savez(out, *gan.get_weights(),
-             d_iterations=gan.d_optimizer.iterations.numpy(),
-             g_iterations=gan.g_optimizer.iterations.numpy(),
-             samples=gan.generate(4, seed=2),
-             logs=[logs[k][0] for k in sorted(logs)])
-    """
-)
+RESUME = Path(__file__).parent / "programs" / "gan_resume.py"
 
 
 @pytest.mark.slow
@@ -841,13 +807,11 @@ def test_save_load_in_fresh_process_continues_exactly(tmp_path):
     determinism, without ASLR or with a fixed hash seed; 0 in 24 with
     Grappler off. One CI run failed on it (samples 1e-6 apart).
     """
-    script = tmp_path / "resume.py"
-    script.write_text(RESUME)
     tests = Path(__file__).parent
     saved = tmp_path / "gan.keras"
-    run_python(script, tests, "save", saved, "-")
-    run_python(script, tests, "continue", saved, tmp_path / "loaded.npz")
-    run_python(script, tests, "uninterrupted", "-", tmp_path / "ref.npz")
+    run_python(RESUME, tests, "save", saved, "-")
+    run_python(RESUME, tests, "continue", saved, tmp_path / "loaded.npz")
+    run_python(RESUME, tests, "uninterrupted", "-", tmp_path / "ref.npz")
     with (
         np.load(tmp_path / "loaded.npz") as loaded,
         np.load(tmp_path / "ref.npz") as ref,

@@ -11,7 +11,7 @@ import importlib.util
 import io
 import json
 import sys
-import textwrap
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -21,105 +21,17 @@ from helpers import assert_weights_close
 
 from scripts import launch_workers
 
-JOB = textwrap.dedent(
-    """
-    import json, os, sys
-    import keras
-    import numpy as np
-    import tensorflow as tf
-    import fitcustom
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from job_common import data, make_model
-
-    out, kind = sys.argv[1], sys.argv[2]
-    strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    index = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
-    x, y = data()
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = (
-        tf.data.experimental.AutoShardPolicy.DATA
-    )
-    elements = (x, y) if kind != "gan" else x
-    ds = tf.data.Dataset.from_tensor_slices(elements).batch(16)
-    ds = ds.with_options(options)
-    with strategy.scope():
-        model = make_model(kind)
-    history = model.fit(ds, epochs=2, verbose=0).history
-    evaluation = model.evaluate(ds, verbose=0, return_dict=True)
-    np.savez(os.path.join(out, f"weights{index}.npz"), *model.get_weights())
-    with open(os.path.join(out, f"logs{index}.json"), "w") as f:
-        json.dump({"history": history, "evaluate": evaluation}, f)
-    """
-)
-
-COMMON = textwrap.dedent(
-    """
-    import keras
-    import numpy as np
-    import tensorflow as tf
-    import fitcustom
-
-    def data():
-        rng = np.random.default_rng(0)
-        x = rng.normal(size=(64, 6)).astype("float32")
-        y = rng.integers(0, 3, size=64).astype("int32")
-        return x, y
-
-    NOISE = np.random.default_rng(1).normal(size=(8, 2, 16, 4)).astype(
-        "float32")
-
-    class FedGAN(fitcustom.TapeGAN):
-        # Noise for the global batch of step i; each replica takes its rows.
-        def sample_latent(self, batch_size, stream):
-            step = tf.cast(self.g_optimizer.iterations, tf.int32)
-            rows = tf.gather(tf.constant(NOISE), step)[stream]
-            ctx = tf.distribute.get_replica_context()
-            start = ctx.replica_id_in_sync_group * batch_size
-            return rows[start:start + batch_size]
-
-    def make_model(kind):
-        keras.utils.set_random_seed(0)
-        if kind == "gan":
-            z = keras.Input((4,))
-            generator = keras.Model(z, keras.layers.Dense(6)(
-                keras.layers.Dense(8, activation="relu")(z)))
-            x = keras.Input((6,))
-            discriminator = keras.Model(x, keras.layers.Dense(1)(
-                keras.layers.Dense(8, activation="relu")(x)))
-            model = FedGAN(generator=generator, discriminator=discriminator,
-                           latent_dim=4)
-            model.compile(d_optimizer=keras.optimizers.Adam(1e-2),
-                          g_optimizer=keras.optimizers.Adam(1e-2))
-            return model
-        inputs = keras.Input((6,))
-        h = keras.layers.Dense(16, activation="relu")(inputs)
-        cls = {"engine": fitcustom.TapeModel,
-               "classifier": fitcustom.TapeClassifier}[kind]
-        model = cls(inputs, keras.layers.Dense(3)(h))
-        kwargs = dict(
-            gradient_transforms=[fitcustom.ClipByGlobalNorm(1.0)],
-            log_gradient_norm=True,
-        )
-        if kind == "engine":
-            kwargs.update(
-                optimizer="adam", metrics=["accuracy"],
-                loss=keras.losses.SparseCategoricalCrossentropy(
-                    from_logits=True),
-            )
-        model.compile(**kwargs)
-        return model
-    """
-)
+PROGRAMS = Path(__file__).parent / "programs"
+JOB = PROGRAMS / "multiworker_job.py"
+COMMON = PROGRAMS / "multiworker_common.py"
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["engine", "classifier", "gan"])
 def test_two_workers_train_what_one_process_trains(tmp_path, monkeypatch, kind):
-    (tmp_path / "job.py").write_text(JOB)
-    (tmp_path / "job_common.py").write_text(COMMON)
     log = io.StringIO()
     codes = launch_workers.launch(
-        [sys.executable, str(tmp_path / "job.py"), str(tmp_path), kind],
+        [sys.executable, str(JOB), str(tmp_path), kind],
         workers=2,
         timeout=300,
         env={"TF_CPP_MIN_LOG_LEVEL": "3"},
@@ -127,9 +39,7 @@ def test_two_workers_train_what_one_process_trains(tmp_path, monkeypatch, kind):
     )
     assert codes == [0, 0], log.getvalue()[-4000:]
 
-    spec = importlib.util.spec_from_file_location(
-        f"job_common_{kind}", tmp_path / "job_common.py"
-    )
+    spec = importlib.util.spec_from_file_location(f"job_common_{kind}", COMMON)
     job_common = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job_common)
     x, y = job_common.data()

@@ -12,7 +12,7 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -20,66 +20,7 @@ import pytest
 
 import fitcustom
 
-SCRIPT = textwrap.dedent(
-    """
-    import json
-    import keras
-    import numpy as np
-    import fitcustom
-
-    import sys
-
-    def run(guard, kind):
-        keras.utils.set_random_seed(0)
-        rng = np.random.default_rng(0)
-        x = rng.normal(size=(64, 6)).astype("float32")
-        y = rng.integers(0, 3, size=64)
-        x[16:32] = np.nan
-        if kind == "gan":
-            z = keras.Input((4,))
-            generator = keras.Model(z, keras.layers.Dense(6)(
-                keras.layers.Dense(8, activation="relu")(z)))
-            d_in = keras.Input((6,))
-            discriminator = keras.Model(d_in, keras.layers.Dense(1)(
-                keras.layers.Dense(8, activation="relu")(d_in)))
-            model = fitcustom.TapeGAN(generator=generator,
-                                      discriminator=discriminator,
-                                      latent_dim=4)
-            model.compile(skip_nonfinite=guard, check_inputs=False)
-            y = None
-            optimizer = model.d_optimizer
-        else:
-            inputs = keras.Input((6,))
-            h = keras.layers.Dense(16, activation="relu")(inputs)
-            model = fitcustom.TapeModel(inputs, keras.layers.Dense(3)(h))
-            model.compile(
-                optimizer="adam",
-                loss=keras.losses.SparseCategoricalCrossentropy(
-                    from_logits=True),
-                skip_nonfinite=guard,
-            )
-            optimizer = model.optimizer
-        initial = model.get_weights()
-        history = model.fit(
-            x, y, batch_size=16, epochs=3, shuffle=False, verbose=0,
-            callbacks=[keras.callbacks.TerminateOnNaN()],
-        ).history
-        return {
-            "finite": all(bool(np.isfinite(w).all())
-                          for w in model.get_weights()),
-            "initial": all(np.array_equal(a, b) for a, b in
-                           zip(initial, model.get_weights())),
-            "epochs": len(history["loss"]),
-            "loss": [float(v) for v in history["loss"]],
-            "skipped": history.get("nonfinite_steps"),
-            "iterations": int(optimizer.iterations.numpy()),
-        }
-
-    kind = sys.argv[1]
-    print(json.dumps({"guard": run(True, kind),
-                      "no_guard": run(False, kind)}))
-    """
-)
+SCRIPT = Path(__file__).parent / "programs" / "nonfinite_job.py"
 
 
 @pytest.mark.parametrize("kind", ["engine", "gan"])
@@ -89,7 +30,7 @@ def test_nonfinite_batch_with_and_without_guard(onednn, kind):
         os.environ, TF_ENABLE_ONEDNN_OPTS=onednn, TF_CPP_MIN_LOG_LEVEL="3"
     )
     proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, kind],
+        [sys.executable, str(SCRIPT), kind],
         env=env,
         capture_output=True,
         text=True,
