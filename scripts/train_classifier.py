@@ -101,7 +101,11 @@ def build_model(kind, input_shape):
 
 
 def _best_so_far(out):
-    history = read_csv_history(os.path.join(out, "history.csv"))
+    """The best validation accuracy of the epochs a resumed run keeps."""
+    try:
+        history = read_csv_history(os.path.join(out, "history.csv"))
+    except (OSError, IndexError):  # no file, or no row yet
+        return None
     return max(history.get("val_accuracy", [float("-inf")]))
 
 
@@ -136,10 +140,10 @@ def _train(args, out):
         gradient_transforms=[fitcustom.ClipByGlobalNorm(args.clip_norm)],
         log_gradient_norm=True,
     )
+    # Everything an epoch writes comes before its backup: a run killed
+    # between the two trains that epoch again, and the resume drops its
+    # history row.
     callbacks = [
-        fitcustom.BackupAndRestore(
-            os.path.join(out, "backup"), delete_checkpoint=False
-        ),
         keras.callbacks.CSVLogger(
             os.path.join(out, "history.csv"), append=True
         ),
@@ -149,6 +153,9 @@ def _train(args, out):
             save_best_only=True,
             # A resumed run keeps the best model of the epochs before.
             initial_value_threshold=_best_so_far(out) if done else None,
+        ),
+        fitcustom.BackupAndRestore(
+            os.path.join(out, "backup"), delete_checkpoint=False
         ),
         keras.callbacks.EarlyStopping(
             monitor="val_accuracy",

@@ -139,21 +139,24 @@ def _train(args, out):
     )
     quality.set_model(gan)
     untrained = quality.measure()
+    # Everything an epoch writes comes before its backup: a run killed
+    # between the two trains that epoch again, and the resume drops its
+    # history row.
     callbacks = [
-        fitcustom.BackupAndRestore(
-            os.path.join(out, "backup"), delete_checkpoint=False
-        ),
         quality,  # before CSVLogger, which then logs the scores
         keras.callbacks.CSVLogger(
             os.path.join(out, "history.csv"), append=True
         ),
-        keras.callbacks.TerminateOnNaN(),
         fitcustom.SampleGrid(
             os.path.join(out, "grids"),
             every=args.grid_every,
             n=36,
             seed=args.seed,
         ),
+        fitcustom.BackupAndRestore(
+            os.path.join(out, "backup"), delete_checkpoint=False
+        ),
+        keras.callbacks.TerminateOnNaN(),
     ]
     print(
         f"Training a DCGAN on {len(images)} digits ({args.loss} loss, "

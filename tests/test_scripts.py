@@ -23,7 +23,7 @@ class Interrupted(Exception):
 
 def _interrupt_after_epoch(monkeypatch, callback_class, epoch_index):
     """Makes `callback_class` raise at the end of epoch `epoch_index`
-    (after BackupAndRestore, which comes first, has saved)."""
+    (after BackupAndRestore, which comes before it, has saved)."""
     original = callback_class.on_epoch_end
 
     def on_epoch_end(self, epoch, logs=None):
@@ -75,23 +75,30 @@ def test_classifier_resume_then_rerun_keeps_each_epoch_once(
 ):
     out = tmp_path / "run"
     argv = ["--output-dir", str(out), "--epochs", "4", "--verbose", "0"]
+    # Killed after epoch 2's history row and best model, before its
+    # backup (they are written first): the resumed run trains epoch 2
+    # again and its row replaces the one written before the kill.
+    original = fitcustom.BackupAndRestore.on_epoch_end
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 1:
+            raise Interrupted("killed before the backup of epoch 2")
+        original(self, epoch, logs)
+
     with monkeypatch.context() as patch:
-        _interrupt_after_epoch(patch, keras.callbacks.EarlyStopping, 1)
+        patch.setattr(fitcustom.BackupAndRestore, "on_epoch_end", on_epoch_end)
         with pytest.raises(Interrupted):
             train_classifier.main(argv)
-    assert (out / "backup").exists()
+    assert fitcustom.BackupAndRestore.progress(out / "backup") == (1, 0)
     assert not (out / "summary.json").exists()
-    # A row the interrupted run wrote after its last backup (a kill
-    # between the two writes): the resumed run trains epoch 2 again.
-    header = (out / "history.csv").read_text().splitlines()[0].split(",")
-    with open(out / "history.csv", "a") as f:
-        f.write(",".join(["2"] + ["0.5"] * (len(header) - 1)) + "\n")
+    epochs, killed = _epochs(out)
+    assert epochs == [0, 1]
     capsys.readouterr()
     train_classifier.main(argv)
-    assert "Resuming the interrupted run" in capsys.readouterr().out
+    assert "after 1 epoch(s)" in capsys.readouterr().out
     epochs, history = _epochs(out)
     assert epochs == [0, 1, 2, 3]
-    assert history["loss"][2] != 0.5
+    assert history["loss"][0] == killed["loss"][0]  # kept, not retrained
     assert not (out / "backup").exists()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epochs"] == 4 and 0 < summary["test_accuracy"] <= 1
@@ -124,8 +131,9 @@ def test_ctrl_c_says_how_to_resume_in_one_line(tmp_path, monkeypatch, capsys):
         train_classifier.main(argv)
     assert info.value.code == 130
     err = capsys.readouterr().err.strip().splitlines()
+    # Epoch 2's row is written, its backup not yet.
     assert err == [
-        "Interrupted (2 epoch(s) saved); run the same command to resume."
+        "Interrupted (1 epoch(s) saved); run the same command to resume."
     ]
 
 
@@ -150,8 +158,8 @@ def test_train_gan_end_to_end_and_resume(tmp_path, monkeypatch):
     for name in ("gan.keras", "generator.keras", "curves.png"):
         assert (out / name).stat().st_size > 0, name
     grids = sorted(p.name for p in (out / "grids").iterdir())
-    # Epoch 2's grid callback never ran: the run died before it.
-    assert grids == [f"samples_epoch_{e:03d}.png" for e in (1, 3)]
+    # Epoch 2's grid was written before its backup, and the kill.
+    assert grids == [f"samples_epoch_{e:03d}.png" for e in (1, 2, 3)]
     gan = keras.models.load_model(out / "gan.keras", safe_mode=True)
     assert isinstance(gan, fitcustom.TapeGAN)
     summary = json.loads((out / "summary.json").read_text())
