@@ -5,6 +5,8 @@ import os
 import keras
 import numpy as np
 
+from fitcustom import _args
+
 
 class SampleGrid(keras.callbacks.Callback):
     """Writes a PNG grid of generated samples at chosen epochs.
@@ -67,17 +69,9 @@ class SampleGrid(keras.callbacks.Callback):
         value_range: tuple = (-1.0, 1.0),
     ):
         super().__init__()
-        for name, value in (("every", every), ("n", n)):
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, int)
-                or value < 1
-            ):
-                raise ValueError(
-                    f"`{name}` must be an int >= 1. Received: {name}={value!r}."
-                )
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"`seed` must be an int. Received: seed={seed!r}.")
+        every = _args.whole("every", every)
+        n = _args.whole("n", n)
+        seed = _args.integer("seed", seed)
         try:
             example = filename.format(epoch=1)
         except (KeyError, IndexError, ValueError, AttributeError) as e:

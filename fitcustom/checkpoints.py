@@ -120,9 +120,7 @@ def atomic_path(filepath):
 def _may_overwrite(filepath, overwrite):
     if overwrite or not os.path.exists(filepath):
         return True
-    from keras.src.utils import io_utils
-
-    return io_utils.ask_to_proceed_with_overwrite(filepath)
+    return _compat.ask_to_overwrite(filepath)
 
 
 def save_model(model, filepath, overwrite=True, zipped=None, **kwargs):
@@ -229,7 +227,7 @@ class _AtomicSaves:
         return getattr(self._wrapped, name)
 
 
-class ModelCheckpoint(keras.callbacks.ModelCheckpoint):
+class ModelCheckpoint(_compat.KerasModelCheckpoint):
     """Keras' `ModelCheckpoint`, writing each file atomically.
 
     Same arguments and behaviour as `keras.callbacks.ModelCheckpoint`
@@ -238,13 +236,8 @@ class ModelCheckpoint(keras.callbacks.ModelCheckpoint):
     complete and loadable, where Keras' own leaves a truncated file.
     """
 
-    def _save_model(self, epoch, batch, logs):
-        model = self._model
-        self._model = _AtomicSaves(model)
-        try:
-            super()._save_model(epoch, batch, logs)
-        finally:
-            self._model = model
+    def model_for_saving(self, model):
+        return _AtomicSaves(model)
 
 
 _BACKUP_NAME = re.compile(r"^backup-(\d+)-epoch(\d+)-done(\d+)\.weights\.h5$")
@@ -265,7 +258,7 @@ def _list_backups(backup_dir):
     return sorted(found)
 
 
-class BackupAndRestore(keras.callbacks.BackupAndRestore):
+class BackupAndRestore(_compat.KerasBackupAndRestore):
     """Keras' `BackupAndRestore`: a backup that survives any kill, and a
     resume at the exact batch where training stopped.
 
@@ -310,28 +303,28 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
     def on_train_begin(self, logs=None):
         self._resume_at = None
         self._remove_leftovers()
-        self._load_model()
+        self._restore()
 
     def on_epoch_begin(self, epoch, logs=None):
         # Keras sets the epoch only at epoch end, so that a batch-level
         # backup written in the first epoch after a resume recorded epoch 0.
-        self._current_epoch = epoch
+        self._epoch = epoch
 
     def on_epoch_end(self, epoch, logs=None):
-        self._current_epoch = epoch + 1
-        self._last_batch_seen = 0
+        self._epoch = epoch + 1
+        self.start_batch_count()
         if self.save_freq == "epoch":
             self._save_at(epoch + 1, 0)
 
     def on_train_batch_end(self, batch, logs=None):
-        if not self._should_save_on_batch(batch):
+        if not self.should_save_on_batch(batch):
             return
         if self._resume_at is not None:
             epoch, done = self._resume_at
-            if epoch == self._current_epoch and batch < done:
+            if epoch == self._epoch and batch < done:
                 return  # a skipped batch: the state is still the backup's
             self._resume_at = None
-        self._save_at(self._current_epoch, batch + 1)
+        self._save_at(self._epoch, batch + 1)
 
     @staticmethod
     def progress(backup_dir):
@@ -357,7 +350,7 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
                 with contextlib.suppress(OSError):
                     os.remove(os.path.join(self.backup_dir, name))
 
-    def _load_model(self):
+    def _restore(self):
         backups = self._backups()
         if not backups:
             self._load_keras_backup()
@@ -375,7 +368,7 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
         metrics = self._check_resume(path, epoch, done)  # before loading
         self.model.load_weights(path)
         _compat.set_initial_epoch(self.model, epoch)
-        self._current_epoch = epoch
+        self._epoch = epoch
         if done and metrics is not None:
             self._resume_within_epoch(epoch, done, metrics)
 
@@ -453,10 +446,10 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
     def _load_keras_backup(self):
         """Resumes from a backup of Keras' own callback in the same
         directory, if it is readable; warns and starts over if not."""
-        if not os.path.exists(self._weights_path):
+        if not os.path.exists(self.keras_backup_path):
             return
         try:
-            super()._load_model()
+            self.load_keras_backup()
         except (OSError, ValueError) as e:
             warnings.warn(
                 f"The backup in {self.backup_dir} was left unreadable by an "

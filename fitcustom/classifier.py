@@ -1,17 +1,15 @@
 """`TapeClassifier`: a classifier on the step engine."""
 
-import warnings
-
 import keras
 import numpy as np
 import tensorflow as tf
 
+from fitcustom import _args
 from fitcustom import _compat
 from fitcustom import checks
 from fitcustom import distribute
 from fitcustom.engine import TapeModel
 from fitcustom.engine import _loss_scale
-from fitcustom.transforms import ScaleByLayer
 
 
 @keras.saving.register_keras_serializable(package="fitcustom")
@@ -37,11 +35,9 @@ class ClassifierLoss(keras.losses.Loss):
         reduction: str = "sum_over_batch_size",
         dtype=None,
     ):
-        if not 0.0 <= float(label_smoothing) < 1.0:
-            raise ValueError(
-                "`label_smoothing` must be in [0, 1). "
-                f"Received: label_smoothing={label_smoothing!r}."
-            )
+        label_smoothing = _args.number(
+            "label_smoothing", label_smoothing, low=0, high=1, high_open=True
+        )
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         self.from_logits = bool(from_logits)
         self.label_smoothing = float(label_smoothing)
@@ -166,36 +162,6 @@ def _assign_everywhere(variables, values):
     tf.distribute.get_replica_context().merge_call(update, args=(pairs,))
 
 
-def _warn_if_scaling_is_lost(gradient_transforms, optimizer):
-    """Warns where a `ScaleByLayer` cannot do what it says."""
-    inner = getattr(optimizer, "inner_optimizer", optimizer)
-    for transform in gradient_transforms:
-        if not isinstance(transform, ScaleByLayer):
-            continue
-        partial = sorted(
-            k for k, f in transform.scales.items() if f not in (0.0, 1.0)
-        )
-        if partial and not isinstance(inner, keras.optimizers.SGD):
-            warnings.warn(
-                f"ScaleByLayer scales the gradients of {partial}, but "
-                f"{type(inner).__name__} normalises gradient magnitudes, so "
-                "their updates hardly change (Adam: a 0.1 factor changes "
-                "the first epoch's update by ~0.2%). Use "
-                "optimizer=keras.optimizers.SGD(...) for a scaled step, or "
-                "freeze the layers with a factor of 0.",
-                stacklevel=3,
-            )
-        frozen = sorted(k for k, f in transform.scales.items() if f == 0.0)
-        if frozen and getattr(inner, "weight_decay", None):
-            warnings.warn(
-                f"ScaleByLayer freezes the gradients of {frozen}, but the "
-                f"optimizer's weight_decay={inner.weight_decay} still "
-                "shrinks their weights. Set layer.trainable = False to "
-                "exclude them from the optimizer entirely.",
-                stacklevel=3,
-            )
-
-
 @keras.saving.register_keras_serializable(package="fitcustom")
 class TapeClassifier(TapeModel):
     """A classifier trained by the `TapeModel` step engine.
@@ -269,20 +235,12 @@ class TapeClassifier(TapeModel):
         **kwargs,
     ):
         if backbone is not None:
-            if not isinstance(backbone, keras.Layer):
-                raise ValueError(
-                    "`backbone` must be a keras.Model or keras.Layer. "
-                    f"Received: backbone={backbone!r}."
-                )
-            if (
-                isinstance(num_classes, bool)
-                or not isinstance(num_classes, int)
-                or num_classes < 1
-            ):
-                raise ValueError(
-                    "`num_classes` must be an int >= 1 when a backbone is "
-                    f"given. Received: num_classes={num_classes!r}."
-                )
+            _args.model("backbone", backbone)
+            num_classes = _args.whole(
+                "num_classes",
+                num_classes,
+                hint=" A backbone needs the number of classes of its head.",
+            )
             if "network" in kwargs or args:
                 raise ValueError(
                     "Pass `backbone=` alone, not with `network=` or "
@@ -313,7 +271,6 @@ class TapeClassifier(TapeModel):
             graph = self._graph_model()
             from_logits = outputs_logits(graph) if graph is not None else True
         self.from_logits = from_logits
-        self._classifier_compile_args = {}
         self._sam_rho = None
         self._check_inputs = True
         self._probed_output_shape = None
@@ -378,23 +335,16 @@ class TapeClassifier(TapeModel):
                 f"{label_smoothing}. Set the smoothing on your loss, or "
                 "drop `loss=`."
             )
-        if (
-            isinstance(sam_rho, bool)
-            or sam_rho is not None
-            and (not isinstance(sam_rho, (int, float)) or not sam_rho > 0)
-        ):
-            raise ValueError(
-                "`sam_rho` must be a positive number (e.g. 0.05) or None. "
-                f"Received: sam_rho={sam_rho!r}."
-            )
-        if not isinstance(check_inputs, bool):
-            raise ValueError(
-                "`check_inputs` must be True or False. "
-                f"Received: check_inputs={check_inputs!r}."
-            )
-        # Not tracked by Keras (a metric object in it would be counted as
-        # one of the model's own metrics too).
-        self.__dict__["_classifier_compile_args"] = {
+        sam_rho = _args.number(
+            "sam_rho",
+            sam_rho,
+            low=0,
+            low_open=True,
+            none_ok=True,
+            hint=" A radius such as 0.05 turns SAM on.",
+        )
+        _args.boolean("check_inputs", check_inputs)
+        arguments = {
             "loss": loss,
             "metrics": metrics,
             "label_smoothing": label_smoothing,
@@ -419,8 +369,8 @@ class TapeClassifier(TapeModel):
             auto_scale_loss,
             **engine_options,
         )
-        _warn_if_scaling_is_lost(self.gradient_transforms, self.optimizer)
-        self._sam_rho = None if sam_rho is None else float(sam_rho)
+        self.keep_compile_arguments(**arguments)
+        self._sam_rho = sam_rho
         self._check_inputs = check_inputs
 
     def _default_metrics(self):
@@ -430,16 +380,6 @@ class TapeClassifier(TapeModel):
             # wrong for a logit.
             return [keras.metrics.BinaryAccuracy("accuracy", threshold=0.0)]
         return ["accuracy"]
-
-    def get_compile_config(self):
-        config = super().get_compile_config()
-        if config:
-            config.update(
-                keras.saving.serialize_keras_object(
-                    self._classifier_compile_args
-                )
-            )
-        return config
 
     @property
     def sam_rho(self):
@@ -630,7 +570,7 @@ class TapeClassifier(TapeModel):
         y_pred, loss, grads = self.loss_and_gradients(x, y, sample_weight)
         if grads is None:
             return self.compute_metrics(x, y, y_pred, sample_weight)
-        variables = self.trainable_weights
+        variables = self.step_weights()
         perturbation = self.sam_perturbation(grads)
         stats = list(self.non_trainable_weights)
         saved = [tf.identity(v.value) for v in variables + stats]

@@ -6,17 +6,11 @@ real and offline.
 
 import numpy as np
 
+from fitcustom import _args
+
 
 def _check_fraction(value, name="test_fraction"):
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not 0.0 < value < 1.0
-    ):
-        raise ValueError(
-            f"`{name}` must be a float strictly between 0 and 1. "
-            f"Received: {name}={value!r}."
-        )
+    _args.number(name, value, low=0, high=1, low_open=True, high_open=True)
 
 
 def load_digits(test_fraction=0.25, seed=0):
@@ -203,23 +197,14 @@ def load_synthetic(n, shape, num_classes=10, seed=0):
     Returns:
         `(x, y)`: float32 in [0, 1] of shape `(n, *shape)`, int32 labels.
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"`n` must be an int >= 1. Received: n={n!r}.")
+    n = _args.whole("n", n)
     shape = tuple(shape)
     if not shape or any(not isinstance(d, int) or d < 1 for d in shape):
         raise ValueError(
             "`shape` must be a non-empty tuple of positive ints. "
             f"Received: shape={shape!r}."
         )
-    if (
-        isinstance(num_classes, bool)
-        or not isinstance(num_classes, int)
-        or (num_classes < 2)
-    ):
-        raise ValueError(
-            "`num_classes` must be an int >= 2. "
-            f"Received: num_classes={num_classes!r}."
-        )
+    num_classes = _args.whole("num_classes", num_classes, 2)
     rng = np.random.default_rng(seed)
     x = rng.random((n, *shape), dtype=np.float32)
     y = rng.integers(0, num_classes, size=n).astype("int32")
@@ -257,15 +242,7 @@ def to_dataset(x, y=None, batch_size=32, shuffle=False, seed=0):
     """
     import tensorflow as tf
 
-    if (
-        isinstance(batch_size, bool)
-        or not isinstance(batch_size, int)
-        or (batch_size < 1)
-    ):
-        raise ValueError(
-            "`batch_size` must be an int >= 1. "
-            f"Received: batch_size={batch_size!r}."
-        )
+    batch_size = _args.whole("batch_size", batch_size)
     elements = x if y is None else (x, y)
     ds = tf.data.Dataset.from_tensor_slices(elements)
     if shuffle:

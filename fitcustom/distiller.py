@@ -3,6 +3,7 @@
 import keras
 import tensorflow as tf
 
+from fitcustom import _args
 from fitcustom.classifier import outputs_logits
 from fitcustom.engine import TapeModel
 
@@ -59,22 +60,12 @@ class TapeDistiller(TapeModel):
     config_values = ("alpha", "temperature")
 
     def __init__(self, student, teacher, alpha=0.1, temperature=3.0, **kwargs):
-        for name, net in (("student", student), ("teacher", teacher)):
-            if not isinstance(net, keras.Layer):
-                raise ValueError(
-                    f"`{name}` must be a keras.Model. Received: {name}="
-                    f"{net!r} of type {type(net).__name__}."
-                )
-        if not _number(alpha) or not 0.0 <= alpha <= 1.0:
-            raise ValueError(
-                "`alpha` must be a number in [0, 1]. "
-                f"Received: alpha={alpha!r}."
-            )
-        if not _number(temperature) or not temperature > 0:
-            raise ValueError(
-                "`temperature` must be a number > 0. "
-                f"Received: temperature={temperature!r}."
-            )
+        _args.model("student", student)
+        _args.model("teacher", teacher)
+        alpha = _args.number("alpha", alpha, low=0, high=1)
+        temperature = _args.number(
+            "temperature", temperature, low=0, low_open=True
+        )
         kwargs.setdefault("name", "tape_distiller")
         super().__init__(**kwargs)
         teacher.trainable = False
@@ -152,7 +143,3 @@ class TapeDistiller(TapeModel):
         if outputs_logits(network):
             return outputs
         return tf.math.log(tf.maximum(outputs, 1e-7))
-
-
-def _number(value):
-    return not isinstance(value, bool) and isinstance(value, (int, float))

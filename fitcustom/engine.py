@@ -8,18 +8,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from fitcustom import _args
 from fitcustom import _compat
 from fitcustom import checkpoints
 from fitcustom import checks
 from fitcustom import distribute
+from fitcustom import step_functions
 from fitcustom import transforms as transforms_lib
 from fitcustom._version import __version__
-
-_ENGINE_COMPILE_KEYS = (
-    "gradient_transforms",
-    "log_gradient_norm",
-    "skip_nonfinite",
-)
 
 
 @keras.saving.register_keras_serializable(package="fitcustom")
@@ -37,6 +33,7 @@ class TapeModel(keras.Model):
     | `loss_terms(...)` | `{}`; extra terms, see `add_loss_term` |
     | `track_loss(loss, x)` | the `loss` metric, as `fit()` logs it |
     | `scale_loss(loss)` | the optimizer's loss scale (mixed precision) |
+    | `trained_weights(forward_weights)` | the weights `call()` uses |
     | `compute_gradients(tape, loss, variables)` | `tape.gradient` |
     | `transform_gradients(grads, variables)` | `gradient_transforms` |
     | `apply_gradients(grads, variables)` | `optimizer.apply_gradients` |
@@ -433,25 +430,14 @@ class TapeModel(keras.Model):
                 finite and count them in the `nonfinite_steps` metric.
                 Defaults to `False`.
         """
-        for name, value in (
-            ("log_gradient_norm", log_gradient_norm),
-            ("skip_nonfinite", skip_nonfinite),
-        ):
-            if not isinstance(value, bool):
-                raise ValueError(
-                    f"`{name}` must be True or False. "
-                    f"Received: {name}={value!r}."
-                )
-        if (
-            isinstance(steps_per_execution, bool)
-            or not isinstance(steps_per_execution, (int, np.integer))
-            or steps_per_execution < 1
-        ):
-            raise ValueError(
-                "`steps_per_execution` must be a whole number >= 1 (the "
-                "steps run per call of the compiled step). Received: "
-                f"steps_per_execution={steps_per_execution!r}."
-            )
+        _args.boolean("log_gradient_norm", log_gradient_norm)
+        _args.boolean("skip_nonfinite", skip_nonfinite)
+        steps_per_execution = _args.whole(
+            "steps_per_execution",
+            steps_per_execution,
+            hint=" It is the number of steps run per call of the compiled "
+            "step.",
+        )
         gradient_transforms = transforms_lib.validate_transforms(
             gradient_transforms
         )
@@ -475,23 +461,60 @@ class TapeModel(keras.Model):
         self._gradient_transforms = gradient_transforms
         self._log_gradient_norm = log_gradient_norm
         self._skip_nonfinite = skip_nonfinite
-        self._engine_compile_config = {
-            "gradient_transforms": list(gradient_transforms),
-            "log_gradient_norm": log_gradient_norm,
-            "skip_nonfinite": skip_nonfinite,
-        }
+        if self.optimizer is not None:
+            self.check_transforms(self.optimizer)
+        self.keep_compile_arguments(
+            gradient_transforms=list(gradient_transforms),
+            log_gradient_norm=log_gradient_norm,
+            skip_nonfinite=skip_nonfinite,
+        )
 
     @property
     def gradient_transforms(self):
         """The compiled gradient transforms (a tuple)."""
         return self._gradient_transforms
 
+    def check_transforms(self, *optimizers):
+        """Lets each gradient transform warn about an optimizer it cannot
+        work with (`GradientTransform.check_optimizer`). `compile()`
+        calls it with the model's optimizer; a model with optimizers of
+        its own (`TapeGAN`) calls it with them."""
+        for optimizer in optimizers:
+            inner = getattr(optimizer, "inner_optimizer", optimizer)
+            for transform in self._gradient_transforms:
+                transform.check_optimizer(inner)
+
+    def keep_compile_arguments(self, **arguments):
+        """Saves `compile()` arguments with the model.
+
+        A subclass whose `compile()` takes arguments of its own calls it
+        with them (as the user passed them: `None` for a default that
+        `compile()` fills in). `get_compile_config` writes them beside
+        Keras' own (replacing an entry of the same name), and loading a
+        saved model passes them back to `compile()`; Keras objects
+        (optimizers, losses, gradient transforms) are serialized. So a
+        task model needs no `get_compile_config` / `compile_from_config`
+        of its own.
+
+        Args:
+            **arguments: `compile()`'s arguments by name.
+        """
+        # Not tracked by Keras (a metric object in it would be counted as
+        # one of the model's own metrics too).
+        self.__dict__.setdefault("_kept_compile_arguments", {}).update(
+            arguments
+        )
+
+    @property
+    def compile_arguments(self):
+        """The `compile()` arguments kept with the model (a new dict)."""
+        return dict(self.__dict__.get("_kept_compile_arguments", {}))
+
     def get_compile_config(self):
         config = super().get_compile_config()
-        if config and hasattr(self, "_engine_compile_config"):
-            config.update(
-                keras.saving.serialize_keras_object(self._engine_compile_config)
-            )
+        kept = self.__dict__.get("_kept_compile_arguments")
+        if config and kept:
+            config.update(keras.saving.serialize_keras_object(kept))
         return config
 
     def compile_from_config(self, config):
@@ -530,13 +553,13 @@ class TapeModel(keras.Model):
         _, y, _ = self.unpack_data(batch)
         self._check_targets(y)
         _compat.symbolic_build(
-            self, batch, strict=self._distribute_strategy is not None
+            self, batch, strict=_compat.created_under_strategy(self)
         )
 
     def make_train_function(self, force=False):
         if self.train_function is None or force:
             self.train_function = self._resumable(
-                _compat.make_step_function(self, self.train_step)
+                step_functions.make_step_function(self, self.train_step)
             )
         return self.train_function
 
@@ -585,7 +608,7 @@ class TapeModel(keras.Model):
 
     def make_test_function(self, force=False):
         if self.test_function is None or force:
-            self.test_function = _compat.make_step_function(
+            self.test_function = step_functions.make_step_function(
                 self, self.test_step
             )
         return self.test_function
@@ -807,13 +830,24 @@ class TapeModel(keras.Model):
 
     def forward(self, x, training):
         """Runs the model on `x` (the forward pass of a step)."""
-        if self._call_has_training_arg:
+        if _compat.call_takes_training(self):
             return self(x, training=training)
         return self(x)
 
     def forward_and_loss(self, x, y, sample_weight, training):
         """`forward` then `compute_loss`; returns `(y_pred, loss)`."""
-        y_pred = self.forward(x, training=training)
+        if training and self._probe_forward():
+            # Which trainable weights the forward pass reads: those are
+            # the ones a step trains by default (`trained_weights`).
+            with tf.GradientTape() as probe:
+                y_pred = self.forward(x, training=training)
+            read = {id(v) for v in probe.watched_variables()}
+            self.__dict__["_forward_weights"] = (
+                self._weights_key(),
+                [v for v in self.trainable_weights if _reads(v, read)],
+            )
+        else:
+            y_pred = self.forward(x, training=training)
         loss = self._compute_loss(
             x=x,
             y=y,
@@ -1037,29 +1071,108 @@ class TapeModel(keras.Model):
     def loss_and_gradients(self, x, y, sample_weight, track=True):
         """One training forward pass under a tape: `(y_pred, loss, grads)`.
 
-        `grads` are the loss-scaled gradients of the trainable weights
-        (`None`, with a warning, when there are none). With `track` and no
+        `grads` are the loss-scaled gradients of the weights the step
+        trains (`step_weights()`; `None`, with a warning, when there are
+        none). With `track` and no
         `skip_nonfinite`, `loss` goes to the `loss` metric here; the guard
         tracks it only once the step is known to be finite.
         """
         pending = self.__dict__.get("_step_terms", {})
-        with tf.GradientTape() as tape:
+        check = self._check_untrained()
+        with tf.GradientTape(persistent=check) as tape:
             y_pred, loss = self.forward_and_loss(x, y, sample_weight, True)
             if not track:  # the terms of the pass that is tracked stay
                 self.__dict__["_step_terms"] = pending
             elif not self._skip_nonfinite:
                 self.track_loss(loss, x)
             scaled_loss = self.scale_loss(loss)
-        variables = self.trainable_weights
+        variables = self.step_weights()
         if not variables:
             warnings.warn(
-                f"{type(self).__name__} has no trainable weights: "
-                "train_step updates only the metrics.",
+                f"{type(self).__name__} has no trainable weights that its "
+                "forward pass uses: train_step updates only the metrics.",
                 stacklevel=3,
             )
             return y_pred, loss, None
         grads = self.compute_gradients(tape, scaled_loss, variables)
+        if check:
+            # Do the loss's gradients reach trainable weights that the
+            # step leaves alone? Asked once per trace (a compiled step
+            # prunes the unused gradients from its graph), or in the first
+            # eager step.
+            self.__dict__["_untrained_checked"] = True
+            trained = {id(v) for v in variables}
+            untrained = [
+                v for v in self.trainable_weights if id(v) not in trained
+            ]
+            if untrained:
+                reach = tape.gradient(scaled_loss, untrained)
+                self._warn_untrained(untrained, reach)
         return y_pred, loss, grads
+
+    def trained_weights(self, forward_weights):
+        """The weights a training step updates (a piece).
+
+        Args:
+            forward_weights: The trainable weights that the forward pass
+                (`forward`, that is `call()`) read in this step.
+
+        Returns:
+            A list of weights. Defaults to `forward_weights`: a model
+            that holds a sub-model it does not run in `call()` (a teacher,
+            a feature extractor used in the loss) does not train it, and
+            a warning names such weights when the loss's gradients reach
+            them. Every weight `call()` uses is trained, as in
+            `keras.Model.fit()`. Return `self.trainable_weights` to train
+            all trainable weights as `fit()` does, or add the weights a
+            loss uses (`forward_weights + [self.log_variance]`).
+        """
+        return forward_weights
+
+    def step_weights(self):
+        """The weights this training step updates: `trained_weights` of
+        what the step's forward pass read."""
+        cached = self.__dict__.get("_forward_weights")
+        if cached is None or cached[0] != self._weights_key():
+            forward = list(self.trainable_weights)  # no forward pass yet
+        else:
+            forward = list(cached[1])
+        return list(self.trained_weights(forward))
+
+    def _weights_key(self):
+        return tuple(id(v) for v in self.trainable_weights)
+
+    def _probe_forward(self):
+        # Traced steps look at every trace; eager ones once while the
+        # weights stay the same (a probing tape doubles eager work).
+        if tf.inside_function():
+            return True
+        cached = self.__dict__.get("_forward_weights")
+        return cached is None or cached[0] != self._weights_key()
+
+    def _check_untrained(self):
+        return tf.inside_function() or not self.__dict__.get(
+            "_untrained_checked"
+        )
+
+    def _warn_untrained(self, untrained, grads):
+        reached = [v.path for v, g in zip(untrained, grads) if g is not None]
+        if not reached or self.__dict__.get("_warned_untrained"):
+            return
+        self.__dict__["_warned_untrained"] = True
+        shown = ", ".join(reached[:6]) + (" ..." if len(reached) > 6 else "")
+        warnings.warn(
+            f"The loss of {type(self).__name__} has gradients for "
+            f"{len(reached)} trainable weights that the training step does "
+            f"not update, because call() does not use them: {shown}. "
+            "They stay as they are (a teacher, a feature extractor in a "
+            "loss). To say so and save the work, set `trainable = False` "
+            "on that model (or wrap its output in tf.stop_gradient). To "
+            "train them, override `trained_weights` (return "
+            "self.trainable_weights to train every weight, as "
+            "keras.Model.fit() does).",
+            stacklevel=4,
+        )
 
     def update_and_report(
         self, grads, finite, x, y, y_pred, sample_weight, loss
@@ -1071,7 +1184,7 @@ class TapeModel(keras.Model):
         guard's verdict (`None` without `skip_nonfinite`). Returns the
         step's logs; a skipped step leaves loss and metrics as they were.
         """
-        variables = self.trainable_weights
+        variables = self.step_weights()
         grads = self.transform_gradients(grads, variables)
         self.apply_gradients(grads, variables, finite=finite)
         if finite is None:
@@ -1200,6 +1313,12 @@ def check_saved_version(config, class_name):
             stacklevel=3,
         )
     return config
+
+
+def _reads(variable, read):
+    """Whether a watched set (ids from `tape.watched_variables()`)
+    holds the Keras `variable` (it watches the backend variable)."""
+    return id(variable) in read or id(variable.value) in read
 
 
 def _is_float(value):

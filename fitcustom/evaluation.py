@@ -43,6 +43,7 @@ import weakref
 
 import numpy as np
 
+from fitcustom import _args
 from fitcustom.checks import describe_structure
 
 _BLOCK_ROWS = 1024  # rows of a distance block: 1024 x 10k float64 = 80 MB
@@ -53,19 +54,6 @@ _TIE_TOLERANCE = 1e-9
 
 def _count(n, word):
     return f"{n} {word}" + ("" if n == 1 else "s")
-
-
-def _positive_int(name, value, minimum=1):
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, np.integer))
-        or value < minimum
-    ):
-        raise ValueError(
-            f"`{name}` must be a whole number >= {minimum}. Received: "
-            f"{name}={value!r}."
-        )
-    return int(value)
 
 
 def _features(name, x, min_rows, why, fix="Pass more samples."):
@@ -206,8 +194,8 @@ def kernel_distance(
         `(mean, std)` of the estimates over the subsets (std with
         ddof=0).
     """
-    subsets = _positive_int("subsets", subsets)
-    subset_size = _positive_int("subset_size", subset_size, minimum=2)
+    subsets = _args.whole("subsets", subsets)
+    subset_size = _args.whole("subset_size", subset_size, 2)
     a, b = _feature_pair(
         ("a", "b"), a, b, 2, "the unbiased MMD estimate needs 2"
     )
@@ -307,7 +295,7 @@ def _neighbour_sets(real, fake, k):
     """`k` and both sets checked for a k-nearest-neighbour metric, minus
     the real mean (the same distances, less rounding in
     `|x|^2 + |y|^2 - 2 x.y`)."""
-    k = _positive_int("k", k)
+    k = _args.whole("k", k)
     real, fake = _feature_pair(
         ("real", "fake"),
         real,
@@ -420,7 +408,7 @@ def extract_features(extractor, images, *, batch_size: int = 256) -> np.ndarray:
     """
     import tensorflow as tf
 
-    batch_size = _positive_int("batch_size", batch_size)
+    batch_size = _args.whole("batch_size", batch_size)
     if isinstance(images, tf.data.Dataset):
         spec = images.element_spec
         if not isinstance(spec, tf.TensorSpec):

@@ -6,6 +6,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from fitcustom import _args
 from fitcustom import _compat
 from fitcustom import checks
 from fitcustom import distribute
@@ -31,6 +32,8 @@ class TapeGAN(TapeModel):
     vectors (with the labels of the first slice when conditional). A batch
     with fewer than `n_critic` images on some replica (a dataset's short
     last batch) is skipped: no update, nothing logged. With
+    `full_batch_critic=True` every update uses the whole batch instead.
+    With
     `simultaneous=True` (and `n_critic=1`) both networks are updated from
     one forward pass, as in TensorFlow's DCGAN tutorial. Both networks are
     called with `training=True`. Losses are reduced per replica and divided
@@ -83,6 +86,16 @@ class TapeGAN(TapeModel):
         simultaneous: Update both networks from the same forward pass.
             Defaults to `False`.
         seed: Base seed of the latent noise. Defaults to 0.
+        full_batch_critic: Every discriminator update of a step uses the
+            whole real batch, as keras.io's WGAN-GP example does. Defaults
+            to `False`: with `n_critic > 1` the batch is split into
+            `n_critic` interleaved slices, one per update, so that each
+            real image is used once per step.
+        joint_discriminator_call: Run the discriminator once per update on
+            `concat([fake, real])`, as keras.io's DCGAN example does, in
+            place of one call on the real and one on the fake images. It
+            matters with BatchNormalization in the discriminator: its
+            batch statistics then cover both halves. Defaults to `False`.
 
     Example:
 
@@ -113,6 +126,8 @@ class TapeGAN(TapeModel):
         "ema_decay",
         "simultaneous",
         "seed",
+        "full_batch_critic",
+        "joint_discriminator_call",
     )
 
     def __init__(
@@ -124,31 +139,26 @@ class TapeGAN(TapeModel):
         ema_decay: float | None = None,
         simultaneous: bool = False,
         seed: int = 0,
+        full_batch_critic: bool = False,
+        joint_discriminator_call: bool = False,
         **kwargs,
     ):
-        for name, net in (
-            ("generator", generator),
-            ("discriminator", discriminator),
-        ):
-            if not isinstance(net, keras.Layer):
-                raise ValueError(
-                    f"`{name}` must be a keras.Model. Received: {name}="
-                    f"{net!r} of type {type(net).__name__}."
-                )
-        for name, value in (("latent_dim", latent_dim), ("n_critic", n_critic)):
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, int)
-                or (value < 1)
-            ):
-                raise ValueError(
-                    f"`{name}` must be an int >= 1. Received: {name}={value!r}."
-                )
-        if ema_decay is not None and not 0.0 < ema_decay < 1.0:
-            raise ValueError(
-                "`ema_decay` must be in (0, 1) or None. "
-                f"Received: ema_decay={ema_decay!r}."
-            )
+        _args.model("generator", generator)
+        _args.model("discriminator", discriminator)
+        latent_dim = _args.whole("latent_dim", latent_dim)
+        n_critic = _args.whole("n_critic", n_critic)
+        ema_decay = _args.number(
+            "ema_decay",
+            ema_decay,
+            low=0,
+            high=1,
+            low_open=True,
+            high_open=True,
+            none_ok=True,
+        )
+        _args.boolean("simultaneous", simultaneous)
+        _args.boolean("full_batch_critic", full_batch_critic)
+        _args.boolean("joint_discriminator_call", joint_discriminator_call)
         if simultaneous and n_critic != 1:
             raise ValueError(
                 "`simultaneous=True` updates both networks from one forward "
@@ -172,7 +182,9 @@ class TapeGAN(TapeModel):
         self.n_critic = n_critic
         self.ema_decay = ema_decay
         self.simultaneous = bool(simultaneous)
-        self.seed = int(seed)
+        self.seed = _args.integer("seed", seed)
+        self.full_batch_critic = full_batch_critic
+        self.joint_discriminator_call = joint_discriminator_call
         self.ema_generator = None
         if ema_decay is not None:
             try:
@@ -193,7 +205,6 @@ class TapeGAN(TapeModel):
         self.d_optimizer = None
         self.g_optimizer = None
         self.gan_loss = gan_losses.get("non_saturating")
-        self._gan_compile_args = {}
 
     def check_data(self, x, y=None, sample_weight=None, batch_size=None):
         """Checks real images (and labels) before any step uses them.
@@ -247,13 +258,17 @@ class TapeGAN(TapeModel):
             and not isinstance(labels, tf.TypeSpec)
         ):
             self._check_label_range(labels)
-        if batch_size is not None and batch_size < self.n_critic:
+        if (
+            batch_size is not None
+            and batch_size < self.n_critic
+            and self._slices_batch()
+        ):
             raise ValueError(
                 f"Each step gives each of the n_critic={self.n_critic} "
                 "discriminator updates its own slice of the batch, so a "
                 f"batch needs at least {self.n_critic} images. Received: "
                 f"batch_size={batch_size}. Use batch_size >= n_critic "
-                "(best a multiple of it)."
+                "(best a multiple of it), or full_batch_critic=True."
             )
 
     def _check_label_range(self, labels):
@@ -320,7 +335,7 @@ class TapeGAN(TapeModel):
             self.check_data(*validation_data[:2])
 
     def _warn_if_last_batch_skipped(self, x, batch_size):
-        if self.simultaneous or self.n_critic == 1 or not batch_size:
+        if not self._slices_batch() or not batch_size:
             return
         if not checks.is_array(x) or isinstance(x, tf.TypeSpec):
             return
@@ -370,8 +385,15 @@ class TapeGAN(TapeModel):
 
     def _may_skip_steps(self):
         # A batch smaller than n_critic is skipped (see train_step).
-        return super()._may_skip_steps() or (
-            self.n_critic > 1 and not self.simultaneous
+        return super()._may_skip_steps() or self._slices_batch()
+
+    def _slices_batch(self):
+        """Whether each discriminator update takes its own slice of the
+        batch (then a batch too small for them is skipped)."""
+        return (
+            self.n_critic > 1
+            and not self.simultaneous
+            and not self.full_batch_critic
         )
 
     def _training_optimizers(self):
@@ -387,9 +409,9 @@ class TapeGAN(TapeModel):
     @property
     def metrics(self):
         hidden = []
-        if not self._gan_compile_args.get("gp_weight"):
+        if not self.compile_arguments.get("gp_weight"):
             hidden.append(self.gp_tracker)
-        if not self._gan_compile_args.get("r1_gamma"):
+        if not self.compile_arguments.get("r1_gamma"):
             hidden.append(self.r1_tracker)
         return [m for m in super().metrics if not any(m is h for h in hidden)]
 
@@ -450,12 +472,7 @@ class TapeGAN(TapeModel):
                 (`gradient_transforms`, `skip_nonfinite`, `run_eagerly`,
                 `steps_per_execution`, `jit_compile`, ...).
         """
-        if not isinstance(check_inputs, bool):
-            raise ValueError(
-                "`check_inputs` must be True or False. "
-                f"Received: check_inputs={check_inputs!r}."
-            )
-        self._check_inputs = check_inputs
+        _args.boolean("check_inputs", check_inputs)
         if optimizer is not None:
             raise ValueError(
                 "TapeGAN has two optimizers: pass d_optimizer= and "
@@ -485,11 +502,7 @@ class TapeGAN(TapeModel):
             ("label_smoothing", label_smoothing),
             ("label_noise", label_noise),
         ):
-            if not _is_number(value) or not 0.0 <= value < 1.0:
-                raise ValueError(
-                    f"`{name}` must be a number in [0, 1). "
-                    f"Received: {name}={value!r}."
-                )
+            _args.number(name, value, low=0, high=1, high_open=True)
             if value and not gan_loss.uses_targets:
                 raise ValueError(
                     f"The {gan_loss.name!r} loss has no targets, so "
@@ -504,18 +517,12 @@ class TapeGAN(TapeModel):
                 f"label_smoothing={label_smoothing}, "
                 f"label_noise={label_noise}."
             )
-        if r1_gamma is not None and (not _is_number(r1_gamma) or r1_gamma <= 0):
-            raise ValueError(
-                "`r1_gamma` must be a number > 0 or None. "
-                f"Received: r1_gamma={r1_gamma!r}."
-            )
+        r1_gamma = _args.number(
+            "r1_gamma", r1_gamma, low=0, low_open=True, none_ok=True
+        )
         if gp_weight is None:
             gp_weight = 10.0 if gan_loss.gradient_penalty else 0.0
-        if not _is_number(gp_weight) or gp_weight < 0:
-            raise ValueError(
-                "`gp_weight` must be a number >= 0 or None. "
-                f"Received: gp_weight={gp_weight!r}."
-            )
+        gp_weight = _args.number("gp_weight", gp_weight, low=0)
         super().compile(optimizer=None, loss=None, **kwargs)
         self.d_optimizer = _wrap(keras.optimizers.get(d_optimizer), self)
         self.g_optimizer = _wrap(keras.optimizers.get(g_optimizer), self)
@@ -524,43 +531,26 @@ class TapeGAN(TapeModel):
                 "d_optimizer and g_optimizer must be two optimizer objects "
                 "(each keeps its own state). Received the same object twice."
             )
+        self.check_transforms(self.d_optimizer, self.g_optimizer)
         self.gan_loss = gan_loss
-        self._gan_compile_args = {
-            "d_optimizer": self.d_optimizer,
-            "g_optimizer": self.g_optimizer,
+        self.keep_compile_arguments(
+            d_optimizer=self.d_optimizer,
+            g_optimizer=self.g_optimizer,
             # Built-in families by name, others as serialized objects.
-            "loss": (
+            loss=(
                 gan_loss.name
                 if gan_losses.LOSSES.get(gan_loss.name) is type(gan_loss)
                 else gan_loss
             ),
-            "gp_weight": float(gp_weight),
-            "r1_gamma": r1_gamma,
-            "label_smoothing": float(label_smoothing),
-            "label_noise": float(label_noise),
-            "check_inputs": check_inputs,
-        }
+            gp_weight=gp_weight,
+            r1_gamma=r1_gamma,
+            label_smoothing=float(label_smoothing),
+            label_noise=float(label_noise),
+            check_inputs=check_inputs,
+        )
+        self._check_inputs = check_inputs
         if self.generator.built and self.discriminator.built:
             self._build_optimizers()
-
-    def get_compile_config(self):
-        config = super().get_compile_config()
-        if config:
-            config.pop("optimizer", None)
-            for key in ("loss_weights", "metrics", "weighted_metrics"):
-                config.pop(key, None)
-            config.update(
-                keras.saving.serialize_keras_object(self._gan_compile_args)
-            )
-        return config
-
-    def compile_from_config(self, config):
-        config = keras.saving.deserialize_keras_object(config)
-        for name in ("d_optimizer", "g_optimizer"):
-            opt = config.get(name)
-            if isinstance(opt, keras.optimizers.LossScaleOptimizer):
-                config[name] = opt  # _wrap keeps it as it is
-        self.compile(**config)
 
     def _build_optimizers(self):
         for opt, net in (
@@ -697,8 +687,24 @@ class TapeGAN(TapeModel):
         inputs = images if conditions is None else [images, conditions]
         return self.discriminator(inputs, training=training)
 
+    def _discriminate_both(self, real, fake, conditions):
+        """`(real_logits, fake_logits)` of a training update: two calls, or
+        one on `concat([fake, real])` (`joint_discriminator_call`)."""
+        if not self.joint_discriminator_call:
+            return (
+                self._discriminate(real, conditions, training=True),
+                self._discriminate(fake, conditions, training=True),
+            )
+        images = tf.concat([tf.cast(fake, real.dtype), real], axis=0)
+        both = None
+        if conditions is not None:
+            both = tf.concat([conditions, conditions], axis=0)
+        logits = self._discriminate(images, both, training=True)
+        n = tf.shape(fake)[0]
+        return logits[n:], logits[:n]
+
     def _targets(self, batch_size, index):
-        args = self._gan_compile_args
+        args = self.compile_arguments
         real = tf.fill([batch_size, 1], 1.0 - args.get("label_smoothing", 0))
         fake = tf.zeros([batch_size, 1])
         noise = args.get("label_noise", 0.0)
@@ -717,10 +723,11 @@ class TapeGAN(TapeModel):
         return distribute.scale_loss_for_replicas(tf.add_n(net.losses))
 
     def _discriminator_loss(self, real, fake, conditions, index):
-        args = self._gan_compile_args
+        args = self.compile_arguments
         batch = tf.shape(real)[0]
-        real_logits = self._discriminate(real, conditions, training=True)
-        fake_logits = self._discriminate(fake, conditions, training=True)
+        real_logits, fake_logits = self._discriminate_both(
+            real, fake, conditions
+        )
         real_t, fake_t = self._targets(batch, index)
         d_loss = distribute.mean_loss(
             self.gan_loss.discriminator(
@@ -775,7 +782,7 @@ class TapeGAN(TapeModel):
             self._require_compiled("fit")
         if self.simultaneous:
             self._simultaneous_step(real, conditions)
-        elif self.n_critic == 1:
+        elif self.n_critic == 1 or self.full_batch_critic:
             self._alternating_step(real, conditions)
         else:
             # A batch too small to give every discriminator update an
@@ -810,6 +817,8 @@ class TapeGAN(TapeModel):
         """`n_critic` discriminator updates, then one generator update."""
         n = self.n_critic
         m = tf.shape(real)[0] // n
+        if self.full_batch_critic:
+            m = tf.shape(real)[0]
         d_vars = self.discriminator.trainable_weights
         g_vars = self.generator.trainable_weights
         d_losses = []
@@ -817,8 +826,11 @@ class TapeGAN(TapeModel):
             # Strided slices: update k uses images k, k + n, k + 2n... of
             # the batch, so N replicas (each with a contiguous part of the
             # global batch) use the same images as one device.
-            real_k = real[k : m * n : n]
-            cond_k = None if conditions is None else conditions[k : m * n : n]
+            real_k, cond_k = real, conditions
+            if not self.full_batch_critic:
+                real_k = real[k : m * n : n]
+                if conditions is not None:
+                    cond_k = conditions[k : m * n : n]
             z = self.sample_latent(m, k)
             with tf.GradientTape() as tape:
                 fake = self._generate(z, cond_k, training=True)
@@ -828,7 +840,9 @@ class TapeGAN(TapeModel):
                 d_scaled = self.scale_loss(d_total, self.d_optimizer)
             ok = self.update(tape, d_scaled, d_total, d_vars, self.d_optimizer)
             d_losses.append((d_loss, penalties, ok, m))
-        cond_g = None if conditions is None else conditions[0 : m * n : n]
+        cond_g = conditions
+        if conditions is not None and not self.full_batch_critic:
+            cond_g = conditions[0 : m * n : n]
         z = self.sample_latent(m, n)
         with tf.GradientTape() as tape:
             fake = self._generate(z, cond_g, training=True)
@@ -913,7 +927,7 @@ class TapeGAN(TapeModel):
         real_logits = self._discriminate(real, conditions, training=False)
         fake_logits = self._discriminate(fake, conditions, training=False)
         real_t = tf.fill(
-            [batch, 1], 1.0 - self._gan_compile_args.get("label_smoothing", 0.0)
+            [batch, 1], 1.0 - self.compile_arguments.get("label_smoothing", 0.0)
         )
         d_loss = distribute.mean_loss(
             self.gan_loss.discriminator(
@@ -946,13 +960,8 @@ class TapeGAN(TapeModel):
         Returns:
             A NumPy array of `n` generated images.
         """
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
-            raise ValueError(f"`n` must be an int >= 1. Received: n={n!r}.")
-        n = int(n)
-        if n < 1:
-            raise ValueError(f"`n` must be an int >= 1. Received: n={n!r}.")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-            raise ValueError(f"`seed` must be an int. Received: seed={seed!r}.")
+        n = _args.whole("n", n)
+        _args.integer("seed", seed)
         inputs = getattr(self.generator, "inputs", None) or []
         if labels is None and len(inputs) > 1:
             raise ValueError(
@@ -1012,10 +1021,6 @@ def _prod(shape):
     return result
 
 
-def _is_number(value):
-    return not isinstance(value, bool) and isinstance(value, (int, float))
-
-
 def _embedding_sizes(model):
     """`input_dim` of each Embedding that takes the model's label input
     (its second input) directly."""
@@ -1027,8 +1032,8 @@ def _embedding_sizes(model):
     for operation in getattr(model, "operations", []):
         if not isinstance(operation, keras.layers.Embedding):
             continue
-        for node in getattr(operation, "_inbound_nodes", []):
-            if any(t is labels for t in node.input_tensors):
+        for tensors in _compat.call_inputs(operation):
+            if any(t is labels for t in tensors):
                 sizes.append(int(operation.input_dim))
     return sizes
 

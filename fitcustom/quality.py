@@ -25,6 +25,7 @@ import warnings
 import keras
 import numpy as np
 
+from fitcustom import _args
 from fitcustom import checkpoints
 from fitcustom import datasets
 from fitcustom import evaluation
@@ -472,16 +473,14 @@ class GANQuality(keras.callbacks.Callback):
     ):
         super().__init__()
         self.metrics = _metric_names(metrics)
-        positive = evaluation._positive_int
+        positive = _args.whole
         self.every = positive("every", every)
         self.kid_subsets = positive("kid_subsets", kid_subsets)
         self.kid_subset_size = positive("kid_subset_size", kid_subset_size, 2)
         self.k = None if k is None else positive("k", k)
         if batch_size is not None:
             batch_size = positive("batch_size", batch_size)
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-            raise ValueError(f"`seed` must be an int. Received: seed={seed!r}.")
-        self.seed = int(seed)
+        self.seed = _args.integer("seed", seed)
         self.verbose = verbose
         builtin = isinstance(extractor, str)
         if builtin and extractor not in ("digits", "inception"):

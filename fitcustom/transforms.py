@@ -13,9 +13,12 @@ This is where they differ from the optimizer's own `clipnorm` /
 all-reduce.
 """
 
+import warnings
+
 import keras
 import tensorflow as tf
 
+from fitcustom import _args
 from fitcustom import _compat
 from fitcustom import distribute
 
@@ -55,6 +58,16 @@ class GradientTransform:
             "__call__(grads, variables, model=None)."
         )
 
+    def check_optimizer(self, optimizer):
+        """Warns where this transform cannot do what it says with
+        `optimizer` (called by `compile()` for each optimizer the model
+        trains with). Does nothing by default.
+
+        Args:
+            optimizer: A `keras.optimizers.Optimizer` (the inner one of a
+                `LossScaleOptimizer`).
+        """
+
     def get_config(self):
         return {}
 
@@ -65,18 +78,6 @@ class GradientTransform:
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
         return f"{type(self).__name__}({args})"
-
-
-def _check_positive(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(
-            f"`{name}` must be a positive number. "
-            f"Received: {name}={value!r} of type {type(value).__name__}."
-        )
-    if not value > 0:
-        raise ValueError(
-            f"`{name}` must be a positive number. Received: {name}={value}."
-        )
 
 
 @keras.saving.register_keras_serializable(package="fitcustom")
@@ -106,8 +107,7 @@ class ClipByGlobalNorm(GradientTransform):
     """
 
     def __init__(self, max_norm):
-        _check_positive("max_norm", max_norm)
-        self.max_norm = float(max_norm)
+        self.max_norm = _args.number("max_norm", max_norm, low=0, low_open=True)
 
     def __call__(self, grads, variables, model=None):
         norm = distribute.global_norm(grads)
@@ -160,16 +160,35 @@ class ScaleByLayer(GradientTransform):
                     "Every key of `scales` must be a layer name (str). "
                     f"Received: key {name!r} of type {type(name).__name__}."
                 )
-            if (
-                isinstance(factor, bool)
-                or not isinstance(factor, (int, float))
-                or factor < 0
-            ):
-                raise ValueError(
-                    "Every factor in `scales` must be a number >= 0. "
-                    f"Received: scales[{name!r}]={factor!r}."
-                )
+            _args.number(f"scales[{name!r}]", factor, low=0)
         self.scales = {k: float(v) for k, v in scales.items()}
+
+    def check_optimizer(self, optimizer):
+        """Warns where scaling cannot work: an optimizer that normalises
+        gradient magnitudes (any but SGD) undoes a factor other than 0
+        and 1, and weight decay still shrinks weights frozen with 0."""
+        partial = sorted(
+            k for k, f in self.scales.items() if f not in (0.0, 1.0)
+        )
+        if partial and not isinstance(optimizer, keras.optimizers.SGD):
+            warnings.warn(
+                f"ScaleByLayer scales the gradients of {partial}, but "
+                f"{type(optimizer).__name__} normalises gradient magnitudes, "
+                "so their updates hardly change (Adam: a 0.1 factor changes "
+                "the first epoch's update by ~0.2%). Use "
+                "optimizer=keras.optimizers.SGD(...) for a scaled step, or "
+                "freeze the layers with a factor of 0.",
+                stacklevel=4,
+            )
+        frozen = sorted(k for k, f in self.scales.items() if f == 0.0)
+        if frozen and getattr(optimizer, "weight_decay", None):
+            warnings.warn(
+                f"ScaleByLayer freezes the gradients of {frozen}, but the "
+                f"optimizer's weight_decay={optimizer.weight_decay} still "
+                "shrinks their weights. Set layer.trainable = False to "
+                "exclude them from the optimizer entirely.",
+                stacklevel=4,
+            )
 
     def _factors(self, variables, model):
         if model is None:

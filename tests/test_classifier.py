@@ -1,15 +1,14 @@
 """TapeClassifier: parity with built-in fit(), defaults, SAM, bad input."""
 
 import json
-from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
+import task_harness
 import tensorflow as tf
 from helpers import assert_history_close
 from helpers import assert_weights_close
-from helpers import run_python
 
 import fitcustom
 from fitcustom import architectures
@@ -493,31 +492,34 @@ def test_backbone_needs_num_classes():
 # Save, load in a fresh process, continue exactly
 # ----------------------------------------------------------------------
 
-CONTINUE = Path(__file__).parent / "programs" / "classifier_continue.py"
 
-
-def test_save_load_in_fresh_process_continues_exactly(tmp_path):
-    x, y = images(64, (28, 28))
+def build_resumable(**compile_kwargs):
+    """The harness's classifier (see `task_harness`): SAM, label
+    smoothing, a gradient transform, BatchNormalization."""
     _, model = pair(mlp_bn, (28, 28))
     model.compile(
         label_smoothing=0.1,
         sam_rho=0.05,
         gradient_transforms=[fitcustom.ClipByGlobalNorm(2.0)],
+        **compile_kwargs,
     )
-    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
-    model.save(tmp_path / "model.keras")
-    np.savez(tmp_path / "data.npz", x=x, y=y)
-    run_python(
-        CONTINUE,
-        str(tmp_path / "model.keras"),
-        str(tmp_path / "data.npz"),
-        str(tmp_path / "out.npz"),
+    return model
+
+
+RESUMABLE = task_harness.Task(
+    build_resumable,
+    lambda: images(64, (28, 28)),
+    dict(batch_size=16, shuffle=False),
+)
+
+
+@pytest.mark.slow
+def test_save_load_in_fresh_process_continues_exactly(tmp_path):
+    result = task_harness.check_continue_in_fresh_process(
+        "test_classifier", "RESUMABLE", tmp_path
     )
-    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
-    with np.load(tmp_path / "out.npz") as f:
-        loaded = [f[f"arr_{i}"] for i in range(len(f.files) - 1)]
-        assert int(f["iterations"]) == 8
-    assert_weights_close(model.get_weights(), loaded, atol=0)
+    assert result["steps"] == [8]
+    model = build_resumable()
     config = json.loads(json.dumps(model.get_compile_config()))
     assert config["label_smoothing"] == 0.1
     assert config["sam_rho"] == 0.05

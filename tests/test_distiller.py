@@ -1,13 +1,11 @@
 """TapeDistiller: the teacher never moves, both terms are logged, one
 device == two replicas, mixed precision, save / load / continue."""
 
-from pathlib import Path
-
 import keras
 import numpy as np
 import pytest
+import task_harness
 from helpers import assert_weights_close
-from helpers import run_python
 from helpers import strategy_scope
 from helpers import update_size
 
@@ -107,31 +105,71 @@ class LeakyDistiller(fitcustom.TapeDistiller):
         return {"distillation_loss": kl}
 
 
-def _make():
+def build(**compile_kwargs):
+    """The harness's distiller (see `task_harness`)."""
+    keras.utils.set_random_seed(0)
     distiller = fitcustom.TapeDistiller(
         student=_net(8, "student"),
         teacher=_net(32, "teacher", teacher=True),
         alpha=0.3,
         temperature=2.0,
     )
-    distiller.compile(optimizer=keras.optimizers.SGD(0.1))
+    distiller.compile(optimizer=keras.optimizers.SGD(0.1), **compile_kwargs)
     return distiller
 
 
-def test_two_replicas_train_what_one_device_trains(two_replicas):
-    x, y = _data()
-    report = fitcustom.testing.check_replicas(
-        _make,
-        x,
-        y,
-        strategy=two_replicas,
-        weight_tolerance=1e-6,
-        log_tolerance=1e-5,
-        batch_size=BATCH,
-        epochs=2,
-        validation_data=(x, y),
+TASK = task_harness.Task(
+    build,
+    _data,
+    dict(batch_size=BATCH, shuffle=False, validation_data=_data()),
+)
+
+
+class BuiltInDistiller(keras.Model):
+    """Distillation written into Keras' own `compute_loss` (the teacher
+    frozen), trained by built-in `fit()`: the reference."""
+
+    def __init__(self, student, teacher):
+        super().__init__()
+        self.student = student
+        self.teacher = teacher
+        teacher.trainable = False
+
+    def call(self, x, training=None):
+        return self.student(x, training=training)
+
+    def compute_loss(
+        self, x=None, y=None, y_pred=None, sample_weight=None, training=True
+    ):
+        hard = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        t = 2.0
+        soft = keras.losses.KLDivergence()(
+            keras.ops.softmax(self.teacher(x, training=False) / t),
+            keras.ops.softmax(y_pred / t),
+        )
+        return 0.3 * hard(y, y_pred) + 0.7 * t * t * soft
+
+
+def _built_in(initial):
+    reference = BuiltInDistiller(
+        _net(8, "student"), _net(32, "teacher", teacher=True)
     )
-    report.assert_ok()
+    reference.compile(optimizer=keras.optimizers.SGD(0.1))
+    x, y = _data()
+    reference(x[:1])
+    reference.set_weights(initial)
+    history = reference.fit(x, y, batch_size=BATCH, shuffle=False, verbose=0)
+    return reference.get_weights(), {"loss": history.history["loss"]}
+
+
+def test_every_mode_trains_what_built_in_fit_trains():
+    task_harness.check_reference(TASK, _built_in, atol=1e-6, rtol=1e-5)
+
+
+def test_two_replicas_train_what_one_device_trains(two_replicas):
+    report = task_harness.check_two_replicas(
+        TASK, two_replicas, log_tolerance=1e-5, epochs=2
+    )
     assert sorted(report.log_diffs) == [
         "accuracy",
         "distillation_loss",
@@ -145,33 +183,26 @@ def test_two_replicas_train_what_one_device_trains(two_replicas):
 
 
 def test_mixed_precision_update_size_matches_float32():
-    x, y = _data()
-    report = fitcustom.testing.check_mixed_precision(
-        _make, x, y, tolerance=0.05, batch_size=BATCH
-    )
-    report.assert_ok()
-    assert keras.config.dtype_policy().name == "float32"  # put back
-
-
-# Loads the saved distiller in a fresh process, trains one more epoch and
-# writes its weights.
-CONTINUE = Path(__file__).parent / "programs" / "distiller_continue.py"
+    task_harness.check_mixed_precision(TASK, tolerance=0.05)
 
 
 @pytest.mark.slow
 def test_save_load_and_continue_in_a_fresh_process(tmp_path):
-    uninterrupted = _distiller()
-    _fit(uninterrupted, epochs=2)
-    first = _distiller()
-    _fit(first, epochs=1)
-    first.save(tmp_path / "distiller.keras")
-    run_python(
-        CONTINUE, tmp_path / "distiller.keras", tmp_path / "w.weights.h5"
+    result = task_harness.check_continue_in_fresh_process(
+        "test_distiller", "TASK", tmp_path
     )
-    resumed = _distiller()
-    resumed.load_weights(tmp_path / "w.weights.h5")
-    assert_weights_close(
-        uninterrupted.get_weights(), resumed.get_weights(), atol=1e-6
+    assert result["steps"] == [2 * N // BATCH]
+    assert "val_distillation_loss" in result["logs"]
+
+
+def test_bad_input_is_refused_before_any_update():
+    x, y = _data()
+    task_harness.check_bad_input(
+        TASK,
+        [
+            (dict(y=y + 3), r"class ids in \[0, 3\)"),
+            (dict(x=x[:, :4]), "shape"),
+        ],
     )
 
 

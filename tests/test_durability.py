@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 import pytest
 
-JOB = Path(__file__).with_name("durable_job.py")
+JOB = Path(__file__).parent / "programs" / "durable_job.py"
 
 # One kill per process, in training order; each restart resumes from the
 # last backup, so every later kill is reached. "batch:E:B" kills after

@@ -1,6 +1,6 @@
 """A training job for the durability tests, run in fresh processes.
 
-    python durable_job.py OUT KIND SAVE_FREQ [KILL]
+    python tests/programs/durable_job.py OUT KIND SAVE_FREQ [KILL]
 
 Trains a small TapeClassifier or TapeGAN with `fitcustom.BackupAndRestore`
 (`save_freq` "epoch" or a number of batches) and
@@ -21,8 +21,8 @@ import signal
 import sys
 
 import keras
-import numpy as np
 import tensorflow as tf
+from small_models import build
 
 import fitcustom
 from fitcustom import checkpoints
@@ -33,37 +33,6 @@ BATCH = 16
 
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
-
-
-def build(kind):
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(96, 6)).astype("float32")
-    if kind == "gan":
-        z = keras.Input((4,))
-        h = keras.layers.BatchNormalization()(
-            keras.layers.Dense(8, activation="relu")(z)
-        )
-        generator = keras.Model(z, keras.layers.Dense(6)(h))
-        d_in = keras.Input((6,))
-        h = keras.layers.Dense(8, activation="relu")(d_in)
-        discriminator = keras.Model(
-            d_in, keras.layers.Dense(1)(keras.layers.Dropout(0.2)(h))
-        )
-        model = fitcustom.TapeGAN(
-            generator=generator,
-            discriminator=discriminator,
-            latent_dim=4,
-            n_critic=2,
-            ema_decay=0.9,
-        )
-        model.compile(label_noise=0.05)
-        return model, x, None
-    inputs = keras.Input((6,))
-    h = keras.layers.Dense(16, activation="relu")(inputs)
-    h = keras.layers.Dropout(0.1)(keras.layers.BatchNormalization()(h))
-    model = fitcustom.TapeClassifier(inputs, keras.layers.Dense(3)(h))
-    model.compile(sam_rho=0.05, label_smoothing=0.1)
-    return model, x, rng.integers(0, 3, size=96)
 
 
 class Position(keras.callbacks.Callback):
@@ -113,7 +82,7 @@ def main(argv):
         {"disable_meta_optimizer": True}
     )
     keras.utils.set_random_seed(0)
-    model, x, y = build(kind)
+    model, x, y = build(kind, n_critic=2, dropout=0.1)
     callbacks = [
         Position(),
         fitcustom.ModelCheckpoint(os.path.join(out, "checkpoint.keras")),

@@ -1,0 +1,192 @@
+"""A shared test harness for task models (in the spirit of keras-hub's
+`run_task_test`).
+
+A test module describes its task model once, as a `Task`: how to build
+it compiled, its data and its `fit()` arguments. The checks then train
+it the same way for every task model:
+
+- `check_reference`: each execution mode against a reference (built-in
+  `fit()` or a hand-written loop) from the same initial weights;
+- `check_two_replicas`: 2 replicas train what 1 device trains;
+- `check_mixed_precision`: the update size under `mixed_float16` is
+  float32's;
+- `check_continue_in_fresh_process`: save after one epoch, load in a
+  fresh process, train on: the weights, every optimizer's step count and
+  the logs are those of a run that never stopped, bit for bit;
+- `check_bad_input`: bad `fit()` input is refused with a clear message
+  before any weight changes.
+
+`Task.build` and `Task.data` must be module-level functions of a test
+module (a fresh process imports them by name).
+"""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from helpers import assert_history_close
+from helpers import assert_weights_close
+from helpers import max_abs_diff
+
+import fitcustom
+
+TESTS = Path(__file__).parent
+CONTINUE = TESTS / "programs" / "task_continue.py"
+
+MODES = {
+    "graph": {},
+    "eager": {"run_eagerly": True},
+    "steps_per_execution": {"steps_per_execution": 2},
+    "jit": {"jit_compile": True},
+}
+
+
+@dataclasses.dataclass
+class Task:
+    """A task model as the harness trains it.
+
+    Attributes:
+        build: `build(**compile_kwargs)` returns the model, compiled with
+            those extra arguments (`run_eagerly`, ...), its weights drawn
+            from a fixed seed.
+        data: `data()` returns `(x, y)` (`y` may be `None`).
+        fit_kwargs: `fit()` arguments besides the data (`batch_size`,
+            ...); one epoch unless they say otherwise.
+    """
+
+    build: object
+    data: object
+    fit_kwargs: dict = dataclasses.field(default_factory=dict)
+
+    def fit(self, model, epochs=None, **kwargs):
+        x, y = self.data()
+        arguments = dict(self.fit_kwargs, verbose=0, **kwargs)
+        if epochs is not None:
+            arguments["epochs"] = epochs
+        return model.fit(x, y, **arguments).history
+
+
+def weights_of(model):
+    return [np.asarray(w) for w in model.get_weights()]
+
+
+def optimizer_steps(model):
+    """The step count of every optimizer the model trains with."""
+    optimizers = [
+        getattr(model, name, None)
+        for name in ("optimizer", "d_optimizer", "g_optimizer")
+    ]
+    return [int(o.iterations.numpy()) for o in optimizers if o is not None]
+
+
+def check_reference(task, reference, modes=MODES, atol=1e-6, rtol=1e-6):
+    """Trains the task model in each mode from the reference's initial
+    weights; its weights, and every log the reference has, must equal the
+    reference's.
+
+    Args:
+        reference: `reference(initial_weights)` trains the reference from
+            those weights and returns `(weights, history)`.
+    """
+    initial = weights_of(task.build())
+    expected_weights, expected_history = reference(initial)
+    assert max_abs_diff(initial, expected_weights) > 1e-4, "it trained"
+    for mode in modes:
+        model = task.build(**MODES[mode])
+        model.set_weights(initial)
+        history = task.fit(model)
+        assert_weights_close(weights_of(model), expected_weights, atol)
+        shared = {k: history[k] for k in expected_history if k in history}
+        assert_history_close(shared, expected_history, rtol=rtol)
+
+
+def check_two_replicas(task, strategy, weight_tolerance=1e-6, **kwargs):
+    x, y = task.data()
+    report = fitcustom.testing.check_replicas(
+        task.build,
+        x,
+        y,
+        strategy=strategy,
+        weight_tolerance=weight_tolerance,
+        **dict(task.fit_kwargs, **kwargs),
+    )
+    report.assert_ok()
+    return report
+
+
+def check_mixed_precision(task, tolerance=0.05):
+    x, y = task.data()
+    report = fitcustom.testing.check_mixed_precision(
+        task.build, x, y, tolerance=tolerance, **task.fit_kwargs
+    )
+    report.assert_ok()
+    assert keras.config.dtype_policy().name == "float32"  # put back
+    return report
+
+
+def _run(module, task_name, mode, path, out):
+    proc = subprocess.run(
+        [sys.executable, str(CONTINUE), str(TESTS), module, task_name]
+        + [mode, str(path), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def check_continue_in_fresh_process(module, task_name, tmp_path):
+    """Save after one epoch, load in a fresh process and train one more:
+    the same weights, optimizer steps and last logs as the run that saved
+    and went on without stopping (also a fresh process), bit for bit.
+
+    Both runs are fresh processes: a test process that built other models
+    traces other graphs (node names, at least), which moved results by
+    ~3e-7 once. Grappler is off in them (`task_continue.py`).
+
+    Args:
+        module: The test module that defines the task (its name).
+        task_name: The module-level `Task`'s name.
+    """
+    saved = tmp_path / "model.keras"
+    _run(module, task_name, "save", saved, tmp_path / "uninterrupted.npz")
+    _run(module, task_name, "continue", saved, tmp_path / "loaded.npz")
+    with (
+        np.load(tmp_path / "uninterrupted.npz") as expected,
+        np.load(tmp_path / "loaded.npz") as loaded,
+    ):
+        assert sorted(loaded.files) == sorted(expected.files)
+        assert int(expected["weights"]) > 0
+        for key in expected.files:
+            np.testing.assert_array_equal(
+                loaded[key], expected[key], err_msg=key
+            )
+        return {
+            "steps": [int(s) for s in loaded["steps"]],
+            "logs": json.loads(str(loaded["logs"])),
+        }
+
+
+def check_bad_input(task, cases):
+    """Each `(fit_overrides, match)` is refused with a `ValueError`
+    matching `match`, before any weight changes."""
+    for overrides, match in cases:
+        model = task.build()
+        x, y = task.data()
+        if not model.built:
+            model(x[:1])
+        arguments = dict(task.fit_kwargs, verbose=0)
+        arguments.update(overrides)
+        x = arguments.pop("x", x)
+        y = arguments.pop("y", y)
+        before = weights_of(model)
+        with pytest.raises(ValueError, match=match):
+            model.fit(x, y, **arguments)
+        assert_weights_close(before, weights_of(model), atol=0)
