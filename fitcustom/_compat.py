@@ -55,14 +55,22 @@ def check_keras_version(feature, strict=False):
 def functional_init_arguments(args, kwargs):
     """Whether `Model(*args, **kwargs)` asks for a functional model.
 
-    The same test as Keras' `keras.src.models.model.
-    functional_init_arguments`: `(inputs, outputs)` given positionally or
-    by keyword.
+    Keras' test (`keras.src.models.model.functional_init_arguments`:
+    `(inputs, outputs)` given positionally or by keyword), and the two
+    must be symbolic tensors: a subclass whose own arguments are two
+    models (`TapeDistiller(student, teacher)`) is not functional.
     """
-    return (
-        len(args) == 2
-        or (len(args) == 1 and "outputs" in kwargs)
-        or ("inputs" in kwargs and "outputs" in kwargs)
+    if len(args) == 2:
+        inputs, outputs = args
+    elif len(args) == 1 and "outputs" in kwargs:
+        inputs, outputs = args[0], kwargs["outputs"]
+    elif "inputs" in kwargs and "outputs" in kwargs:
+        inputs, outputs = kwargs["inputs"], kwargs["outputs"]
+    else:
+        return False
+    leaves = keras.tree.flatten((inputs, outputs))
+    return bool(leaves) and all(
+        isinstance(t, keras.KerasTensor) for t in leaves
     )
 
 

@@ -221,3 +221,12 @@ def test_bad_arguments_are_refused(kwargs, match):
         fitcustom.TapeDistiller(**arguments)
     with pytest.raises(ValueError, match="alpha= instead"):
         _distiller(loss_weights=0.5)
+
+
+def test_student_and_teacher_can_be_given_by_position():
+    """Two models given by position are the distiller's arguments, not a
+    functional model's inputs and outputs."""
+    distiller = fitcustom.TapeDistiller(_net(4, "s"), _net(8, "t"), alpha=0.5)
+    assert distiller.student.name == "s"
+    assert distiller.teacher.name == "t"
+    assert not distiller.teacher.trainable

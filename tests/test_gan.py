@@ -1,6 +1,5 @@
 """TapeGAN: equal to hand-written GAN loops, distribution, saving, input."""
 
-
 import keras
 import numpy as np
 import pytest
