@@ -139,29 +139,6 @@ def outputs_logits(network) -> bool:
     return not found
 
 
-def _assign_everywhere(variables, values):
-    """`variable.assign(value)` pairwise, on every replica.
-
-    Like `fitcustom.distribute.assign_add_everywhere`, but an exact
-    restore: `(w + e) - e` is not `w` in floating point.
-    """
-    pairs = [
-        (v.value if hasattr(v, "value") else v, value)
-        for v, value in zip(variables, values)
-    ]
-
-    def update(strategy, pairs_):
-        for variable, value in pairs_:
-            strategy.extended.update(
-                variable,
-                lambda var, val: var.assign(val),
-                args=(value,),
-                group=False,
-            )
-
-    tf.distribute.get_replica_context().merge_call(update, args=(pairs,))
-
-
 @keras.saving.register_keras_serializable(package="fitcustom")
 class TapeClassifier(TapeModel):
     """A classifier trained by the `TapeModel` step engine.
@@ -578,9 +555,9 @@ class TapeClassifier(TapeModel):
         _, sharp_loss, sharp_grads = self.loss_and_gradients(
             x, y, sample_weight, track=False
         )
-        _assign_everywhere(variables + stats, saved)
+        distribute.assign_everywhere(variables + stats, saved)
         finite = None
-        if self._skip_nonfinite:
+        if self.skip_nonfinite:
             finite = tf.logical_and(
                 self.check_finite(loss, grads),
                 self.check_finite(sharp_loss, sharp_grads),

@@ -4,6 +4,7 @@ import keras
 import tensorflow as tf
 
 from fitcustom import _args
+from fitcustom import checks
 from fitcustom.classifier import outputs_logits
 from fitcustom.engine import TapeModel
 
@@ -119,6 +120,33 @@ class TapeDistiller(TapeModel):
             **kwargs,
         )
 
+    def check_data(self, x, y=None, sample_weight=None):
+        """The engine's checks, then the student's: in-memory inputs of
+        its input shape, finite, and labels that fit its output (class
+        ids in range, or one-hot rows). A `tf.data.Dataset` is checked
+        by its element spec.
+
+        Raises:
+            ValueError: Naming what was received and how to fix it.
+        """
+        super().check_data(x, y, sample_weight)
+        x, y, sample_weight = (
+            checks.as_arrays(d) for d in (x, y, sample_weight)
+        )
+        input_shape = _single_shape(self.student, "inputs")
+        output_shape = _single_shape(self.student, "outputs")
+        if isinstance(x, tf.data.Dataset):
+            checks.check_dataset(x, input_shape, output_shape)
+        elif checks.is_array(x):
+            checks.check_numeric(x)
+            checks.check_arrays(
+                x,
+                y,
+                sample_weight,
+                input_shape=input_shape,
+                output_shape=output_shape,
+            )
+
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
         """The compiled metrics and `student_loss` (the mean per sample of
         the loss on the labels, unweighted by `alpha`)."""
@@ -143,3 +171,12 @@ class TapeDistiller(TapeModel):
         if outputs_logits(network):
             return outputs
         return tf.math.log(tf.maximum(outputs, 1e-7))
+
+
+def _single_shape(network, which):
+    """The sample shape of the network's one input (or output), or
+    `None` when it has several or is not built from inputs."""
+    tensors = getattr(network, which, None)
+    if not tensors or len(tensors) != 1:
+        return None
+    return tuple(tensors[0].shape[1:])

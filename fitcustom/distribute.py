@@ -159,19 +159,26 @@ def assign_add_everywhere(variables, deltas):
     optimizer's own updates do. `deltas` must be equal on all replicas.
     `None` deltas are skipped.
     """
+    _update_everywhere(variables, deltas, lambda var, d: var.assign_add(d))
+
+
+def assign_everywhere(variables, values):
+    """`variable.assign(value)` for each pair, on every replica, as
+    `assign_add_everywhere` does: an exact restore where adding back a
+    difference is not (`(w + e) - e` is not `w` in floating point).
+    `None` values are skipped."""
+    _update_everywhere(variables, values, lambda var, v: var.assign(v))
+
+
+def _update_everywhere(variables, values, assign):
     pairs = []
-    for v, d in zip(variables, deltas):
-        if d is not None:
-            value = v.value if hasattr(v, "value") else v
-            pairs.append((value, tf.cast(d, value.dtype)))
+    for v, value in zip(variables, values):
+        if value is not None:
+            target = v.value if hasattr(v, "value") else v
+            pairs.append((target, tf.cast(value, target.dtype)))
 
     def update(strategy, pairs_):
-        for value, delta in pairs_:
-            strategy.extended.update(
-                value,
-                lambda var, dv: var.assign_add(dv),
-                args=(delta,),
-                group=False,
-            )
+        for target, value in pairs_:
+            strategy.extended.update(target, assign, args=(value,), group=False)
 
     tf.distribute.get_replica_context().merge_call(update, args=(pairs,))

@@ -3,6 +3,7 @@
 """
 
 import warnings
+from collections.abc import Sequence
 
 import keras
 import numpy as np
@@ -16,6 +17,11 @@ from fitcustom import distribute
 from fitcustom import step_functions
 from fitcustom import transforms as transforms_lib
 from fitcustom._version import __version__
+
+#: The weights a piece takes (Keras variables), and their gradients
+#: (`None` where a weight gets none).
+Variables = Sequence[keras.Variable]
+Gradients = list[tf.Tensor | None]
 
 
 @keras.saving.register_keras_serializable(package="fitcustom")
@@ -159,7 +165,9 @@ class TapeModel(keras.Model):
             )
         self._loss_term_trackers[name] = keras.metrics.Mean(name=name)
 
-    def loss_terms(self, x, y, y_pred, sample_weight, training):
+    def loss_terms(
+        self, x, y, y_pred, sample_weight, training: bool
+    ) -> dict[str, tf.Tensor]:
         """Extra loss terms of a step: `{name: per-sample values}`.
 
         Override it (with `add_loss_term` for each name) to add terms to
@@ -473,6 +481,17 @@ class TapeModel(keras.Model):
     def gradient_transforms(self):
         """The compiled gradient transforms (a tuple)."""
         return self._gradient_transforms
+
+    @property
+    def skip_nonfinite(self) -> bool:
+        """Whether steps with a non-finite loss or gradient are skipped
+        (the compiled `skip_nonfinite`)."""
+        return self._skip_nonfinite
+
+    @property
+    def log_gradient_norm(self) -> bool:
+        """Whether `gradient_norm` is logged (the compiled option)."""
+        return self._log_gradient_norm
 
     def check_transforms(self, *optimizers):
         """Lets each gradient transform warn about an optimizer it cannot
@@ -810,7 +829,7 @@ class TapeModel(keras.Model):
     # The pieces of a step
     # ------------------------------------------------------------------
 
-    def unpack_data(self, data):
+    def unpack_data(self, data) -> tuple:
         """Splits a batch into `(x, y, sample_weight)`.
 
         Accepts what `fit()` accepts: `x`, `(x,)`, `(x, y)` or
@@ -828,13 +847,13 @@ class TapeModel(keras.Model):
             )
         return keras.utils.unpack_x_y_sample_weight(data)
 
-    def forward(self, x, training):
+    def forward(self, x, training: bool):
         """Runs the model on `x` (the forward pass of a step)."""
         if _compat.call_takes_training(self):
             return self(x, training=training)
         return self(x)
 
-    def forward_and_loss(self, x, y, sample_weight, training):
+    def forward_and_loss(self, x, y, sample_weight, training: bool) -> tuple:
         """`forward` then `compute_loss`; returns `(y_pred, loss)`."""
         if training and self._probe_forward():
             # Which trainable weights the forward pass reads: those are
@@ -907,7 +926,9 @@ class TapeModel(keras.Model):
             skipped / float(distribute.num_replicas())
         )
 
-    def track_loss(self, loss, x, finite=None):
+    def track_loss(
+        self, loss: tf.Tensor, x, finite: tf.Tensor | None = None
+    ) -> None:
         """Updates the `loss` metric the way built-in `fit()` does.
 
         The per-replica loss is multiplied back by the number of replicas
@@ -934,7 +955,13 @@ class TapeModel(keras.Model):
             if tracker is not None:
                 self.track_mean(tracker, value, batch_size, finite)
 
-    def track_mean(self, tracker, value, batch_size, finite=None):
+    def track_mean(
+        self,
+        tracker: keras.metrics.Mean,
+        value: tf.Tensor,
+        batch_size,
+        finite: tf.Tensor | None = None,
+    ) -> None:
         """Adds a per-replica loss value to a `Mean` metric, as `fit()`
         adds its loss: multiplied back by the number of replicas and
         weighted by the replica's batch size (so the epoch value is the
@@ -953,7 +980,14 @@ class TapeModel(keras.Model):
             batch_size = tf.where(finite, batch_size, 0)
         tracker.update_state(value, sample_weight=batch_size)
 
-    def update(self, tape, scaled_loss, loss, variables, optimizer=None):
+    def update(
+        self,
+        tape: tf.GradientTape,
+        scaled_loss: tf.Tensor,
+        loss: tf.Tensor,
+        variables: Variables,
+        optimizer: keras.optimizers.Optimizer | None = None,
+    ) -> tf.Tensor | None:
         """One update of `variables` from a tape: `compute_gradients` of
         `scaled_loss`, the non-finite guard on `loss` and the gradients
         (with `skip_nonfinite`), `transform_gradients`, then
@@ -971,7 +1005,11 @@ class TapeModel(keras.Model):
         self.apply_gradients(grads, variables, optimizer, finite)
         return finite
 
-    def scale_loss(self, loss, optimizer=None):
+    def scale_loss(
+        self,
+        loss: tf.Tensor,
+        optimizer: keras.optimizers.Optimizer | None = None,
+    ) -> tf.Tensor:
         """Multiplies the loss by the optimizer's loss scale, if any.
 
         Under `mixed_float16`, `compile()` wraps the optimizer in a
@@ -984,11 +1022,18 @@ class TapeModel(keras.Model):
             return loss
         return optimizer.scale_loss(loss)
 
-    def compute_gradients(self, tape, loss, variables):
+    def compute_gradients(
+        self, tape: tf.GradientTape, loss: tf.Tensor, variables: Variables
+    ) -> Gradients:
         """Returns `tape.gradient(loss, variables)`."""
         return tape.gradient(loss, variables)
 
-    def transform_gradients(self, grads, variables, optimizer=None):
+    def transform_gradients(
+        self,
+        grads: Gradients,
+        variables: Variables,
+        optimizer: keras.optimizers.Optimizer | None = None,
+    ) -> Gradients:
         """Applies the compiled gradient transforms (and gradient logging).
 
         Transforms see unscaled gradients: under mixed precision the loss
@@ -1020,7 +1065,12 @@ class TapeModel(keras.Model):
             ]
         return grads
 
-    def check_finite(self, loss, grads, optimizer=None):
+    def check_finite(
+        self,
+        loss: tf.Tensor,
+        grads: Gradients,
+        optimizer: keras.optimizers.Optimizer | None = None,
+    ) -> tf.Tensor:
         """Whether the step may be applied (the non-finite guard).
 
         True when the loss and the gradients are finite on every replica.
@@ -1034,7 +1084,13 @@ class TapeModel(keras.Model):
             tensors.extend(grads)
         return distribute.all_finite(tensors)
 
-    def apply_gradients(self, grads, variables, optimizer=None, finite=None):
+    def apply_gradients(
+        self,
+        grads: Gradients,
+        variables: Variables,
+        optimizer: keras.optimizers.Optimizer | None = None,
+        finite: tf.Tensor | None = None,
+    ) -> None:
         """Applies the gradients with the optimizer.
 
         The optimizer unscales (mixed precision), all-reduces over replicas,
@@ -1068,7 +1124,9 @@ class TapeModel(keras.Model):
             grads, finite, x, y, y_pred, sample_weight, loss
         )
 
-    def loss_and_gradients(self, x, y, sample_weight, track=True):
+    def loss_and_gradients(
+        self, x, y, sample_weight, track: bool = True
+    ) -> tuple:
         """One training forward pass under a tape: `(y_pred, loss, grads)`.
 
         `grads` are the loss-scaled gradients of the weights the step
@@ -1110,7 +1168,7 @@ class TapeModel(keras.Model):
                 self._warn_untrained(untrained, reach)
         return y_pred, loss, grads
 
-    def trained_weights(self, forward_weights):
+    def trained_weights(self, forward_weights: list) -> Variables:
         """The weights a training step updates (a piece).
 
         Args:
@@ -1129,7 +1187,7 @@ class TapeModel(keras.Model):
         """
         return forward_weights
 
-    def step_weights(self):
+    def step_weights(self) -> list:
         """The weights this training step updates: `trained_weights` of
         what the step's forward pass read."""
         cached = self.__dict__.get("_forward_weights")

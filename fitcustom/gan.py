@@ -874,7 +874,7 @@ class TapeGAN(TapeModel):
                 self.track_mean(tracker, value, size, ok)
         self.track_mean(self.g_loss_tracker, g_loss, g_size, g_ok)
         both = None
-        if self._skip_nonfinite:
+        if self.skip_nonfinite:
             both = tf.logical_and(d_losses[-1][2], g_ok)
             self.count_nonfinite([ok for _, _, ok, _ in d_losses] + [g_ok])
         mean_d = tf.add_n([d for d, _, _, _ in d_losses]) / len(d_losses)

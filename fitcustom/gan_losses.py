@@ -83,11 +83,15 @@ class GANLoss:
         return cls(**config)
 
     def discriminator(
-        self, real_logits, fake_logits, real_target=1.0, fake_target=0.0
-    ):
+        self,
+        real_logits: tf.Tensor,
+        fake_logits: tf.Tensor,
+        real_target: tf.Tensor | float = 1.0,
+        fake_target: tf.Tensor | float = 0.0,
+    ) -> tf.Tensor:
         raise NotImplementedError
 
-    def generator(self, fake_logits):
+    def generator(self, fake_logits: tf.Tensor) -> tf.Tensor:
         raise NotImplementedError
 
 

@@ -14,6 +14,7 @@ all-reduce.
 """
 
 import warnings
+from collections.abc import Sequence
 
 import keras
 import tensorflow as tf
@@ -44,7 +45,12 @@ class GradientTransform:
     ```
     """
 
-    def __call__(self, grads, variables, model=None):
+    def __call__(
+        self,
+        grads: list[tf.Tensor | None],
+        variables: Sequence[keras.Variable],
+        model: keras.Model | None = None,
+    ) -> list[tf.Tensor | None]:
         """Returns the transformed gradients.
 
         Args:
@@ -58,7 +64,7 @@ class GradientTransform:
             "__call__(grads, variables, model=None)."
         )
 
-    def check_optimizer(self, optimizer):
+    def check_optimizer(self, optimizer: keras.optimizers.Optimizer) -> None:
         """Warns where this transform cannot do what it says with
         `optimizer` (called by `compile()` for each optimizer the model
         trains with). Does nothing by default.

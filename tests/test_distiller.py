@@ -95,7 +95,11 @@ def test_teacher_never_moves_and_both_terms_are_logged():
 
 
 class LeakyDistiller(fitcustom.TapeDistiller):
-    """The teacher's outputs not cut from the gradient."""
+    """The teacher's outputs not cut from the gradient, and every weight
+    trained, as built-in `fit()` trains them."""
+
+    def trained_weights(self, forward_weights):
+        return self.trainable_weights
 
     def loss_terms(self, x, y, y_pred, sample_weight, training):
         teacher = self.teacher(x, training=False)
