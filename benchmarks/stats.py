@@ -1,5 +1,5 @@
 """Statistics of the speed benchmark: paired ratios, noise band, verdicts,
-and the issue's claims (BENCHMARK.md's method).
+and the speed targets (`workload_claims`).
 
 All functions take per-round times per step (seconds), one list per
 variant, rounds aligned: element `r` of every list was measured in round
@@ -81,7 +81,7 @@ def claim(name, times, against, bound, noise, description, cpu=None):
 
 
 def workload_claims(step_times, noise, spe, is_gan, cpu_step_times=None):
-    """The issue's claims for one workload, from per-step times by variant.
+    """The speed targets for one workload, from per-step times by variant.
 
     - fitcustom `fit()` / built-in `fit()` <= 1.02 (for the GAN: built-in
       `fit()` with the hand-written step as `train_step`, where it was run);

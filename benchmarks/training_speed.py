@@ -1,6 +1,6 @@
 """Training speed: fit() with fitcustom vs built-in fit() vs hand loops.
 
-Method (BENCHMARK.md): the same work for every variant (architecture,
+Method: the same work for every variant (architecture,
 initial weights, in-memory data, batches, steps, `jit_compile`); warm-up
 (trace and compile) timed apart; interleaved rounds; per-round paired
 ratios to the reference (built-in `fit()`; for the GAN the hand-written
@@ -75,7 +75,7 @@ PROFILES = {
 }
 WORKLOAD_NAMES = ("mlp", "vgg_cnn", "cifar_cnn", "multi_io", "dcgan")
 DATA_KINDS = ("synthetic", "digits", "keras")
-MIN_ROUNDS = 5  # BENCHMARK.md
+MIN_ROUNDS = 5  # fewer cannot give a median with a spread
 
 
 def _positive(parser, name, value, minimum):
@@ -144,7 +144,7 @@ def parse_args(argv):
     parser.add_argument(
         "--check-claims",
         action="store_true",
-        help="exit with status 1 if a claim of the issue fails",
+        help="exit with status 1 if a speed target is missed",
     )
     args = parser.parse_args(argv)
     profile = "tiny" if args.tiny else "quick" if args.quick else "full"
@@ -488,7 +488,7 @@ def main(argv=None):
     warnings = []
     if settings["rounds"] < MIN_ROUNDS:
         warnings.append(
-            f"Only {settings['rounds']} rounds (BENCHMARK.md asks for at "
+            f"Only {settings['rounds']} rounds (a measurement needs at "
             f"least {MIN_ROUNDS}): a smoke run, not a measurement."
         )
     memory = _DeviceMemory(machine["gpus"])

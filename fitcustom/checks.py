@@ -1,4 +1,4 @@
-"""Input checks that Keras 3 does not make (CONTRACT.md, silent failures).
+"""Input checks that Keras 3 does not make: data it would train on silently.
 
 Each check works on the arrays already in memory: reductions (`min`,
 `max`) that allocate nothing of the data's size, so a float32 image array

@@ -136,7 +136,8 @@ def test_evaluate_and_predict_match_builtin():
 
 
 class SkipsLossScaling(fitcustom.TapeModel):
-    """The silent failure of CONTRACT item 5, to prove the test catches it."""
+    """A step that forgets mixed precision's loss scaling, to prove the test
+    catches it."""
 
     def scale_loss(self, loss, optimizer=None):
         return loss

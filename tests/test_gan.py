@@ -15,7 +15,14 @@ from fitcustom import architectures
 LATENT = 8
 
 
-def make_generator(conditional=False, batch_norm=True):
+def _activation(smooth):
+    # LeakyReLU has a kink at 0; SiLU is smooth (see the replica test).
+    if smooth:
+        return keras.layers.Activation("silu")
+    return keras.layers.LeakyReLU(0.2)
+
+
+def make_generator(conditional=False, batch_norm=True, smooth=False):
     z = keras.Input((LATENT,))
     inputs = z
     if conditional:
@@ -26,19 +33,19 @@ def make_generator(conditional=False, batch_norm=True):
     h = keras.layers.Dense(4 * 4 * 8)(z)
     if batch_norm:  # training=True must reach it
         h = keras.layers.BatchNormalization()(h)
-    h = keras.layers.LeakyReLU(0.2)(h)
+    h = _activation(smooth)(h)
     h = keras.layers.Reshape((4, 4, 8))(h)
     h = keras.layers.Conv2DTranspose(8, 3, strides=2, padding="same")(h)
-    h = keras.layers.LeakyReLU(0.2)(h)
+    h = _activation(smooth)(h)
     out = keras.layers.Conv2D(1, 3, padding="same", activation="tanh")(h)
     return keras.Model(inputs, out, name="generator")
 
 
-def make_discriminator(conditional=False, dropout=False):
+def make_discriminator(conditional=False, dropout=False, smooth=False):
     images = keras.Input((8, 8, 1))
     inputs = images
     h = keras.layers.Conv2D(8, 3, strides=2, padding="same")(images)
-    h = keras.layers.LeakyReLU(0.2)(h)
+    h = _activation(smooth)(h)
     h = keras.layers.Flatten()(h)
     if dropout:  # its masks come from a SeedGenerator, saved with the GAN
         h = keras.layers.Dropout(0.3)(h)
@@ -78,11 +85,13 @@ class FedGAN(fitcustom.TapeGAN):
         return self._rows(self.eps_table, batch_size, index)
 
 
-def fed_gan(table, eps_table=None, batch_norm=True, **kwargs):
+def fed_gan(
+    table, eps_table=None, batch_norm=True, smooth=False, cls=None, **kwargs
+):
     keras.utils.set_random_seed(0)
-    gan = FedGAN(
-        generator=make_generator(batch_norm=batch_norm),
-        discriminator=make_discriminator(),
+    gan = (cls or FedGAN)(
+        generator=make_generator(batch_norm=batch_norm, smooth=smooth),
+        discriminator=make_discriminator(smooth=smooth),
         latent_dim=LATENT,
         **kwargs,
     )
@@ -106,7 +115,7 @@ MODES = {
 
 
 @pytest.mark.parametrize("mode", list(MODES), ids=list(MODES))
-def test_simultaneous_step_equals_the_seeds_dcgan_loop(mode):
+def test_simultaneous_step_equals_a_hand_written_dcgan_loop(mode):
     steps, batch = 4, 16
     images = real_images(steps * batch)
     table = (
@@ -122,7 +131,7 @@ def test_simultaneous_step_equals_the_seeds_dcgan_loop(mode):
     g_opt, d_opt = keras.optimizers.Adam(1e-3), keras.optimizers.Adam(1e-3)
     cross_entropy = keras.losses.BinaryCrossentropy(from_logits=True)
 
-    def seeds_step(batch_images, noise):
+    def loop_step(batch_images, noise):
         with tf.GradientTape() as gen_tape, tf.GradientTape() as disc_tape:
             generated = generator(noise, training=True)
             real_output = discriminator(batch_images, training=True)
@@ -138,12 +147,12 @@ def test_simultaneous_step_equals_the_seeds_dcgan_loop(mode):
         g_opt.apply_gradients(zip(g_grads, generator.trainable_variables))
         d_opt.apply_gradients(zip(d_grads, discriminator.trainable_variables))
 
-    # The seeds' step runs under tf.function; it is compared in the same
+    # The hand-written step runs under tf.function; it is compared in the same
     # execution mode (eager and graph kernels round differently, ~4e-6).
     if mode != "eager":
-        seeds_step = tf.function(seeds_step, jit_compile=mode == "jit")
+        loop_step = tf.function(loop_step, jit_compile=mode == "jit")
     for i in range(steps):
-        seeds_step(images[i * batch : (i + 1) * batch], table[i, 0])
+        loop_step(images[i * batch : (i + 1) * batch], table[i, 0])
 
     gan.compile(
         d_optimizer=keras.optimizers.Adam(1e-3),
@@ -159,7 +168,7 @@ def test_simultaneous_step_equals_the_seeds_dcgan_loop(mode):
     # Measured (generator / discriminator, float32): eager 0 / 0, graph
     # 5.7e-7 / 7.5e-9, steps_per_execution 1.1e-6 / 1.5e-8 (its multi-step
     # graph is optimized as one program, fused differently from the
-    # seeds' per-step graph), jit 2.9e-6 / 1.5e-8 (XLA; earlier 4.2e-6).
+    # loop's per-step graph), jit 2.9e-6 / 1.5e-8 (XLA; earlier 4.2e-6).
     # A wrong step is off by the size of an update (> 1e-3).
     atol = {"eager": 1e-6, "jit": 2e-5}.get(mode, 2e-6)
     assert g_diff <= atol and d_diff <= atol
@@ -239,7 +248,47 @@ def test_two_replicas_match_one_device_with_fed_noise(
 ):
     """Every loss family and penalty is reduced like Keras' losses (mean
     over the replica's batch / replicas): the same global batch on 2
-    replicas takes the step 1 device takes."""
+    replicas takes the step 1 device takes.
+
+    SGD, not Adam: Adam divides each gradient by its own magnitude, so it
+    would hide a loss scaled by the number of replicas as a whole, and it
+    turns the last-bit rounding of a gradient near 0 (summed in another
+    order on 2 replicas) into a visible update difference. Smooth
+    activations for the same reason: at a kink a rounding difference
+    switches the slope."""
+    h1, h2, init, single, mirrored = _one_device_and_two_replicas(
+        two_replicas, FedGAN, loss, options
+    )
+    diff = max_abs_diff(single, mirrored)
+    moved = max_abs_diff(init, single)
+    print(f"2 replicas vs 1 device, {loss}: {diff:.2g}, moved {moved:.2g}")
+    assert diff <= 1e-6  # measured 3e-8 to 1.5e-7
+    assert moved > 1e-3
+    assert sorted(h1) == sorted(h2)
+    for key in h1:
+        np.testing.assert_allclose(h1[key], h2[key], rtol=1e-5, err_msg=key)
+
+
+class SumsOverReplicas(FedGAN):
+    """The classic mistake: each replica's loss is not divided by the
+    number of replicas, so the summed gradients are that many times too
+    large."""
+
+    def scale_loss(self, loss, optimizer=None):
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        return super().scale_loss(loss, optimizer) * replicas
+
+
+def test_two_replica_comparison_catches_a_missing_division(two_replicas):
+    _, _, _, single, mirrored = _one_device_and_two_replicas(
+        two_replicas, SumsOverReplicas, "hinge", dict(r1_gamma=1.0)
+    )
+    assert max_abs_diff(single, mirrored) > 1e-3
+
+
+def _one_device_and_two_replicas(strategy, cls, loss, options):
+    """`(history_1, history_2, initial, weights_1, weights_2)` after 3
+    steps of `cls` on one device and on 2 replicas, fed the same noise."""
     steps, batch, n_critic = 3, 16, 2
     m = batch // n_critic
     images = real_images(steps * batch)
@@ -250,10 +299,17 @@ def test_two_replicas_match_one_device_with_fed_noise(
     def make():
         # BatchNormalization normalises each replica's batch on its own
         # (synchronized=False): left out, as it differs by design.
-        gan = fed_gan(table, eps, batch_norm=False, n_critic=n_critic)
+        gan = fed_gan(
+            table,
+            eps,
+            batch_norm=False,
+            smooth=True,
+            cls=cls,
+            n_critic=n_critic,
+        )
         gan.compile(
-            d_optimizer=keras.optimizers.Adam(1e-3),
-            g_optimizer=keras.optimizers.Adam(1e-3),
+            d_optimizer=keras.optimizers.SGD(0.1),
+            g_optimizer=keras.optimizers.SGD(0.1),
             loss=loss,
             **options,
         )
@@ -261,19 +317,13 @@ def test_two_replicas_match_one_device_with_fed_noise(
 
     single = make()
     init = single.get_weights()
-    with two_replicas.scope():
+    with strategy.scope():
         mirrored = make()
         mirrored.set_weights(init)
     kwargs = dict(batch_size=batch, epochs=1, shuffle=False, verbose=0)
     h1 = single.fit(images, **kwargs).history
     h2 = mirrored.fit(images, **kwargs).history
-    diff = max_abs_diff(single.get_weights(), mirrored.get_weights())
-    print(f"2 replicas vs 1 device, {loss}: {diff:.2g}")
-    assert diff <= 1e-6  # measured 1.5e-8 to 3.7e-8
-    assert max_abs_diff(init, single.get_weights()) > 1e-3
-    assert sorted(h1) == sorted(h2)
-    for key in h1:
-        np.testing.assert_allclose(h1[key], h2[key], rtol=1e-5, err_msg=key)
+    return h1, h2, init, single.get_weights(), mirrored.get_weights()
 
 
 def test_replicas_draw_different_noise(two_replicas):

@@ -1,6 +1,6 @@
 """MultiWorkerMirroredStrategy: two worker processes on 127.0.0.1.
 
-Keras 3.15's built-in `fit()` fails there (CONTRACT.md, Distribution);
+Keras 3.15's built-in `fit()` fails there (it reduces the logs twice);
 fitcustom's engine works around it in `fitcustom._compat`. Two workers must
 train the weights and log the history of a single process on the same
 global batches. Every run has a hard timeout and kills only the process

@@ -2,7 +2,7 @@
 
 With oneDNN (TensorFlow's CPU default) a fused Dense+ReLU maps NaN inputs
 to 0, so the loss can stay finite while the gradients carry NaN into the
-weights (CONTRACT.md). The guard checks gradients as well as the loss, so
+weights. The guard checks gradients as well as the loss, so
 it must hold in both settings; without it, training must not go on
 silently. Each setting runs in a fresh process, since the flag is read at
 import.
