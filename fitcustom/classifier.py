@@ -248,8 +248,6 @@ class TapeClassifier(TapeModel):
             graph = self._graph_model()
             from_logits = outputs_logits(graph) if graph is not None else True
         self.from_logits = from_logits
-        self._sam_rho = None
-        self._check_inputs = True
         self._probed_output_shape = None
 
     def get_config(self):
@@ -347,8 +345,6 @@ class TapeClassifier(TapeModel):
             **engine_options,
         )
         self.keep_compile_arguments(**arguments)
-        self._sam_rho = sam_rho
-        self._check_inputs = check_inputs
 
     def _default_metrics(self):
         shape = self._output_shape()
@@ -361,7 +357,7 @@ class TapeClassifier(TapeModel):
     @property
     def sam_rho(self):
         """The compiled SAM radius, or `None` when SAM is off."""
-        return self._sam_rho
+        return self.compile_arguments.get("sam_rho")
 
     # ------------------------------------------------------------------
     # Shapes and input checks
@@ -415,7 +411,7 @@ class TapeClassifier(TapeModel):
         Raises:
             ValueError: Naming what was received and how to fix it.
         """
-        if not self._check_inputs:
+        if not self.compile_arguments.get("check_inputs", True):
             return
         x, y, sample_weight = (
             checks.as_arrays(d) for d in (x, y, sample_weight)
@@ -505,7 +501,7 @@ class TapeClassifier(TapeModel):
     # ------------------------------------------------------------------
 
     def train_step(self, data):
-        if self._sam_rho is None:
+        if self.sam_rho is None:
             return super().train_step(data)
         return self.sam_train_step(data)
 
@@ -523,7 +519,7 @@ class TapeClassifier(TapeModel):
         scale = tf.constant(1.0) if scale is None else tf.cast(scale, "float32")
         norm = distribute.global_norm_of(summed) / scale
         ok = tf.logical_and(tf.math.is_finite(norm), norm > 0.0)
-        factor = tf.where(ok, self._sam_rho / (norm + 1e-12) / scale, 0.0)
+        factor = tf.where(ok, self.sam_rho / (norm + 1e-12) / scale, 0.0)
         return [
             None
             if g is None

@@ -246,7 +246,7 @@ class TapeGAN(TapeModel):
                 )
         checks.check_not_empty(images)
         if (
-            self.__dict__.get("_check_inputs", True)
+            self.compile_arguments.get("check_inputs", True)
             and checks.is_array(images)
             and not isinstance(images, tf.TypeSpec)
         ):
@@ -548,7 +548,6 @@ class TapeGAN(TapeModel):
             label_noise=float(label_noise),
             check_inputs=check_inputs,
         )
-        self._check_inputs = check_inputs
         if self.generator.built and self.discriminator.built:
             self._build_optimizers()
 
