@@ -1,6 +1,7 @@
 """MultiWorkerMirroredStrategy: two worker processes on 127.0.0.1.
 
-Keras 3.15's built-in `fit()` fails there (it reduces the logs twice);
+Keras 3.15's built-in `fit()` fails there (it reduces scalar logs along
+axis 0 and builds the model with `strategy.reduce` on a nested batch);
 fitcustom's engine works around it in `fitcustom._compat`. Two workers must
 train the weights and log the history of a single process on the same
 global batches. Every run has a hard timeout and kills only the process
