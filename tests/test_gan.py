@@ -262,7 +262,7 @@ def test_two_replicas_match_one_device_with_fed_noise(
     diff = max_abs_diff(single, mirrored)
     moved = max_abs_diff(init, single)
     print(f"2 replicas vs 1 device, {loss}: {diff:.2g}, moved {moved:.2g}")
-    assert diff <= 1e-6  # measured 3e-8 to 1.5e-7
+    assert diff <= 1e-6  # measured 1.5e-8 to 6e-8
     assert moved > 1e-3
     assert sorted(h1) == sorted(h2)
     for key in h1:
