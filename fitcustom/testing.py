@@ -76,6 +76,10 @@ class Report:
         log_diffs: Largest relative difference of each logged value.
         weight_tolerance: The largest `weight_diff` accepted.
         log_tolerance: The largest relative log difference accepted.
+        weight_change: How far the first run moved its weights from the
+            initial ones (largest absolute change), or `None` where not
+            measured: agreement of two runs that hardly trained says
+            little.
     """
 
     what: str
@@ -83,6 +87,7 @@ class Report:
     log_diffs: dict
     weight_tolerance: float
     log_tolerance: float
+    weight_change: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -97,6 +102,10 @@ class Report:
             f"  weights: max abs diff {self.weight_diff:.3g} "
             f"(tolerance {self.weight_tolerance:g})",
         ]
+        if self.weight_change is not None:
+            lines.append(
+                f"  weights moved by up to {self.weight_change:.3g} in training"
+            )
         for name, diff in sorted(self.log_diffs.items()):
             flag = "" if diff <= self.log_tolerance else "  <-- differs"
             lines.append(f"  {name}: max rel diff {diff:.3g}{flag}")
@@ -216,6 +225,7 @@ def check_replicas(
         _log_diffs(h_one, h_two),
         weight_tolerance,
         log_tolerance,
+        weight_change=_weight_diff(initial, one.get_weights()),
     )
 
 

@@ -256,17 +256,11 @@ def test_two_replicas_match_one_device_with_fed_noise(
     order on 2 replicas) into a visible update difference. Smooth
     activations for the same reason: at a kink a rounding difference
     switches the slope."""
-    h1, h2, init, single, mirrored = _one_device_and_two_replicas(
-        two_replicas, FedGAN, loss, options
-    )
-    diff = max_abs_diff(single, mirrored)
-    moved = max_abs_diff(init, single)
-    print(f"2 replicas vs 1 device, {loss}: {diff:.2g}, moved {moved:.2g}")
-    assert diff <= 1e-6  # measured 1.5e-8 to 6e-8
-    assert moved > 1e-3
-    assert sorted(h1) == sorted(h2)
-    for key in h1:
-        np.testing.assert_allclose(h1[key], h2[key], rtol=1e-5, err_msg=key)
+    report = _check_replicas(two_replicas, FedGAN, loss, options)
+    print(report)
+    assert report.weight_diff <= 1e-6  # measured 1.5e-8 to 6e-8
+    assert report.weight_change > 1e-3
+    report.assert_ok()
 
 
 class SumsOverReplicas(FedGAN):
@@ -280,18 +274,17 @@ class SumsOverReplicas(FedGAN):
 
 
 def test_two_replica_comparison_catches_a_missing_division(two_replicas):
-    _, _, _, single, mirrored = _one_device_and_two_replicas(
+    report = _check_replicas(
         two_replicas, SumsOverReplicas, "hinge", dict(r1_gamma=1.0)
     )
-    assert max_abs_diff(single, mirrored) > 1e-3
+    assert report.weight_diff > 1e-3
 
 
-def _one_device_and_two_replicas(strategy, cls, loss, options):
-    """`(history_1, history_2, initial, weights_1, weights_2)` after 3
-    steps of `cls` on one device and on 2 replicas, fed the same noise."""
+def _check_replicas(strategy, cls, loss, options):
+    """`fitcustom.testing.check_replicas` over 3 steps of `cls`, fed the
+    same noise on one device and on 2 replicas."""
     steps, batch, n_critic = 3, 16, 2
     m = batch // n_critic
-    images = real_images(steps * batch)
     rng = np.random.default_rng(3)
     table = rng.normal(size=(steps, n_critic + 1, m, LATENT)).astype("float32")
     eps = rng.uniform(size=(steps, n_critic, m)).astype("float32")
@@ -315,15 +308,14 @@ def _one_device_and_two_replicas(strategy, cls, loss, options):
         )
         return gan
 
-    single = make()
-    init = single.get_weights()
-    with strategy.scope():
-        mirrored = make()
-        mirrored.set_weights(init)
-    kwargs = dict(batch_size=batch, epochs=1, shuffle=False, verbose=0)
-    h1 = single.fit(images, **kwargs).history
-    h2 = mirrored.fit(images, **kwargs).history
-    return h1, h2, init, single.get_weights(), mirrored.get_weights()
+    return fitcustom.testing.check_replicas(
+        make,
+        real_images(steps * batch),
+        strategy=strategy,
+        weight_tolerance=1e-6,
+        log_tolerance=1e-5,
+        batch_size=batch,
+    )
 
 
 def test_replicas_draw_different_noise(two_replicas):

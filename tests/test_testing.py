@@ -57,6 +57,10 @@ def test_check_replicas(two_replicas):
     )
     good.assert_ok()
     assert good.weight_diff < 1e-6 and sorted(good.log_diffs) == ["loss"]
+    # How far training moved the weights, so a check of a model that
+    # hardly trained is visible as such.
+    assert good.weight_change > 100 * good.weight_diff
+    assert "weights moved by up to" in str(good)
     bad = fitcustom.testing.check_replicas(_maker(ScalesTwice), x, y, **kwargs)
     assert not bad.ok and bad.weight_diff > 1e-4
     assert "DISAGREE" in str(bad) and "loss" in str(bad)
