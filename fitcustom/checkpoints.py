@@ -48,7 +48,7 @@ import warnings
 
 import keras
 
-from fitcustom import _compat
+from fitcustom._keras import compat as _compat
 
 #: Prefix of the temporary files written before the rename. Leftovers of a
 #: killed write are removed by `BackupAndRestore` on start.

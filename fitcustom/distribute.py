@@ -6,6 +6,7 @@ the optimizer's SUM all-reduce of the gradients yields the gradient of the
 global mean.
 """
 
+import keras
 import tensorflow as tf
 
 
@@ -182,3 +183,65 @@ def _update_everywhere(variables, values, assign):
             strategy.extended.update(target, assign, args=(value,), group=False)
 
     tf.distribute.get_replica_context().merge_call(update, args=(pairs,))
+
+
+def loss_scale(optimizer):
+    """The dynamic loss scale of a `LossScaleOptimizer`, else `None`."""
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        if optimizer.built:
+            return optimizer.dynamic_scale
+        return tf.constant(optimizer.initial_scale, tf.float32)
+    return None
+
+
+
+def needs_merge_call():
+    """Whether the current strategy runs cross-replica work via merge_call.
+
+    True for `MirroredStrategy` on CPUs; a `tf.cond` around
+    `apply_gradients` is then only allowed in the cross-replica context.
+    Uses `tf.__internal__.distribute.strategy_supports_no_merge_call`, the
+    check Keras' `LossScaleOptimizer` uses too.
+    """
+    return not tf.__internal__.distribute.strategy_supports_no_merge_call()
+
+
+def apply_if(finite, optimizer, grads, variables):
+    """`optimizer.apply_gradients` only where `finite` is True.
+
+    `finite` must be equal on all replicas
+    (`fitcustom.distribute.all_finite` ensures it).
+    """
+
+    def apply(grads_, variables_):
+        optimizer.apply_gradients(zip(grads_, variables_))
+
+    run_if(finite, apply, list(grads), list(variables))
+
+
+
+def run_if(condition, fn, *args):
+    """Calls `fn(*args)` in the replica context only where `condition`.
+
+    Under a strategy that needs `merge_call` (MirroredStrategy on CPUs), a
+    `tf.cond` around cross-replica work (`apply_gradients`) is not allowed
+    in a replica context; the condition is then evaluated in the
+    cross-replica context and `fn` runs on every replica from there, as
+    Keras' `LossScaleOptimizer` does. `condition` must be equal on all
+    replicas; `fn` returns nothing.
+    """
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None or not needs_merge_call():
+        tf.cond(condition, lambda: fn(*args), lambda: None)
+        return
+
+    def merged(strategy, condition_, *args_):
+        first = strategy.experimental_local_results(condition_)[0]
+
+        def run():
+            strategy.extended.call_for_each_replica(fn, args=args_)
+
+        tf.cond(first, run, lambda: None)
+
+    ctx.merge_call(merged, args=(condition,) + tuple(args))
+

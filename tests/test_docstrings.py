@@ -3,6 +3,7 @@
 import inspect
 import re
 
+import keras
 import pytest
 
 import fitcustom
@@ -15,10 +16,19 @@ def _examples():
         if inspect.ismodule(obj):
             members = [obj]
         elif inspect.isclass(obj):
+            # Its own methods and those of the fitcustom mixins it is
+            # assembled from (an inherited method's example runs once,
+            # under the class that defines it).
+            owners = {
+                c.__name__
+                for c in obj.__mro__
+                if c.__module__.startswith("fitcustom")
+                and (c is obj or not issubclass(c, keras.Model))
+            }
             members = [obj] + [
                 m
                 for _, m in inspect.getmembers(obj, inspect.isfunction)
-                if m.__qualname__.startswith(obj.__name__ + ".")
+                if m.__qualname__.split(".")[0] in owners
                 and m.__module__.startswith("fitcustom")
             ]
         elif inspect.isfunction(obj):

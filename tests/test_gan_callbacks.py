@@ -14,7 +14,7 @@ from test_gan import real_images
 
 import fitcustom
 from fitcustom import datasets
-from fitcustom.callbacks import save_grid
+from fitcustom.tasks.gan.callbacks import save_grid
 
 
 def _gan(lr=1e-3, conditional=False, batch_norm=True):

@@ -2,10 +2,10 @@
 
 Keras 3.15's built-in `fit()` fails there (it reduces scalar logs along
 axis 0 and builds the model with `strategy.reduce` on a nested batch);
-fitcustom's engine works around it in `fitcustom._compat`. Two workers must
-train the weights and log the history of a single process on the same
-global batches. Every run has a hard timeout and kills only the process
-groups the launcher started.
+fitcustom's engine works around it in `fitcustom._keras.compat`. Two
+workers must train the weights and log the history of a single process
+on the same global batches. Every run has a hard timeout and kills only
+the process groups the launcher started.
 """
 
 import importlib.util
@@ -104,7 +104,7 @@ def test_launcher_command_line_errors(capsys):
 
 
 def test_keras_version_guard_names_the_version(monkeypatch):
-    from fitcustom import _compat
+    from fitcustom._keras import compat as _compat
 
     monkeypatch.setattr(keras, "__version__", "3.99.0")
     with pytest.raises(RuntimeError, match="3.99.0"):

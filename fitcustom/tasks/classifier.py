@@ -5,11 +5,11 @@ import numpy as np
 import tensorflow as tf
 
 from fitcustom import _args
-from fitcustom import _compat
 from fitcustom import checks
 from fitcustom import distribute
+from fitcustom._keras import compat as _compat
 from fitcustom.engine import TapeModel
-from fitcustom.engine import _loss_scale
+from fitcustom.networks import outputs_logits
 
 
 @keras.saving.register_keras_serializable(package="fitcustom")
@@ -94,49 +94,6 @@ class ClassifierLoss(keras.losses.Loss):
             from_logits=self.from_logits, label_smoothing=self.label_smoothing
         )
         return config
-
-
-_PROBABILITY_ACTIVATIONS = ("softmax", "sigmoid")
-
-
-def _makes_probabilities(operation):
-    """Whether a layer or op ends in softmax/sigmoid (None: cannot tell)."""
-    if operation is None:
-        return None
-    if isinstance(operation, keras.Model):
-        return not outputs_logits(operation)
-    if isinstance(operation, keras.layers.Softmax):
-        return True
-    activation = getattr(operation, "activation", None)
-    if activation is not None:
-        name = getattr(activation, "__name__", str(activation))
-        return name in _PROBABILITY_ACTIVATIONS
-    # A `keras.ops.softmax(...)` / `keras.ops.sigmoid(...)` in the graph.
-    return type(operation).__name__.lower() in _PROBABILITY_ACTIVATIONS
-
-
-def outputs_logits(network) -> bool:
-    """Whether a network outputs logits rather than probabilities.
-
-    Looks at the operation that produces the (first) output: a
-    `softmax` / `sigmoid` activation, a `Softmax` layer or a
-    `keras.ops.softmax` / `keras.ops.sigmoid` means probabilities;
-    anything else (including `log_softmax`, whose outputs are valid
-    logits) means logits. For a network that is not functional, the last
-    of its layers is used; a subclassed model's `call()` cannot be read,
-    so declare `from_logits=False` for one that ends in a softmax.
-
-    Args:
-        network: A `keras.Model` or layer.
-
-    Returns:
-        `True` for logits.
-    """
-    found = _makes_probabilities(_compat.output_operation(network))
-    if found is None:
-        layers = getattr(network, "layers", None) or [network]
-        found = _makes_probabilities(layers[-1])
-    return not found
 
 
 @keras.saving.register_keras_serializable(package="fitcustom")
@@ -515,7 +472,7 @@ class TapeClassifier(TapeModel):
         """
         grads = [None if g is None else tf.convert_to_tensor(g) for g in grads]
         summed = distribute.all_reduce_sum(grads)
-        scale = _loss_scale(self.optimizer)
+        scale = distribute.loss_scale(self.optimizer)
         scale = tf.constant(1.0) if scale is None else tf.cast(scale, "float32")
         norm = distribute.global_norm_of(summed) / scale
         ok = tf.logical_and(tf.math.is_finite(norm), norm > 0.0)

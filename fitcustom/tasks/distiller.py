@@ -5,8 +5,8 @@ import tensorflow as tf
 
 from fitcustom import _args
 from fitcustom import checks
-from fitcustom.classifier import outputs_logits
 from fitcustom.engine import TapeModel
+from fitcustom.networks import outputs_logits
 
 
 @keras.saving.register_keras_serializable(package="fitcustom")

@@ -11,7 +11,7 @@ function stays the fallback for what these do not handle.
 
 import tensorflow as tf
 
-from fitcustom import _compat
+from fitcustom._keras import compat as _compat
 
 
 def make_step_function(model, step):

@@ -20,8 +20,8 @@ import keras
 import tensorflow as tf
 
 from fitcustom import _args
-from fitcustom import _compat
 from fitcustom import distribute
+from fitcustom._keras import compat as _compat
 
 
 class GradientTransform:

@@ -178,19 +178,6 @@ def sublayers(model):
     return list(model._flatten_layers(include_self=False))
 
 
-def needs_merge_call():
-    """Whether the current strategy runs cross-replica work via merge_call.
-
-    True for `MirroredStrategy` on CPUs; a `tf.cond` around
-    `apply_gradients` is then only allowed in the cross-replica context.
-    Uses `tf.__internal__.distribute.strategy_supports_no_merge_call`, the
-    check Keras' `LossScaleOptimizer` uses too.
-    """
-    import tensorflow as tf
-
-    return not tf.__internal__.distribute.strategy_supports_no_merge_call()
-
-
 def first_batch(iterator):
     """The first batch of a Keras epoch iterator, or None if it is empty.
 

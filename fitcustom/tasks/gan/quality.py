@@ -28,7 +28,7 @@ import numpy as np
 from fitcustom import _args
 from fitcustom import checkpoints
 from fitcustom import datasets
-from fitcustom import evaluation
+from fitcustom.tasks.gan import evaluation
 
 #: File name of the cached digits classifier. The version changes when its
 #: architecture or training changes, so that old files are not reused.

@@ -1,0 +1,7 @@
+"""The only place that touches Keras internals: `compat` (private
+attributes, each checked against the tested Keras versions) and
+`step_functions` (the compiled functions that run a model's steps, as
+Keras keeps its own in `keras/src/backend/tensorflow/trainer.py`).
+
+May import: nothing else of fitcustom's.
+"""

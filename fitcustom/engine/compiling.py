@@ -1,0 +1,163 @@
+"""`TapeModel.compile()` and the compile configuration that is saved
+with a model (a mixin of `TapeModel`).
+
+May import: the ground floor, `_keras`, `engine.transforms`.
+"""
+
+import keras
+
+from fitcustom import _args
+from fitcustom.engine import transforms as transforms_lib
+
+
+class CompileMixin:
+    """`compile()`, the engine's compile options, and the compile
+    arguments kept with a model (part of `fitcustom.TapeModel`)."""
+
+    def compile(
+        self,
+        optimizer="rmsprop",
+        loss=None,
+        loss_weights=None,
+        metrics=None,
+        weighted_metrics=None,
+        run_eagerly=False,
+        steps_per_execution=1,
+        jit_compile="auto",
+        auto_scale_loss=True,
+        *,
+        gradient_transforms=None,
+        log_gradient_norm=False,
+        skip_nonfinite=False,
+    ):
+        """Configures the model for training.
+
+        Takes the arguments of `keras.Model.compile`, in Keras' order and
+        with Keras' defaults, plus the engine's options (keyword only).
+
+        Args:
+            optimizer: As in `keras.Model.compile`. Defaults to `"rmsprop"`.
+            loss: As in `keras.Model.compile`: one loss, or a list or dict
+                with one per output.
+            loss_weights: As in `keras.Model.compile`.
+            metrics: As in `keras.Model.compile`.
+            weighted_metrics: As in `keras.Model.compile`.
+            run_eagerly: As in `keras.Model.compile`. Defaults to `False`.
+            steps_per_execution: As in `keras.Model.compile`. Defaults
+                to `1`.
+            jit_compile: As in `keras.Model.compile`. Defaults to `"auto"`.
+            auto_scale_loss: As in `keras.Model.compile`. Defaults to
+                `True`.
+            gradient_transforms: List of `fitcustom.GradientTransform`
+                applied in order to the unscaled gradients. Defaults to
+                `None` (none).
+            log_gradient_norm: Log `gradient_norm`, the epoch mean of the
+                global norm of the (replica-summed, unscaled) gradients
+                before the transforms. Defaults to `False`.
+            skip_nonfinite: Skip steps whose loss or gradients are not
+                finite and count them in the `nonfinite_steps` metric.
+                Defaults to `False`.
+        """
+        _args.boolean("log_gradient_norm", log_gradient_norm)
+        _args.boolean("skip_nonfinite", skip_nonfinite)
+        steps_per_execution = _args.whole(
+            "steps_per_execution",
+            steps_per_execution,
+            hint=" It is the number of steps run per call of the compiled "
+            "step.",
+        )
+        gradient_transforms = transforms_lib.validate_transforms(
+            gradient_transforms
+        )
+        super().compile(
+            optimizer=optimizer,
+            loss=loss,
+            loss_weights=loss_weights,
+            metrics=metrics,
+            weighted_metrics=weighted_metrics,
+            run_eagerly=run_eagerly,
+            steps_per_execution=steps_per_execution,
+            jit_compile=jit_compile,
+            auto_scale_loss=auto_scale_loss,
+        )
+        # Not tracked by Keras (a metric object in it would be counted as
+        # one of the model's own metrics too).
+        self.__dict__["_compiled_by_name"] = (
+            loss,
+            (metrics, weighted_metrics),
+        )
+        self._gradient_transforms = gradient_transforms
+        self._log_gradient_norm = log_gradient_norm
+        self._skip_nonfinite = skip_nonfinite
+        if self.optimizer is not None:
+            self.check_transforms(self.optimizer)
+        self.keep_compile_arguments(
+            gradient_transforms=list(gradient_transforms),
+            log_gradient_norm=log_gradient_norm,
+            skip_nonfinite=skip_nonfinite,
+        )
+
+    @property
+    def gradient_transforms(self):
+        """The compiled gradient transforms (a tuple)."""
+        return self._gradient_transforms
+
+    @property
+    def skip_nonfinite(self) -> bool:
+        """Whether steps with a non-finite loss or gradient are skipped
+        (the compiled `skip_nonfinite`)."""
+        return self._skip_nonfinite
+
+    @property
+    def log_gradient_norm(self) -> bool:
+        """Whether `gradient_norm` is logged (the compiled option)."""
+        return self._log_gradient_norm
+
+    def check_transforms(self, *optimizers):
+        """Lets each gradient transform warn about an optimizer it cannot
+        work with (`GradientTransform.check_optimizer`). `compile()`
+        calls it with the model's optimizer; a model with optimizers of
+        its own (`TapeGAN`) calls it with them."""
+        for optimizer in optimizers:
+            inner = getattr(optimizer, "inner_optimizer", optimizer)
+            for transform in self._gradient_transforms:
+                transform.check_optimizer(inner)
+
+    def keep_compile_arguments(self, **arguments):
+        """Saves `compile()` arguments with the model.
+
+        A subclass whose `compile()` takes arguments of its own calls it
+        with them (as the user passed them: `None` for a default that
+        `compile()` fills in). `get_compile_config` writes them beside
+        Keras' own (replacing an entry of the same name), and loading a
+        saved model passes them back to `compile()`; Keras objects
+        (optimizers, losses, gradient transforms) are serialized. So a
+        task model needs no `get_compile_config` / `compile_from_config`
+        of its own.
+
+        Args:
+            **arguments: `compile()`'s arguments by name.
+        """
+        # Not tracked by Keras (a metric object in it would be counted as
+        # one of the model's own metrics too).
+        self.__dict__.setdefault("_kept_compile_arguments", {}).update(
+            arguments
+        )
+
+    @property
+    def compile_arguments(self):
+        """The `compile()` arguments kept with the model (a new dict)."""
+        return dict(self.__dict__.get("_kept_compile_arguments", {}))
+
+    def get_compile_config(self):
+        config = super().get_compile_config()
+        kept = self.__dict__.get("_kept_compile_arguments")
+        if config and kept:
+            config.update(keras.saving.serialize_keras_object(kept))
+        return config
+
+    def compile_from_config(self, config):
+        config = keras.saving.deserialize_keras_object(config)
+        self.compile(**config)
+        if self.optimizer is not None and self.built:
+            self.optimizer.build(self.trainable_variables)

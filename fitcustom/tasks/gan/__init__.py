@@ -1,0 +1,5 @@
+"""The GAN family: `model` (`TapeGAN`), `losses` (the loss families and
+penalties), `evaluation` (FID, KID, precision/recall on feature arrays),
+`quality` (`GANQuality`, scores during `fit()`) and `callbacks`
+(`SampleGrid`).
+"""
