@@ -364,6 +364,9 @@ class BackupAndRestore(_compat.KerasBackupAndRestore):
         optimizer = self.model.optimizer
         if optimizer is not None and not optimizer.built:
             optimizer.build(self.model.trainable_variables)
+        build_named = getattr(self.model, "_build_named_optimizers", None)
+        if build_named is not None:
+            build_named()
         _, epoch, done, path = backups[-1]
         metrics = self._check_resume(path, epoch, done)  # before loading
         self.model.load_weights(path)
@@ -384,6 +387,11 @@ class BackupAndRestore(_compat.KerasBackupAndRestore):
                 return None
             steps = int(group.attrs["steps"])
             metrics = [group[f"metric_{i}"][()] for i in range(len(group))]
+            logged = [str(n) for n in group.attrs.get("logged", [])]
+        if logged:
+            # Values a step logs (made at their first use): made now, so
+            # that the backup's running values find their place.
+            self.model.create_logs(logged)
         now = self.params.get("steps")
         changed = steps >= 0 and now is not None and now != steps
         if changed and not done:
@@ -437,6 +445,9 @@ class BackupAndRestore(_compat.KerasBackupAndRestore):
             with h5py.File(temp, "a") as f:
                 group = f.create_group(_RESUME_GROUP)
                 group.attrs["steps"] = -1 if steps is None else int(steps)
+                logged = list(self.model.__dict__.get("_log_trackers", {}))
+                if logged:
+                    group.attrs["logged"] = logged
                 for i, variable in enumerate(self.model.metrics_variables):
                     group[f"metric_{i}"] = keras.ops.convert_to_numpy(variable)
         for *_, stale in old:

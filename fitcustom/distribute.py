@@ -194,7 +194,6 @@ def loss_scale(optimizer):
     return None
 
 
-
 def needs_merge_call():
     """Whether the current strategy runs cross-replica work via merge_call.
 
@@ -217,7 +216,6 @@ def apply_if(finite, optimizer, grads, variables):
         optimizer.apply_gradients(zip(grads_, variables_))
 
     run_if(finite, apply, list(grads), list(variables))
-
 
 
 def run_if(condition, fn, *args):
@@ -245,3 +243,65 @@ def run_if(condition, fn, *args):
 
     ctx.merge_call(merged, args=(condition,) + tuple(args))
 
+
+def all_gather(value, axis=0):
+    """`value` of every replica, concatenated along `axis` in replica
+    order (this replica's own rows at `replica_id() * local size`).
+
+    For losses over the whole batch, such as a contrastive loss whose
+    negatives are every other sample of the global batch: each replica
+    computes the loss of its own samples (anchors) against the gathered
+    ones, and the engine's division by the number of replicas then gives
+    the global batch's mean. It is differentiable: the gradient a replica
+    receives for its rows sums what every replica's loss sent to them, so
+    2 replicas train what one device trains on the same global batch.
+    Outside a strategy (or on one replica) it returns `value`.
+
+    Args:
+        value: A tensor whose `axis` is the local batch.
+        axis: The batch axis. Defaults to 0.
+
+    Returns:
+        The gathered tensor (`num_replicas()` times as many rows).
+    """
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None or ctx.num_replicas_in_sync == 1:
+        return value
+    return ctx.all_gather(value, axis=axis)
+
+
+def local_rows(local_batch_size):
+    """The positions of this replica's samples in `all_gather`'s output:
+    `replica_id() * local_batch_size + range(local_batch_size)` (int32).
+
+    Assumes every replica holds the same number of samples, as
+    `MirroredStrategy` splits a batch that the replicas divide evenly.
+    """
+    size = tf.cast(local_batch_size, tf.int32)
+    return replica_id() * size + tf.range(size)
+
+
+def normal_per_sample(shape, seed):
+    """Standard normal noise with one row per sample of this replica's
+    batch, the same rows that sample gets on any number of replicas.
+
+    Draws the global batch's noise from the stateless `seed` and keeps
+    this replica's rows (see `local_rows`), so 2 replicas draw what one
+    device draws for the same global batch (where `SeedGenerator` draws
+    give every replica the same noise, and folding in the replica id gives
+    noise that no single device would draw).
+
+    Args:
+        shape: `(local_batch_size, ...)`.
+        seed: A stateless seed, shape `(2,)` integers.
+
+    Returns:
+        float32 tensor of `shape`.
+    """
+    shape = tf.convert_to_tensor(shape, tf.int32)
+    n = num_replicas()
+    if n == 1:
+        return tf.random.stateless_normal(shape, seed)
+    global_shape = tf.concat([shape[:1] * n, shape[1:]], axis=0)
+    noise = tf.random.stateless_normal(global_shape, seed)
+    return tf.gather(noise, local_rows(shape[0]))

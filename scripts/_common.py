@@ -118,9 +118,9 @@ LABELS = {
 }
 
 
-def save_curves(history, path, keys, title):
+def save_curves(history, path, keys, title, labels=None):
     """A PNG of the learning curves (train and validation) for `keys`,
-    under `title`."""
+    under `title`; `labels` names axes beyond the shared `LABELS`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -155,7 +155,7 @@ def save_curves(history, path, keys, title):
             )
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
-        ax.set_ylabel(LABELS.get(key, key))
+        ax.set_ylabel({**LABELS, **(labels or {})}.get(key, key))
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)

@@ -81,7 +81,7 @@ def optimizer_steps(model):
     optimizers = [
         getattr(model, name, None)
         for name in ("optimizer", "d_optimizer", "g_optimizer")
-    ]
+    ] + list(getattr(model, "optimizers", {}).values())
     return [int(o.iterations.numpy()) for o in optimizers if o is not None]
 
 
@@ -137,7 +137,15 @@ def _run(module, task_name, mode, path, out):
         capture_output=True,
         text=True,
         timeout=300,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+        # The repository's root too: tests of the example programs
+        # import them from `scripts.examples`.
+        env=dict(
+            os.environ,
+            TF_CPP_MIN_LOG_LEVEL="3",
+            PYTHONPATH=os.pathsep.join(
+                [str(TESTS.parent), os.environ.get("PYTHONPATH", "")]
+            ),
+        ),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
 

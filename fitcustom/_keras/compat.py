@@ -453,3 +453,56 @@ def call_takes_training(model):
     """Whether `model.call` has a `training` argument (the private
     `Layer._call_has_training_arg`, which `Layer.__call__` reads)."""
     return model._call_has_training_arg
+
+
+def tape_is_recording(tape):
+    """Whether `tape` is recording now (inside its `with` block). Reads
+    the private `GradientTape._recording`; no public accessor exists."""
+    return bool(getattr(tape, "_recording", False))
+
+
+def unknown_to_optimizer(optimizer, variables):
+    """The `variables` a built optimizer was not built for (it would
+    fail on them inside the step). Reads the private
+    `_trainable_variables_indices` / `_var_key` of Keras' optimizers."""
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    if not inner.built:
+        return []
+    known = getattr(inner, "_trainable_variables_indices", None)
+    if known is None:
+        return []
+    return [v for v in variables if inner._var_key(v) not in known]
+
+
+def saveable_group(items):
+    """A Keras-saveable holder of named objects (optimizers), saved and
+    loaded at `PATH/NAME` for each of them: Keras' own dicts are saved by
+    class name in order, which a changed order would mix up. Builds on
+    the private `KerasSaveable` and Keras' walk of `dir()`; an empty group
+    saves nothing."""
+    from keras.src.saving.keras_saveable import KerasSaveable
+
+    class _Group(KerasSaveable):
+        def __init__(self, named):
+            self.__dict__["_items"] = dict(named)
+
+        def _obj_type(self):
+            # Keras' walk skips the attributes named in a per-type list
+            # (its private global `saving_attr_skiplist_TYPE`): none here.
+            from keras.src.backend.common import global_state
+
+            key = "saving_attr_skiplist_FitcustomGroup"
+            if global_state.get_global_attribute(key) is None:
+                global_state.set_global_attribute(key, set())
+            return "FitcustomGroup"
+
+        def __dir__(self):
+            return list(self.__dict__["_items"])
+
+        def __getattr__(self, name):
+            try:
+                return self.__dict__["_items"][name]
+            except KeyError:
+                raise AttributeError(name) from None
+
+    return _Group(items)

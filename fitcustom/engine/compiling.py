@@ -7,6 +7,7 @@ May import: the ground floor, `_keras`, `engine.transforms`.
 import keras
 
 from fitcustom import _args
+from fitcustom._keras import compat as _compat
 from fitcustom.engine import transforms as transforms_lib
 
 
@@ -69,6 +70,10 @@ class CompileMixin:
         gradient_transforms = transforms_lib.validate_transforms(
             gradient_transforms
         )
+        named = {}
+        if isinstance(optimizer, dict):
+            named = self._resolve_named_optimizers(optimizer, auto_scale_loss)
+            optimizer = None
         super().compile(
             optimizer=optimizer,
             loss=loss,
@@ -89,13 +94,66 @@ class CompileMixin:
         self._gradient_transforms = gradient_transforms
         self._log_gradient_norm = log_gradient_norm
         self._skip_nonfinite = skip_nonfinite
+        self.__dict__["_named"] = named
+        # Saved at `_named_optimizers/NAME`, whatever the dict's order.
+        self._named_optimizers = _compat.saveable_group(named)
         if self.optimizer is not None:
             self.check_transforms(self.optimizer)
+        self.check_transforms(*named.values())
         self.keep_compile_arguments(
             gradient_transforms=list(gradient_transforms),
             log_gradient_norm=log_gradient_norm,
             skip_nonfinite=skip_nonfinite,
         )
+        if named:
+            self.keep_compile_arguments(optimizer=dict(named))
+            # On the weights of the sub-models they train, where those
+            # exist already (a loaded model then gets its state back).
+            self._build_named_optimizers()
+
+    def _resolve_named_optimizers(self, optimizers, auto_scale_loss):
+        """`{name: optimizer}` from `compile(optimizer={...})`: each
+        resolved from a name or instance, and wrapped for loss scaling
+        under `mixed_float16` (as Keras wraps `optimizer`)."""
+        if not optimizers:
+            raise ValueError(
+                "compile(optimizer={...}) needs at least one optimizer. "
+                "Received: an empty dict. Pass e.g. optimizer={'generator': "
+                "'adam', 'discriminator': 'adam'}, or one optimizer."
+            )
+        named = {}
+        for name, optimizer in optimizers.items():
+            if not isinstance(name, str) or not name.isidentifier():
+                raise ValueError(
+                    "An optimizer's name must be an identifier such as "
+                    f"'generator'. Received: {name!r}."
+                )
+            if optimizer is None:
+                raise ValueError(
+                    f"The optimizer {name!r} is None. Received: "
+                    f"optimizer={{{name!r}: None}}. Pass a name such as "
+                    "'adam' or a keras.optimizers.Optimizer."
+                )
+            optimizer = keras.optimizers.get(optimizer)
+            if (
+                auto_scale_loss
+                and self.dtype_policy.name == "mixed_float16"
+                and not isinstance(
+                    optimizer, keras.optimizers.LossScaleOptimizer
+                )
+            ):
+                optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+            named[name] = optimizer
+        seen = {}
+        for name, optimizer in named.items():
+            if id(optimizer) in seen:
+                raise ValueError(
+                    "Each named optimizer must be an optimizer object of "
+                    "its own (each keeps its own state). Received: the same "
+                    f"object for {seen[id(optimizer)]!r} and {name!r}."
+                )
+            seen[id(optimizer)] = name
+        return named
 
     @property
     def gradient_transforms(self):
@@ -159,5 +217,7 @@ class CompileMixin:
     def compile_from_config(self, config):
         config = keras.saving.deserialize_keras_object(config)
         self.compile(**config)
+        self._build_from_sublayers()
         if self.optimizer is not None and self.built:
             self.optimizer.build(self.trainable_variables)
+

@@ -40,24 +40,40 @@ class FitMixin:
             self.build_from_batch(batch)
 
     def _needs_build(self):
-        return self.compiled and not _compat.fully_built(self)
+        return self.compiled and (
+            not _compat.fully_built(self) or self._named_unbuilt()
+        )
 
     def build_from_batch(self, batch):
         """Builds model, metrics and optimizer from one (local) batch.
 
         Called by `fit()` / `evaluate()` before the first trace, under the
-        strategy's scope; validates the batch structure first.
+        strategy's scope; validates the batch structure first. A model
+        whose sub-models are all built (made with `keras.Input`) counts as
+        built from them: it is not called on the batch, so the `call()` of
+        a model with a step of its own keeps its natural signature (a
+        compiled loss or metric still needs `call(x)`).
         """
         _, y, _ = self.unpack_data(batch)
         self._check_targets(y)
+        self._build_from_sublayers()
         _compat.symbolic_build(
             self, batch, strict=_compat.created_under_strategy(self)
         )
+        self._build_named_optimizers()
+
+    def _build_from_sublayers(self):
+        """Marks the model built when every sub-model is (see
+        `build_from_batch`)."""
+        layers = _compat.sublayers(self)
+        if not self.built and layers and all(lay.built for lay in layers):
+            self.built = True
 
     def make_train_function(self, force=False):
         if self.train_function is None or force:
+            step = self._in_step_context(self.train_step)
             self.train_function = self._resumable(
-                step_functions.make_step_function(self, self.train_step)
+                step_functions.make_step_function(self, step)
             )
         return self.train_function
 
@@ -107,14 +123,15 @@ class FitMixin:
     def make_test_function(self, force=False):
         if self.test_function is None or force:
             self.test_function = step_functions.make_step_function(
-                self, self.test_step
+                self, self._in_step_context(self.test_step)
             )
         return self.test_function
 
     def _training_optimizers(self):
         """The optimizers a training step updates (their state is saved
         and restored with the weights)."""
-        return [] if self.optimizer is None else [self.optimizer]
+        optimizers = [] if self.optimizer is None else [self.optimizer]
+        return optimizers + list(self.__dict__.get("_named", {}).values())
 
     def _require_compiled(self, method):
         if not self.compiled:
@@ -384,4 +401,3 @@ class _StopOnNonFinite(keras.callbacks.Callback):
             "steps, and check the input data.",
             stacklevel=2,
         )
-

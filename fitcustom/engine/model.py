@@ -17,12 +17,13 @@ from fitcustom import checkpoints
 from fitcustom._keras import compat as _compat
 from fitcustom._version import __version__
 from fitcustom.engine.compiling import CompileMixin
+from fitcustom.engine.custom_steps import CustomSteps
 from fitcustom.engine.fitting import FitMixin
 from fitcustom.engine.pieces import StepPieces
 
 
 @keras.saving.register_keras_serializable(package="fitcustom")
-class TapeModel(CompileMixin, FitMixin, StepPieces, keras.Model):
+class TapeModel(CompileMixin, FitMixin, StepPieces, CustomSteps, keras.Model):
     """A `keras.Model` trained by an explicit `tf.GradientTape` step.
 
     `train_step` does what Keras' built-in step does (same numbers, proven by
@@ -96,7 +97,6 @@ class TapeModel(CompileMixin, FitMixin, StepPieces, keras.Model):
     assert "gradient_norm" in history.history
     ```
     """
-
 
     def __new__(cls, *args, **kwargs):
         # Built from inputs and outputs: a real Keras functional model
@@ -303,7 +303,9 @@ class TapeModel(CompileMixin, FitMixin, StepPieces, keras.Model):
             hidden.append(self._gradient_norm_tracker)
         if not self._skip_nonfinite:
             hidden.append(self._nonfinite_tracker)
-        return [m for m in super().metrics if not any(m is h for h in hidden)]
+        own = [m for m in super().metrics if not any(m is h for h in hidden)]
+        # The means that `minimize` / `log_mean` log, made at first use.
+        return own + list(self.__dict__.get("_log_trackers", {}).values())
 
     def get_metrics_result(self):
         """The metrics' current results, as `fit()` logs them.
@@ -358,13 +360,11 @@ def check_saved_version(config, class_name):
     return config
 
 
-
 def _is_float(value):
     dtype = getattr(value, "dtype", None)
     if dtype is None:
         return isinstance(value, float)
     return tf.as_dtype(dtype).is_floating
-
 
 
 def _split_functional_args(args, kwargs):
@@ -376,4 +376,3 @@ def _split_functional_args(args, kwargs):
     else:
         inputs, outputs = kwargs.pop("inputs"), kwargs.pop("outputs")
     return inputs, outputs, kwargs
-

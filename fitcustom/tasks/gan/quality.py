@@ -596,9 +596,7 @@ class GANQuality(keras.callbacks.Callback):
         """
         self._check_model()
         self._prepare()
-        images = self.model.generate(
-            self.n_samples, seed=self.seed, labels=self.labels
-        )
+        images = self._generate(self.n_samples)
         if not np.isfinite(images).all():
             warnings.warn(
                 "GANQuality: the generator's samples contain NaN or inf; "
@@ -655,26 +653,24 @@ class GANQuality(keras.callbacks.Callback):
                 f" vs {len(self.held_out)} images): {_format(self.baseline)}"
             )
 
+    def _generate(self, n):
+        """`n` samples from the model (`labels=` only where given, so a
+        model whose `generate(n, seed=...)` takes no labels works)."""
+        if self.labels is None:
+            return self.model.generate(n, seed=self.seed)
+        return self.model.generate(n, seed=self.seed, labels=self.labels[:n])
+
     def _check_model(self):
         model = self.model
         if not callable(getattr(model, "generate", None)):
             raise ValueError(
-                "GANQuality needs a model with generate(n, seed=..., "
-                "labels=...), such as fitcustom.TapeGAN. Received: a model "
+                "GANQuality needs a model with generate(n, seed=...) (and "
+                "labels=... for a conditional one), such as fitcustom.TapeGAN "
+                "or a diffusion model of your own. Received: a model "
                 f"of type {type(model).__name__}."
             )
-        if getattr(model, "generator", None) is None:
-            raise ValueError(
-                "GANQuality needs a GAN with a generator. Received: a model "
-                f"of type {type(model).__name__} whose `generator` is "
-                "missing (None). Give it a generator network."
-            )
         if self._real_features is None:  # before training: check shapes
-            probe = self.model.generate(
-                1,
-                seed=self.seed,
-                labels=None if self.labels is None else self.labels[:1],
-            )
+            probe = self._generate(1)
             shape = tuple(np.shape(probe)[1:])
             if shape != self.real_images.shape[1:]:
                 raise ValueError(

@@ -1,0 +1,606 @@
+"""The tools of a hand-written step (a mixin of `TapeModel`): named
+optimizers, `minimize` (one call per update: reduction, replica division,
+loss scaling, guard, transforms, update, logs), `log_loss` / `log_mean`
+(values logged as epoch means, trackers created by the engine), EMA copies
+of networks (`track_ema`), and the step context that puts what a step
+minimised into the `loss` log.
+
+May import: the ground floor, `_keras`.
+"""
+
+import dataclasses
+import threading
+import types
+import typing
+from collections.abc import Mapping
+
+import keras
+import tensorflow as tf
+
+from fitcustom import _args
+from fitcustom import distribute
+from fitcustom._keras import compat as _compat
+
+_CONTEXTS = threading.local()  # one stack per replica thread
+
+
+class _StepContext:
+    """What one (traced) step minimised, for its `loss` log: the values
+    of each term (per replica, divided by the replica count) over the
+    step's updates, and the guard's verdicts. A term minimised by several
+    updates of one step counts once in the loss, with its mean over them
+    (a discriminator updated twice per step, one loss updating two
+    networks)."""
+
+    def __init__(self, data):
+        self._data = data
+        self._batch_size = None
+        self.parts = {}
+        self.verdicts = []
+        self.logged = set()
+        self.used = False
+
+    @property
+    def batch_size(self):
+        """The replica's batch size (read from the data when needed)."""
+        if self._batch_size is None:
+            self._batch_size = tf.shape(_first_tensor(self._data))[0]
+        return self._batch_size
+
+    def add(self, key, value):
+        self.parts.setdefault(key, []).append(value)
+
+    def loss(self):
+        """The sum over terms of each term's mean over the updates."""
+        means = [tf.add_n(v) / float(len(v)) for v in self.parts.values()]
+        return tf.add_n(means) if means else None
+
+
+def _context():
+    stack = getattr(_CONTEXTS, "stack", None)
+    return stack[-1] if stack else None
+
+
+class _Reduced(typing.NamedTuple):
+    """An update's loss: each term's per-replica value and batch size
+    (keyed by name, or by a (kind, optimizer) pair for the unnamed loss
+    and the regularization), and their sum."""
+
+    values: dict
+    sizes: dict
+    total: tf.Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class _EMA:
+    source: keras.Layer
+    copy: keras.Layer
+    decay: float
+    optimizer: str | None
+
+
+class CustomSteps:
+    """What a `train_step` / `test_step` of your own calls (part of
+    `fitcustom.TapeModel`)."""
+
+    # ------------------------------------------------------------------
+    # Named optimizers
+    # ------------------------------------------------------------------
+
+    @property
+    def optimizers(self) -> Mapping[str, keras.optimizers.Optimizer]:
+        """The optimizers given to `compile()` by name (read only; empty
+        when `compile()` got one optimizer)."""
+        return types.MappingProxyType(self.__dict__.get("_named", {}))
+
+    def get_optimizer(self, name: str | None = None):
+        """The optimizer compiled as `name` (`None`: the model's own
+        `optimizer`, or the only named one).
+
+        Raises:
+            ValueError: No optimizer of that name was compiled.
+        """
+        named = self.__dict__.get("_named", {})
+        if name is None:
+            if self.optimizer is not None:
+                return self.optimizer
+            if len(named) == 1:
+                return next(iter(named.values()))
+            raise ValueError(
+                f"{type(self).__name__} has {len(named)} named optimizers "
+                f"({sorted(named)}), so an update must say which one it "
+                "uses. Received: optimizer=None. Pass optimizer='NAME'."
+            )
+        if not isinstance(name, str) or name not in named:
+            raise ValueError(
+                f"{type(self).__name__} has no optimizer named {name!r}. "
+                f"Received: optimizer={name!r}. Expected one of the names "
+                f"given to compile(optimizer={{...}}): {sorted(named)}."
+            )
+        return named[name]
+
+    def optimizer_variables(self, name: str) -> list | None:
+        """The weights the optimizer named `name` trains, so that it is
+        built before the first step (needed under a distribution strategy)
+        and restored with its state when a saved model is loaded.
+
+        Override it when an optimizer trains weights of several
+        sub-models. Defaults to the trainable weights of the model's
+        attribute called `name` when it is a layer or model
+        (`compile(optimizer={"generator": ...})` trains `self.generator`),
+        else `None` (unknown: the optimizer is built at its first update,
+        which works on one device).
+        """
+        network = self.__dict__.get(name)
+        if network is None:
+            network = getattr(type(self), name, None)
+            network = None if network is None else getattr(self, name)
+        if isinstance(network, keras.Layer):
+            return list(network.trainable_weights)
+        return None
+
+    def _build_named_optimizers(self):
+        for name, optimizer in self.__dict__.get("_named", {}).items():
+            if optimizer.built:
+                continue
+            variables = self.optimizer_variables(name)
+            if variables:
+                optimizer.build(variables)
+
+    def _named_unbuilt(self):
+        return any(
+            not o.built and self.optimizer_variables(n)
+            for n, o in self.__dict__.get("_named", {}).items()
+        )
+
+    # ------------------------------------------------------------------
+    # Updates and logs
+    # ------------------------------------------------------------------
+
+    def minimize(
+        self,
+        tape: tf.GradientTape,
+        terms,
+        variables=None,
+        optimizer: str | None = None,
+        sample_weight=None,
+    ) -> tf.Tensor:
+        """One update of a hand-written step, done the way `fit()` does it.
+
+        Each term (one value per sample, any further axes) is averaged to
+        one value per sample, then to the sample-weighted mean over the
+        global batch (each replica's mean divided by the number of
+        replicas, once); the terms are added, with the regularization
+        losses of the trained network; under `mixed_float16` the sum is
+        loss-scaled for this optimizer; the gradients of `variables` are
+        checked (`skip_nonfinite`), transformed (`gradient_transforms`,
+        on the replica-summed gradients' scale) and applied. Each named
+        term is logged under its name as an epoch mean (so are the terms
+        of `log_loss` in `test_step`, as `val_NAME`), EMA copies tied to
+        this optimizer follow, and the step's `loss` log is the sum of
+        what its updates minimised.
+
+        Call it inside or after the tape's `with` block; with a
+        persistent tape, once per optimizer.
+
+        Args:
+            tape: The `tf.GradientTape` that recorded the forward pass.
+            terms: A dict `{name: per-sample values}` (each logged under
+                its name) or one tensor of per-sample values. Leading
+                axis: the batch (all terms the same size).
+            variables: The weights to update. Defaults to
+                `optimizer_variables(optimizer)` for a named optimizer,
+                else the model's trainable weights.
+            optimizer: The name given to `compile(optimizer={...})`, or
+                `None` for the model's optimizer.
+            sample_weight: Optional weights, one per sample.
+
+        Returns:
+            The minimised loss (this replica's batch mean, as logged).
+        """
+        opt = self.get_optimizer(optimizer)
+        variables = self._update_variables(variables, optimizer, opt)
+        if not opt.built and distribute.num_replicas() > 1:
+            raise ValueError(
+                f"The optimizer {optimizer!r} was not built before the "
+                "first step, which a distribution strategy needs. fitcustom "
+                "builds a named optimizer on optimizer_variables(name): the "
+                "weights of the sub-model of the same name. Received: no "
+                f"sub-model called {optimizer!r}. Override "
+                "optimizer_variables() to return the weights it trains."
+            )
+        recording = _compat.tape_is_recording(tape)
+        if recording:
+            reduced = self._loss_of(terms, sample_weight, optimizer)
+            scaled = self.scale_loss(reduced.total, opt)
+            with tape.stop_recording():
+                grads = self.compute_gradients(tape, scaled, variables)
+        else:
+            with tape:
+                reduced = self._loss_of(terms, sample_weight, optimizer)
+                scaled = self.scale_loss(reduced.total, opt)
+            grads = self.compute_gradients(tape, scaled, variables)
+        loss = reduced.total
+        finite = None
+        if self.skip_nonfinite:
+            finite = self.check_finite(loss, grads, opt)
+            self.count_nonfinite([finite])
+        grads = self.transform_gradients(grads, variables, opt)
+        self.apply_gradients(grads, variables, opt, finite)
+        for ema in self.__dict__.get("_emas", ()):
+            if ema.optimizer == optimizer:
+                self._update_ema(ema, opt, finite)
+        self._record(reduced, finite)
+        return distribute.unscale_loss_for_replicas(loss)
+
+    def log_loss(self, terms, sample_weight=None, optimizer=None):
+        """Logs loss terms as `minimize` does, without an update: for
+        `test_step` (logged as `val_NAME` and `val_loss` in `fit()`), or
+        for a loss that a step reports but does not minimise.
+
+        Args:
+            terms: As in `minimize`.
+            sample_weight: As in `minimize`.
+            optimizer: The regularization losses added are those
+                `minimize(optimizer=...)` adds. Defaults to `None`.
+
+        Returns:
+            The loss (this replica's batch mean, as logged).
+        """
+        reduced = self._loss_of(terms, sample_weight, optimizer)
+        self._record(reduced, None)
+        return distribute.unscale_loss_for_replicas(reduced.total)
+
+    def log_mean(self, name: str, values) -> None:
+        """Logs `values` under `name`: its epoch mean over all samples of
+        all replicas, in History, CSVLogger, TensorBoard and the progress
+        bar. Call it in a step.
+
+        Args:
+            name: The log's name (an identifier).
+            values: One value per sample (further axes are averaged), or
+                a scalar, counted once per sample of this replica's batch.
+        """
+        context = self._require_context("log_mean")
+        values = self._float("log_mean", name, values)
+        if values.shape.rank:
+            count = tf.shape(values)[0]
+            value = tf.math.divide_no_nan(
+                tf.reduce_sum(_per_sample(values)), tf.cast(count, tf.float32)
+            )
+        else:
+            count, value = context.batch_size, values
+        self._log_tracker(name).update_state(value, sample_weight=count)
+        context.logged.add(name)
+
+    #: The seed of `normal_noise` (set it in `__init__` to draw other
+    #: noise).
+    noise_seed: int = 0
+
+    def normal_noise(self, shape, stream: int = 0) -> tf.Tensor:
+        """Standard normal noise for a step, one row per sample of this
+        replica's batch.
+
+        Drawn from a stateless seed made of `noise_seed`, the step (the
+        first optimizer's `iterations`) and `stream`, and keyed to the
+        sample's place in the global batch: one device and several
+        replicas draw the same noise for the same sample, and a resumed
+        run the noise of the uninterrupted one.
+
+        Args:
+            shape: `(batch_size, ...)`, e.g. `tf.shape(codes)`.
+            stream: Tells apart two draws in one step. Defaults to 0.
+
+        Returns:
+            A float32 tensor of `shape`.
+        """
+        optimizers = self._training_optimizers()
+        step = optimizers[0].iterations if optimizers else 0
+        seed = tf.stack(
+            [
+                tf.constant(int(self.noise_seed), tf.int64),
+                tf.cast(step, tf.int64),
+            ]
+        )
+        seed = tf.random.experimental.stateless_fold_in(seed, stream)
+        return distribute.normal_per_sample(shape, seed)
+
+    def _update_variables(self, variables, name, optimizer):
+        if variables is None:
+            if name is not None:
+                variables = self.optimizer_variables(name)
+                if variables is None:
+                    raise ValueError(
+                        f"minimize(optimizer={name!r}) needs `variables=`: "
+                        f"{type(self).__name__} has no sub-model called "
+                        f"{name!r} whose weights that optimizer trains. "
+                        "Received: variables=None. Pass the weights to "
+                        "update, or override optimizer_variables()."
+                    )
+            else:
+                variables = self.trainable_weights
+        variables = list(variables)
+        bad = [v for v in variables if not isinstance(v, keras.Variable)]
+        if not variables or bad:
+            raise ValueError(
+                "minimize() updates Keras variables (e.g. "
+                "self.generator.trainable_weights). Received: "
+                + ("no variables" if not variables else f"{bad[0]!r}")
+                + "."
+            )
+        unknown = _compat.unknown_to_optimizer(optimizer, variables)
+        if unknown:
+            raise ValueError(
+                f"minimize(optimizer={name!r}) was given {len(unknown)} "
+                "weights that optimizer was not built for: "
+                + ", ".join(v.path for v in unknown[:4])
+                + ". Expected the weights it updates at every step (see "
+                "optimizer_variables()). Give each set of weights its own "
+                "optimizer."
+            )
+        return variables
+
+    def _loss_of(self, terms, sample_weight, optimizer):
+        """The terms reduced (`_Reduced`): each term's per-replica mean
+        (divided by the replica count) and batch size, and their sum with
+        the regularization losses of what `optimizer` trains."""
+        if not isinstance(terms, dict):
+            terms = {("loss", optimizer): terms}
+        if not terms:
+            raise ValueError(
+                "A loss needs at least one term. Received: terms={}."
+            )
+        weights = sample_weight
+        if weights is not None:
+            weights = tf.convert_to_tensor(weights)
+            if weights.shape.rank != 1:
+                raise ValueError(
+                    "`sample_weight` needs one weight per sample. "
+                    f"Received: shape {tuple(weights.shape)}."
+                )
+        first = None
+        values, sizes = {}, {}
+        for key, term in terms.items():
+            label = key if isinstance(key, str) else "the loss"
+            term = self._float("minimize", label, term)
+            if term.shape.rank == 0:
+                raise ValueError(
+                    f"Loss term {label!r} must give one value per sample "
+                    "(the engine averages over the batch and the "
+                    "replicas). Received: a scalar, already reduced. "
+                    "Return the unreduced values, e.g. keras.losses."
+                    "MeanSquaredError(reduction=None)(y, y_pred), or raw "
+                    "ops without the final mean."
+                )
+            size = term.shape[0]
+            if first is not None and size is not None and size != first[1]:
+                raise ValueError(
+                    "Every loss term needs the same batch size (its first "
+                    f"axis). Received: {first[0]!r} with {first[1]} and "
+                    f"{label!r} with {size} values."
+                )
+            if size is not None and first is None:
+                first = (label, size)
+            values[key] = distribute.mean_loss(_per_sample(term), weights)
+            sizes[key] = tf.shape(term)[0]
+        losses = self._layer_losses(optimizer)
+        if losses:
+            key = ("regularization", optimizer)
+            values[key] = distribute.scale_loss_for_replicas(
+                tf.add_n([tf.cast(v, tf.float32) for v in losses])
+            )
+            sizes[key] = next(iter(sizes.values()))
+        return _Reduced(values, sizes, tf.add_n(list(values.values())))
+
+    def _layer_losses(self, optimizer):
+        """The regularization losses (`add_loss`, weight regularizers) of
+        what an update trains: the model's for its own optimizer, the
+        sub-model's called like a named optimizer."""
+        if optimizer is None:
+            return list(self.losses)
+        network = self.__dict__.get(optimizer)
+        if network is None and isinstance(
+            getattr(type(self), optimizer, None), property
+        ):
+            network = getattr(self, optimizer)
+        return list(network.losses) if isinstance(network, keras.Layer) else []
+
+    def _record(self, reduced, finite):
+        context = self._require_context("minimize() / log_loss()")
+        context.verdicts.append(finite)
+        for key, value in reduced.values.items():
+            context.add(key, value)
+            if isinstance(key, str):  # a named term: logged
+                context.logged.add(key)
+                self.track_mean(
+                    self._log_tracker(key), value, reduced.sizes[key], finite
+                )
+
+    def _float(self, caller, name, values):
+        values = tf.convert_to_tensor(values)
+        if not values.dtype.is_floating:
+            raise ValueError(
+                f"{caller}() takes float values. Received: {name!r} of "
+                f"dtype {values.dtype.name}. Cast it, e.g. "
+                "tf.cast(values, 'float32')."
+            )
+        return tf.cast(values, tf.float32)
+
+    def _require_context(self, caller):
+        context = _context()
+        if context is None:
+            raise ValueError(
+                f"{caller} logs values of a training or test step. "
+                "Received: a call outside fit() / evaluate(). Call it in "
+                "train_step() or test_step()."
+            )
+        context.used = True
+        return context
+
+    def _log_tracker(self, name):
+        """The `Mean` that logs `name`, created at its first use (in the
+        first trace of a step, under the model's strategy)."""
+        trackers = self.__dict__.setdefault("_log_trackers", {})
+        if name in trackers:
+            return trackers[name]
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(
+                "A logged value's name must be an identifier such as "
+                f"'kl_loss'. Received: name={name!r}."
+            )
+        taken = {m.name for m in self.metrics if m not in trackers.values()}
+        if name in taken or name == "loss":
+            raise ValueError(
+                f"{name!r} is already logged by the model (its loss or a "
+                f"compiled metric: {sorted(taken | {'loss'})}). Received: "
+                f"a term or value named {name!r}. Give it another name."
+            )
+        strategy = self.distribute_strategy
+
+        def create(*_):
+            with tf.init_scope(), strategy.scope():
+                return keras.metrics.Mean(name=name)
+
+        ctx = tf.distribute.get_replica_context()
+        if ctx is not None and strategy.num_replicas_in_sync > 1:
+            tracker = ctx.merge_call(create)
+        else:
+            tracker = create()
+        trackers.setdefault(name, tracker)
+        return trackers[name]
+
+    def create_logs(self, names):
+        """Creates the trackers of logged values by name (a restore
+        calls it before putting back their running values)."""
+        for name in names:
+            if name not in self.__dict__.get("_log_trackers", {}):
+                self._log_tracker(name)
+
+    def _in_step_context(self, step):
+        """`step` with a context that collects what it minimised: the
+        `loss` log becomes their sum, and the logs are the metrics'."""
+
+        def run(data):
+            context = _StepContext(data)
+            stack = _CONTEXTS.__dict__.setdefault("stack", [])
+            stack.append(context)
+            try:
+                logs = step(data)
+            finally:
+                stack.pop()
+            if not context.used:
+                return logs
+            loss = context.loss()
+            if loss is not None:
+                verdicts = [v for v in context.verdicts if v is not None]
+                finite = None
+                if verdicts:
+                    finite = tf.reduce_all(tf.stack(verdicts))
+                self.track_mean(
+                    _compat.loss_tracker(self),
+                    loss,
+                    context.batch_size,
+                    finite,
+                )
+            # The values this step logs (a training term that a test step
+            # does not log is no `val_` 0.0).
+            others = set(self.__dict__.get("_log_trackers", {})) - (
+                context.logged
+            )
+            results = {
+                k: v
+                for k, v in self.get_metrics_result().items()
+                if k not in others
+            }
+            for key, value in (logs or {}).items():
+                results.setdefault(key, value)
+            return results
+
+        return run
+
+    # ------------------------------------------------------------------
+    # EMA networks
+    # ------------------------------------------------------------------
+
+    def track_ema(
+        self, network, decay: float, optimizer: str | None = None
+    ) -> keras.Model:
+        """A copy of `network` whose weights follow an exponential moving
+        average of `network`'s, updated after each applied update of
+        `optimizer`: `ema = decay * ema + (1 - decay) * weights` (the
+        first applied update copies the weights). The same on every
+        replica, left alone by a step the guard skipped, saved with the
+        model and restored by `BackupAndRestore`. Call it in `__init__`,
+        after assigning `network`, and keep the copy as an attribute:
+        `self.ema_network = self.track_ema(self.network, 0.999)`.
+
+        Args:
+            network: A functional or `Sequential` sub-model of this model.
+            decay: In (0, 1), e.g. 0.999.
+            optimizer: The name of the optimizer that trains `network`
+                (`None`: the model's own).
+
+        Returns:
+            The EMA copy (not trainable).
+        """
+        decay = _args.number(
+            "decay", decay, low=0, high=1, low_open=True, high_open=True
+        )
+        if not isinstance(network, keras.Layer) or not any(
+            layer is network for layer in _compat.sublayers(self)
+        ):
+            raise ValueError(
+                "track_ema() copies a sub-model of this model. Received: "
+                f"{network!r}, which is not one of its layers. Assign it "
+                "first (self.network = network), then call "
+                "self.track_ema(self.network, decay)."
+            )
+        try:
+            copy = keras.models.clone_model(network)
+        except ValueError as e:
+            raise ValueError(
+                "track_ema() needs a network that keras.models.clone_model "
+                "can copy (functional or Sequential). Received: "
+                f"{type(network).__name__}: {e}"
+            ) from e
+        if not (network.built and copy.built):
+            raise ValueError(
+                "track_ema() needs a built network (created with "
+                "keras.Input). Received: an unbuilt "
+                f"{type(network).__name__} {network.name!r}."
+            )
+        copy.set_weights(network.get_weights())
+        copy.trainable = False
+        emas = self.__dict__.setdefault("_emas", [])
+        emas.append(_EMA(network, copy, decay, optimizer))
+        # Tracked (and saved) even if the caller keeps no attribute.
+        setattr(self, f"_ema_copy_{len(emas) - 1}", copy)
+        return copy
+
+    def _update_ema(self, ema, optimizer, finite):
+        first = optimizer.iterations <= 1
+        rate = tf.where(first, 1.0, 1.0 - ema.decay)
+        if finite is not None:
+            rate = tf.where(finite, rate, 0.0)
+        deltas = [
+            tf.cast(rate, w.dtype) * (w - e)
+            for w, e in zip(ema.source.weights, ema.copy.weights)
+        ]
+        distribute.assign_add_everywhere(ema.copy.weights, deltas)
+
+
+def _per_sample(values):
+    """One value per sample: further axes averaged."""
+    if values.shape.rank and values.shape.rank > 1:
+        return tf.reduce_mean(values, axis=list(range(1, values.shape.rank)))
+    return values
+
+
+def _first_tensor(data):
+    for t in tf.nest.flatten(data):
+        if t is not None:
+            return t
+    raise ValueError(
+        "The batch has no tensor. Received: a batch with only None "
+        "entries. Expected at least one array or tensor."
+    )

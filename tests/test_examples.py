@@ -1,0 +1,234 @@
+"""The example programs under `scripts/examples/`: each trains end to end
+(`--smoke`), and its step, written with the engine's tools, trains on 2
+replicas what it trains on one device, continues exactly after a save and
+a load in a fresh process, and fails the replica comparison when a term is
+divided twice (the control)."""
+
+import json
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+from task_harness import Task
+from task_harness import check_continue_in_fresh_process
+
+import fitcustom
+from fitcustom import distribute
+from scripts.examples import contrastive as contrastive_example
+from scripts.examples import vae as vae_example
+
+
+def _vae_data():
+    rng = np.random.default_rng(0)
+    return rng.uniform(size=(64, 8, 8, 1)).astype("float32"), None
+
+
+def _vae(**compile_kwargs):
+    keras.utils.set_random_seed(0)
+    model = vae_example.build_vae(latent_dim=3, width=16)
+    model.compile(optimizer=keras.optimizers.SGD(0.01), **compile_kwargs)
+    return model
+
+
+VAE_TASK = Task(
+    build=_vae, data=_vae_data, fit_kwargs={"batch_size": 16, "shuffle": False}
+)
+
+
+@keras.saving.register_keras_serializable(package="fitcustom_tests")
+class KLDividedTwice(vae_example.VAE):
+    """The control: the KL term divided by the replicas by hand, which
+    the engine does already."""
+
+    def terms(self, images, training):
+        terms = super().terms(images, training)
+        terms["kl"] = terms["kl"] / distribute.num_replicas()
+        return terms
+
+
+def test_vae_program_runs_and_writes_its_outputs(tmp_path):
+    last = vae_example.main(
+        ["--output-dir", str(tmp_path), "--smoke", "--verbose", "0"]
+    )
+    for name in ("vae.keras", "history.csv", "curves.png", "digits.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["final"] == last
+    # The loss is what the step minimised: its two terms.
+    np.testing.assert_allclose(
+        last["loss"], last["reconstruction"] + last["kl"], rtol=1e-5
+    )
+    assert last["kl"] > 0 and last["val_loss"] > 0
+
+
+def test_vae_on_two_replicas_trains_what_one_device_trains(two_replicas):
+    x, _ = _vae_data()
+    report = fitcustom.testing.check_replicas(
+        _vae,
+        x,
+        strategy=two_replicas,
+        batch_size=16,
+        epochs=2,
+        weight_tolerance=1e-6,
+    )
+    assert report.weight_change > 1e-3, report
+    report.assert_ok()
+
+
+def test_vae_with_a_term_divided_twice_fails_the_comparison(two_replicas):
+    def build():
+        keras.utils.set_random_seed(0)
+        base = vae_example.build_vae(latent_dim=3, width=16)
+        model = KLDividedTwice(base.encoder, base.decoder)
+        model.compile(optimizer=keras.optimizers.SGD(0.01))
+        return model
+
+    x, _ = _vae_data()
+    report = fitcustom.testing.check_replicas(
+        build, x, strategy=two_replicas, batch_size=16, epochs=2
+    )
+    assert not report.ok, report
+    assert report.log_diffs["kl"] > 0.1, report
+
+
+def test_vae_noise_is_the_same_for_a_sample_on_any_number_of_replicas(
+    two_replicas,
+):
+    # One device: the noise of a global batch of 4 at step 1.
+    seed = tf.constant([0, 1], tf.int64)
+    whole = distribute.normal_per_sample([4, 3], seed)
+    halves = two_replicas.run(
+        lambda: distribute.normal_per_sample([2, 3], seed)
+    )
+    parts = two_replicas.experimental_local_results(halves)
+    np.testing.assert_array_equal(np.concatenate(parts), whole)
+
+
+def test_vae_continues_after_loading_in_a_fresh_process(tmp_path):
+    result = check_continue_in_fresh_process(
+        "test_examples", "VAE_TASK", tmp_path
+    )
+    assert result["steps"] == [8]
+    assert set(result["logs"]) == {"loss", "reconstruction", "kl"}
+
+
+def test_vae_saved_file_names_its_class(tmp_path):
+    model = _vae()
+    model.fit(_vae_data()[0], batch_size=16, verbose=0)
+    path = os.path.join(tmp_path, "vae.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert type(loaded) is vae_example.VAE
+    np.testing.assert_array_equal(
+        loaded.predict(_vae_data()[0], verbose=0),
+        model.predict(_vae_data()[0], verbose=0),
+    )
+
+
+def _contrastive_data():
+    rng = np.random.default_rng(1)
+    x = rng.uniform(size=(64, 8, 8, 1)).astype("float32")
+    return x, rng.integers(0, 10, size=64)
+
+
+def _contrastive(**compile_kwargs):
+    keras.utils.set_random_seed(0)
+    model = contrastive_example.build_contrastive(
+        width=16, features=8, projected=4
+    )
+    model.compile(
+        optimizer={
+            "contrastive": keras.optimizers.SGD(0.05),
+            "probe": keras.optimizers.SGD(0.1),
+        },
+        **compile_kwargs,
+    )
+    return model
+
+
+CONTRASTIVE_TASK = Task(
+    build=_contrastive,
+    data=_contrastive_data,
+    fit_kwargs={"batch_size": 16, "shuffle": False},
+)
+
+
+@keras.saving.register_keras_serializable(package="fitcustom_tests")
+class ContrastPerReplica(contrastive_example.Contrastive):
+    """The control: negatives from this replica's images only."""
+
+    def gather(self, projections):
+        return projections
+
+
+def test_contrastive_program_runs_and_writes_its_outputs(tmp_path):
+    last = contrastive_example.main(
+        ["--output-dir", str(tmp_path), "--smoke", "--verbose", "0"]
+    )
+    for name in ("contrastive.keras", "history.csv", "curves.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    np.testing.assert_allclose(
+        last["loss"],
+        last["contrastive_loss"] + last["probe_loss"],
+        rtol=1e-5,
+    )
+    # The test step logs only the probe: no val_ value of a term it does
+    # not compute (Keras would log 0.0).
+    assert "val_contrastive_loss" not in last
+    assert last["val_loss"] == last["val_probe_loss"]
+
+
+def test_contrastive_on_two_replicas_trains_what_one_device_trains(
+    two_replicas,
+):
+    x, y = _contrastive_data()
+    report = fitcustom.testing.check_replicas(
+        _contrastive,
+        x,
+        y,
+        strategy=two_replicas,
+        batch_size=16,
+        epochs=2,
+        weight_tolerance=1e-6,
+        shuffle=False,
+    )
+    assert report.weight_change > 1e-3, report
+    report.assert_ok()
+
+
+def test_contrasting_per_replica_fails_the_comparison(two_replicas):
+    def build():
+        base = _contrastive()
+        keras.utils.set_random_seed(0)
+        model = ContrastPerReplica(base.encoder, base.projection, base.probe)
+        model.compile(
+            optimizer={
+                "contrastive": keras.optimizers.SGD(0.05),
+                "probe": keras.optimizers.SGD(0.1),
+            }
+        )
+        return model
+
+    x, y = _contrastive_data()
+    report = fitcustom.testing.check_replicas(
+        build,
+        x,
+        y,
+        strategy=two_replicas,
+        batch_size=16,
+        epochs=2,
+        shuffle=False,
+    )
+    assert not report.ok, report
+    assert report.log_diffs["contrastive_loss"] > 0.05, report
+
+
+def test_contrastive_continues_after_loading_in_a_fresh_process(tmp_path):
+    result = check_continue_in_fresh_process(
+        "test_examples", "CONTRASTIVE_TASK", tmp_path
+    )
+    assert result["steps"] == [8, 8]
+    assert {"contrastive_loss", "probe_loss", "probe_accuracy"} <= set(
+        result["logs"]
+    )
