@@ -277,7 +277,7 @@ class CustomSteps:
     #: noise).
     noise_seed: int = 0
 
-    def normal_noise(self, shape, stream: int = 0) -> tf.Tensor:
+    def normal_noise(self, shape, stream: int = 0, dtype=None) -> tf.Tensor:
         """Standard normal noise for a step, one row per sample of this
         replica's batch.
 
@@ -290,9 +290,11 @@ class CustomSteps:
         Args:
             shape: `(batch_size, ...)`, e.g. `tf.shape(codes)`.
             stream: Tells apart two draws in one step. Defaults to 0.
+            dtype: Defaults to the model's compute dtype (float16 under
+                `mixed_float16`); drawn in float32 either way.
 
         Returns:
-            A float32 tensor of `shape`.
+            A tensor of `shape`.
         """
         optimizers = self._training_optimizers()
         step = optimizers[0].iterations if optimizers else 0
@@ -303,7 +305,8 @@ class CustomSteps:
             ]
         )
         seed = tf.random.experimental.stateless_fold_in(seed, stream)
-        return distribute.normal_per_sample(shape, seed)
+        noise = distribute.normal_per_sample(shape, seed)
+        return tf.cast(noise, dtype or self.compute_dtype)
 
     def _update_variables(self, variables, name, optimizer):
         if variables is None:

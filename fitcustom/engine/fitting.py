@@ -259,7 +259,8 @@ class FitMixin:
         """Checks data for this model before any step uses it.
 
         The engine checks structure: dict or list inputs against the
-        model's inputs (keys or count), and dict targets against the
+        model's inputs (keys or count; not for a model with a
+        `train_step` of its own), and dict targets against the
         outputs given a loss or metric in `compile()` as dicts. Reads
         only the element spec of a `tf.data.Dataset`. Task models add
         their own checks (a subclass calls `super().check_data(...)`).
@@ -270,7 +271,9 @@ class FitMixin:
         """
         checks.check_sample_weight(sample_weight, y)
         name = f"{type(self).__name__} {self.name!r}"
-        graph = self._graph_model()
+        # A step of your own reads its batch as it likes: the data need
+        # not be what call() takes.
+        graph = None if self._has_own_train_step() else self._graph_model()
         try:
             expected = None if graph is None else graph.input
         except (AttributeError, ValueError):  # an unbuilt network
@@ -282,6 +285,11 @@ class FitMixin:
             checks.check_target_structure(
                 x if y is None else y, self.output_names, targeted, name
             )
+
+    def _has_own_train_step(self):
+        """Whether `train_step` is a user's (defined outside fitcustom)."""
+        step = type(self).train_step
+        return not getattr(step, "__module__", "").startswith("fitcustom.")
 
     def _targeted_outputs(self):
         """The outputs given a loss or metric by name in `compile()`, or

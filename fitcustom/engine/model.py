@@ -232,9 +232,10 @@ class TapeModel(CompileMixin, FitMixin, StepPieces, CustomSteps, keras.Model):
                 self.network
             )
         for name in self.config_models:
-            config[name] = keras.saving.serialize_keras_object(
-                getattr(self, name)
-            )
+            if name not in config:  # `network` is written already
+                config[name] = keras.saving.serialize_keras_object(
+                    getattr(self, name)
+                )
         for name in self.config_values:
             config[name] = getattr(self, name)
         return config
@@ -242,7 +243,8 @@ class TapeModel(CompileMixin, FitMixin, StepPieces, CustomSteps, keras.Model):
     @classmethod
     def from_config(cls, config, custom_objects=None):
         config = check_saved_version(config, cls.__name__)
-        models = [k for k in ("network", *cls.config_models) if k in config]
+        names = dict.fromkeys(("network", *cls.config_models))  # once each
+        models = [k for k in names if k in config]
         if not models:
             # A functional config (layers and their connections), or a
             # subclass's own arguments: Keras' `Model.from_config`.
