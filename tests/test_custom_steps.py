@@ -6,7 +6,6 @@ data and compares weights and logs, with a control that the comparison
 fails for the mistake it is there to catch.
 """
 
-
 import keras
 import numpy as np
 import pytest
@@ -46,8 +45,8 @@ class TwoPlayers(fitcustom.TapeModel):
             match = tf.square(patches - target)
             if self.twice:  # the mistake: dividing by the replicas again
                 match = match / distribute.num_replicas()
-        self.minimize(tape, {"fit": fit}, optimizer="left")
-        self.minimize(tape, {"match": match}, optimizer="right")
+            self.minimize(tape, {"fit": fit}, optimizer="left")
+            self.minimize(tape, {"match": match}, optimizer="right")
 
     def test_step(self, data):
         x, y, _ = self.unpack_data(data)
@@ -272,7 +271,7 @@ class Contrastive(fitcustom.TapeModel):
             )
             logits = tf.matmul(a, keys, transpose_b=True) / 0.2
             nce = tf.nn.sparse_softmax_cross_entropy_with_logits(rows, logits)
-        self.minimize(tape, {"nce": nce})
+            self.minimize(tape, {"nce": nce})
 
 
 def contrastive(gather=True):
@@ -346,14 +345,17 @@ class BadStep(fitcustom.TapeModel):
 
     def train_step(self, data):
         x, _, _ = self.unpack_data(data)
-        with tf.GradientTape() as tape:
-            terms = self.make_terms(self.net(x, training=True))
         variables = None
         if self.use_variables == "other":
             variables = self.other.trainable_weights
-        self.minimize(
-            tape, terms, variables=variables, optimizer=self.optimizer_name
-        )
+        with tf.GradientTape() as tape:
+            terms = self.make_terms(self.net(x, training=True))
+            self.minimize(
+                tape,
+                terms,
+                variables=variables,
+                optimizer=self.optimizer_name,
+            )
 
 
 BAD_STEPS = {
@@ -415,3 +417,31 @@ def test_log_mean_outside_a_step_is_refused():
     model = two_players()
     with pytest.raises(ValueError, match="outside fit"):
         model.log_mean("x", tf.ones([3]))
+
+
+def test_minimize_after_the_tape_block_is_refused():
+    # A term computed after the `with` block is not recorded on the tape:
+    # its gradient would be missing, silently.
+    class AfterTheBlock(fitcustom.TapeModel):
+        def __init__(self):
+            super().__init__()
+            self.net = keras.Sequential(
+                [keras.Input((3,)), keras.layers.Dense(2)]
+            )
+
+        def call(self, x, training=False):
+            return self.net(x)
+
+        def train_step(self, data):
+            x, _, _ = self.unpack_data(data)
+            with tf.GradientTape() as tape:
+                out = self.net(x, training=True)
+            self.minimize(tape, {"a": tf.reduce_sum(tf.square(out), 1)})
+
+    model = AfterTheBlock()
+    model.compile(optimizer="sgd")
+    before = model.get_weights()
+    with pytest.raises(ValueError, match="inside the tape's `with` block"):
+        model.fit(np.ones((8, 3), "float32"), batch_size=8, verbose=0)
+    for u, v in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(u, v)

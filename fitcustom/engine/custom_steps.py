@@ -180,8 +180,9 @@ class CustomSteps:
         this optimizer follow, and the step's `loss` log is the sum of
         what its updates minimised.
 
-        Call it inside or after the tape's `with` block; with a
-        persistent tape, once per optimizer.
+        Call it inside the tape's `with` block, after computing the
+        terms there (a term computed outside is not recorded: refused);
+        with a persistent tape, once per optimizer.
 
         Args:
             tape: The `tf.GradientTape` that recorded the forward pass.
@@ -209,28 +210,30 @@ class CustomSteps:
                 f"sub-model called {optimizer!r}. Override "
                 "optimizer_variables() to return the weights it trains."
             )
-        recording = _compat.tape_is_recording(tape)
-        if recording:
-            reduced = self._loss_of(terms, sample_weight, optimizer)
-            scaled = self.scale_loss(reduced.total, opt)
-            with tape.stop_recording():
-                grads = self.compute_gradients(tape, scaled, variables)
-        else:
-            with tape:
-                reduced = self._loss_of(terms, sample_weight, optimizer)
-                scaled = self.scale_loss(reduced.total, opt)
-            grads = self.compute_gradients(tape, scaled, variables)
+        if not _compat.tape_is_recording(tape):
+            raise ValueError(
+                "minimize() must be called inside the tape's `with` block, "
+                "with the terms computed there: a term computed outside "
+                "it is not recorded and would give no gradient, silently. "
+                "Received: a tape that is not recording. Write `with "
+                "tf.GradientTape() as tape: ...; self.minimize(tape, "
+                "terms)` (use persistent=True for several updates)."
+            )
+        reduced = self._loss_of(terms, sample_weight, optimizer)
         loss = reduced.total
-        finite = None
-        if self.skip_nonfinite:
-            finite = self.check_finite(loss, grads, opt)
-            self.count_nonfinite([finite])
-        grads = self.transform_gradients(grads, variables, opt)
-        self.apply_gradients(grads, variables, opt, finite)
-        for ema in self.__dict__.get("_emas", ()):
-            if ema.optimizer == optimizer:
-                self._update_ema(ema, opt, finite)
-        self._record(reduced, finite)
+        scaled = self.scale_loss(loss, opt)
+        with tape.stop_recording():
+            grads = self.compute_gradients(tape, scaled, variables)
+            finite = None
+            if self.skip_nonfinite:
+                finite = self.check_finite(loss, grads, opt)
+                self.count_nonfinite([finite])
+            grads = self.transform_gradients(grads, variables, opt)
+            self.apply_gradients(grads, variables, opt, finite)
+            for ema in self.__dict__.get("_emas", ()):
+                if ema.optimizer == optimizer:
+                    self._update_ema(ema, opt, finite)
+            self._record(reduced, finite)
         return distribute.unscale_loss_for_replicas(loss)
 
     def log_loss(self, terms, sample_weight=None, optimizer=None):

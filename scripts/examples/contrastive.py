@@ -161,8 +161,10 @@ class Contrastive(fitcustom.TapeModel):
                 self.projection(h_two, training=True),
             )
             probe_loss, right = self.probe_terms(h_one, labels)
-        self.minimize(tape, {"contrastive_loss": loss}, optimizer="contrastive")
-        self.minimize(tape, {"probe_loss": probe_loss}, optimizer="probe")
+            self.minimize(
+                tape, {"contrastive_loss": loss}, optimizer="contrastive"
+            )
+            self.minimize(tape, {"probe_loss": probe_loss}, optimizer="probe")
         self.log_mean("probe_accuracy", right)
 
     def test_step(self, data):

@@ -124,7 +124,7 @@ class Diffusion(fitcustom.TapeModel):
         images = self.unpack_data(data)[0]
         with tf.GradientTape() as tape:
             loss = self.noise_loss(images, self.network, training=True)
-        self.minimize(tape, {"noise_loss": loss})
+            self.minimize(tape, {"noise_loss": loss})
 
     def test_step(self, data):
         images = self.unpack_data(data)[0]

@@ -102,8 +102,7 @@ class VAE(fitcustom.TapeModel):
     def train_step(self, data):
         images = self.unpack_data(data)[0]
         with tf.GradientTape() as tape:
-            terms = self.terms(images, training=True)
-        self.minimize(tape, terms)
+            self.minimize(tape, self.terms(images, training=True))
 
     def test_step(self, data):
         images = self.unpack_data(data)[0]
