@@ -272,3 +272,58 @@ def resumable(out):
             file=sys.stderr,
         )
         raise SystemExit(130) from None
+
+
+def save_image_rows(rows, path, title, value_range=(0.0, 1.0)):
+    """A PNG of grey images in rows, each row titled: `rows` is a list of
+    `(title, images)` (images `(n, height, width, 1)`, the same `n` in
+    every row; a title may be empty)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(rows[0][1])
+    fig, axes = plt.subplots(
+        len(rows), n, figsize=(n * 0.8, len(rows) * 1.05), squeeze=False
+    )
+    low, high = value_range
+    for r, (row_title, images) in enumerate(rows):
+        for c in range(n):
+            ax = axes[r, c]
+            ax.imshow(images[c, ..., 0], cmap="gray_r", vmin=low, vmax=high)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        if row_title:
+            axes[r, 0].set_title(row_title, loc="left", fontsize=9)
+    fig.suptitle(title)
+    fig.subplots_adjust(
+        left=0.02, right=0.98, top=0.86, bottom=0.02, wspace=0.08, hspace=0.4
+    )
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def add_example_arguments(parser, epochs, batch_size):
+    """The options every example program starts with: --output-dir,
+    --epochs, --batch-size (with the program's defaults), --smoke."""
+    parser.add_argument(
+        "--output-dir", required=True, help="where everything is written"
+    )
+    parser.add_argument(
+        "--epochs",
+        type=positive_int("--epochs"),
+        default=epochs,
+        help="epochs to train",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int("--batch-size"),
+        default=batch_size,
+        help="images per training step",
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a few steps on a few images, to check that everything runs",
+    )

@@ -21,40 +21,21 @@ import tensorflow as tf
 import fitcustom
 from fitcustom import distribute
 from fitcustom.datasets import load_digits
+from scripts._common import add_example_arguments
 from scripts._common import add_run_arguments
 from scripts._common import make_parser
-from scripts._common import positive_int
 from scripts._common import prepare_output_dir
 from scripts._common import save_curves
 
 
 def parse_args(argv):
     parser = make_parser(__doc__, "scripts.examples.contrastive")
-    parser.add_argument(
-        "--output-dir", required=True, help="where everything is written"
-    )
-    parser.add_argument(
-        "--epochs",
-        type=positive_int("--epochs"),
-        default=60,
-        help="epochs to train",
-    )
-    parser.add_argument(
-        "--batch-size",
-        type=positive_int("--batch-size"),
-        default=128,
-        help="images per step (each one's negatives: the others)",
-    )
+    add_example_arguments(parser, epochs=60, batch_size=128)
     parser.add_argument(
         "--temperature",
         type=float,
         default=0.2,
         help="of the contrastive loss's softmax",
-    )
-    parser.add_argument(
-        "--smoke",
-        action="store_true",
-        help="a few steps on a few images, to check that everything runs",
     )
     add_run_arguments(parser, "seed of the weights and the augmentations")
     return parser.parse_args(argv)

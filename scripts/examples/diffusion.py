@@ -22,11 +22,13 @@ import tensorflow as tf
 
 import fitcustom
 from fitcustom.datasets import load_digits
+from scripts._common import add_example_arguments
 from scripts._common import add_run_arguments
 from scripts._common import make_parser
 from scripts._common import positive_int
 from scripts._common import prepare_output_dir
 from scripts._common import save_curves
+from scripts._common import save_image_rows
 
 #: The signal rate at diffusion time 1 and at time 0 (cosine schedule).
 MIN_SIGNAL, MAX_SIGNAL = 0.02, 0.98
@@ -34,21 +36,7 @@ MIN_SIGNAL, MAX_SIGNAL = 0.02, 0.98
 
 def parse_args(argv):
     parser = make_parser(__doc__, "scripts.examples.diffusion")
-    parser.add_argument(
-        "--output-dir", required=True, help="where everything is written"
-    )
-    parser.add_argument(
-        "--epochs",
-        type=positive_int("--epochs"),
-        default=50,
-        help="epochs to train",
-    )
-    parser.add_argument(
-        "--batch-size",
-        type=positive_int("--batch-size"),
-        default=64,
-        help="images per training step",
-    )
+    add_example_arguments(parser, epochs=50, batch_size=64)
     parser.add_argument(
         "--sampling-steps",
         type=positive_int("--sampling-steps"),
@@ -60,11 +48,6 @@ def parse_args(argv):
         type=positive_int("--quality-every"),
         default=10,
         help="score KID and FID every this many epochs",
-    )
-    parser.add_argument(
-        "--smoke",
-        action="store_true",
-        help="a few steps on a few images, to check that everything runs",
     )
     add_run_arguments(parser, "seed of the weights and the noise")
     return parser.parse_args(argv)
@@ -164,34 +147,18 @@ def build_diffusion(image_shape=(8, 8, 1), width=256, depth=3, **kwargs):
 
 def save_samples(model, real, path, steps, seed):
     """Generated digits (EMA network) beside real ones, rows titled."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     n = 10
     fake = model.generate(3 * n, seed=seed, steps=steps)
     rows = [("real digits", real[:n])] + [
         ("generated" if r == 0 else "", fake[r * n : (r + 1) * n])
         for r in range(3)
     ]
-    fig, axes = plt.subplots(
-        len(rows), n, figsize=(n * 0.8, len(rows) * 1.05), squeeze=False
+    save_image_rows(
+        rows,
+        path,
+        f"Diffusion model on the 8x8 digits ({steps} DDIM steps)",
+        value_range=(-1.0, 1.0),
     )
-    for r, (title, row) in enumerate(rows):
-        for c in range(n):
-            ax = axes[r, c]
-            ax.imshow(row[c, ..., 0], cmap="gray_r", vmin=-1, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
-        if title:
-            axes[r, 0].set_title(title, loc="left", fontsize=9)
-    fig.suptitle(f"Diffusion model on the 8x8 digits ({steps} DDIM steps)")
-    fig.subplots_adjust(
-        left=0.02, right=0.98, top=0.86, bottom=0.02, wspace=0.08, hspace=0.4
-    )
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def main(argv=None):

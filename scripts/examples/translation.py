@@ -23,40 +23,22 @@ import tensorflow as tf
 
 import fitcustom
 from fitcustom.datasets import load_digits
+from scripts._common import add_example_arguments
 from scripts._common import add_run_arguments
 from scripts._common import make_parser
-from scripts._common import positive_int
 from scripts._common import prepare_output_dir
 from scripts._common import save_curves
+from scripts._common import save_image_rows
 
 
 def parse_args(argv):
     parser = make_parser(__doc__, "scripts.examples.translation")
-    parser.add_argument(
-        "--output-dir", required=True, help="where everything is written"
-    )
-    parser.add_argument(
-        "--epochs",
-        type=positive_int("--epochs"),
-        default=40,
-        help="epochs to train",
-    )
-    parser.add_argument(
-        "--batch-size",
-        type=positive_int("--batch-size"),
-        default=32,
-        help="image pairs (one of each domain, unpaired) per step",
-    )
+    add_example_arguments(parser, epochs=40, batch_size=32)
     parser.add_argument(
         "--cycle-weight",
         type=float,
         default=10.0,
         help="weight of the cycle term",
-    )
-    parser.add_argument(
-        "--smoke",
-        action="store_true",
-        help="a few steps on a few images, to check that everything runs",
     )
     add_run_arguments(parser, "seed of the weights and the data split")
     return parser.parse_args(argv)
@@ -203,34 +185,18 @@ def domains(seed=0):
 
 def save_picture(model, a, b, path):
     """Held-out images of both domains and their translations."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(a)
     rows = [
         ("domain A (digits)", a),
         ("translated to B", np.asarray(model.a_to_b(a))),
         ("domain B (turned, inverted)", b),
         ("translated to A", np.asarray(model.b_to_a(b))),
     ]
-    fig, axes = plt.subplots(
-        len(rows), n, figsize=(n * 0.8, len(rows) * 1.05), squeeze=False
+    save_image_rows(
+        rows,
+        path,
+        "Unpaired translation between two digit domains",
+        value_range=(-1.0, 1.0),
     )
-    for r, (title, row) in enumerate(rows):
-        for c in range(n):
-            ax = axes[r, c]
-            ax.imshow(row[c, ..., 0], cmap="gray_r", vmin=-1, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
-        axes[r, 0].set_title(title, loc="left", fontsize=9)
-    fig.suptitle("Unpaired translation between two digit domains")
-    fig.subplots_adjust(
-        left=0.02, right=0.98, top=0.86, bottom=0.02, wspace=0.08, hspace=0.4
-    )
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def main(argv=None):

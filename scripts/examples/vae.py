@@ -19,30 +19,18 @@ import tensorflow as tf
 
 import fitcustom
 from fitcustom.datasets import load_digits
+from scripts._common import add_example_arguments
 from scripts._common import add_run_arguments
 from scripts._common import make_parser
 from scripts._common import positive_int
 from scripts._common import prepare_output_dir
 from scripts._common import save_curves
+from scripts._common import save_image_rows
 
 
 def parse_args(argv):
     parser = make_parser(__doc__, "scripts.examples.vae")
-    parser.add_argument(
-        "--output-dir", required=True, help="where everything is written"
-    )
-    parser.add_argument(
-        "--epochs",
-        type=positive_int("--epochs"),
-        default=150,
-        help="epochs to train",
-    )
-    parser.add_argument(
-        "--batch-size",
-        type=positive_int("--batch-size"),
-        default=64,
-        help="images per training step",
-    )
+    add_example_arguments(parser, epochs=150, batch_size=64)
     parser.add_argument(
         "--latent-dim",
         type=positive_int("--latent-dim"),
@@ -54,11 +42,6 @@ def parse_args(argv):
         type=float,
         default=3e-3,
         help="Adam's learning rate",
-    )
-    parser.add_argument(
-        "--smoke",
-        action="store_true",
-        help="a few steps on a few images, to check that everything runs",
     )
     add_run_arguments(parser, "seed of the weights and the noise")
     return parser.parse_args(argv)
@@ -136,38 +119,16 @@ def build_vae(image_shape=(8, 8, 1), latent_dim=8, width=128, seed=0):
 def save_picture(vae, images, path, latent_dim, seed):
     """Held-out digits, their reconstructions, and digits decoded from
     random codes, each row titled."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     n = len(images)
-    rebuilt = vae.predict(images, verbose=0)
     codes = np.random.default_rng(seed).normal(size=(2 * n, latent_dim))
     samples = np.asarray(vae.decode(codes.astype("float32")))
     rows = [
         ("held-out digits", images),
-        ("their reconstructions", rebuilt),
+        ("their reconstructions", vae.predict(images, verbose=0)),
         ("decoded from random codes", samples[:n]),
         ("", samples[n:]),
     ]
-    fig, axes = plt.subplots(
-        len(rows), n, figsize=(n * 0.8, len(rows) * 1.05), squeeze=False
-    )
-    for r, (title, row) in enumerate(rows):
-        for c in range(n):
-            ax = axes[r, c]
-            ax.imshow(row[c, ..., 0], cmap="gray_r", vmin=0, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
-        if title:
-            axes[r, 0].set_title(title, loc="left", fontsize=9)
-    fig.suptitle("Variational autoencoder on the 8x8 digits")
-    fig.subplots_adjust(
-        left=0.02, right=0.98, top=0.86, bottom=0.02, wspace=0.08, hspace=0.4
-    )
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_image_rows(rows, path, "Variational autoencoder on the 8x8 digits")
 
 
 def main(argv=None):
