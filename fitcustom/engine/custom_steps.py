@@ -131,13 +131,17 @@ class CustomSteps:
         else `None` (unknown: the optimizer is built at its first update,
         which works on one device).
         """
+        network = self._sub_model(name)
+        return None if network is None else list(network.trainable_weights)
+
+    def _sub_model(self, name):
+        """The model's layer or model called `name` (an attribute, or a
+        property such as TapeGAN's), or `None`: what a named optimizer
+        trains by default."""
         network = self.__dict__.get(name)
-        if network is None:
-            network = getattr(type(self), name, None)
-            network = None if network is None else getattr(self, name)
-        if isinstance(network, keras.Layer):
-            return list(network.trainable_weights)
-        return None
+        if network is None and getattr(type(self), name, None) is not None:
+            network = getattr(self, name)
+        return network if isinstance(network, keras.Layer) else None
 
     def _build_named_optimizers(self):
         for name, optimizer in self.__dict__.get("_named", {}).items():
@@ -404,12 +408,8 @@ class CustomSteps:
         sub-model's called like a named optimizer."""
         if optimizer is None:
             return list(self.losses)
-        network = self.__dict__.get(optimizer)
-        if network is None and isinstance(
-            getattr(type(self), optimizer, None), property
-        ):
-            network = getattr(self, optimizer)
-        return list(network.losses) if isinstance(network, keras.Layer) else []
+        network = self._sub_model(optimizer)
+        return [] if network is None else list(network.losses)
 
     def _record(self, reduced, finite):
         context = self._require_context("minimize() / log_loss()")
