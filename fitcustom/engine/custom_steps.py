@@ -346,7 +346,10 @@ class CustomSteps:
                 + ", ".join(v.path for v in unknown[:4])
                 + ". Expected the weights it updates at every step (see "
                 "optimizer_variables()). Give each set of weights its own "
-                "optimizer."
+                "optimizer. If they belong to a sub-model that the step "
+                "builds (made in __init__ without an input shape), build "
+                "it before fit(): keras.Sequential([keras.Input(shape), "
+                "...]) or self.NAME.build(input_shape)."
             )
         return variables
 

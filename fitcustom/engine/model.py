@@ -11,6 +11,7 @@ May import: the ground floor (`_args`, `checks`, `distribute`), `_keras`,
 import warnings
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from fitcustom import checkpoints
@@ -270,10 +271,39 @@ class TapeModel(CompileMixin, FitMixin, StepPieces, CustomSteps, keras.Model):
         """
         checkpoints.save_weights(self, filepath, overwrite, max_shard_size)
 
+    def get_build_config(self):
+        """Keras' build config plus how each sub-model held as an
+        attribute was built (its own build config), so that loading
+        builds a sub-model that training built (one made in `__init__`
+        without `keras.Input`) before its weights are read."""
+        config = super().get_build_config()
+        built = {
+            name: layer.get_build_config()
+            for name, layer in _attribute_layers(self).items()
+            if layer.built and layer.get_build_config()
+        }
+        if not built:
+            return config
+        return {**(config or {}), self._SUBLAYERS_KEY: built}
+
+    def build_from_config(self, config):
+        config = dict(config or {})
+        for name, built in config.pop(self._SUBLAYERS_KEY, {}).items():
+            layer = _attribute_layers(self).get(name)
+            if layer is not None and not layer.built:
+                layer.build_from_config(built)
+        if config:
+            super().build_from_config(config)
+        else:
+            self._build_from_sublayers()
+
+    _SUBLAYERS_KEY = "fitcustom_sublayers"
     _SEED_KEY = "seed_generator_state_"
+    _COUNT_KEY = "fitcustom_weight_count"
 
     def save_own_variables(self, store):
-        """Keras' variables plus the RNG states of every SeedGenerator.
+        """Keras' variables plus the RNG states of every SeedGenerator,
+        and the number of weights (checked on loading).
 
         Keras keeps neither in `save()` nor in `BackupAndRestore` the state
         of a SeedGenerator (e.g. Dropout's); without it a resumed run
@@ -284,9 +314,16 @@ class TapeModel(CompileMixin, FitMixin, StepPieces, CustomSteps, keras.Model):
             store[f"{self._SEED_KEY}{i}"] = keras.ops.convert_to_numpy(
                 generator.state.value
             )
+        store[self._COUNT_KEY] = np.array(len(self.weights), "int64")
 
     def load_own_variables(self, store):
-        keys = [k for k in store.keys() if k.startswith(self._SEED_KEY)]
+        # Called before the sub-models' weights are read: a sub-model
+        # that is not built now would be skipped by Keras, silently
+        # (it keeps fresh weights), so refuse.
+        if self._COUNT_KEY in store.keys():
+            self._check_weight_count(int(store[self._COUNT_KEY][()]))
+        ours = (self._SEED_KEY, self._COUNT_KEY)
+        keys = [k for k in store.keys() if k.startswith(ours)]
         if not keys:
             return super().load_own_variables(store)
         super().load_own_variables(
@@ -297,6 +334,32 @@ class TapeModel(CompileMixin, FitMixin, StepPieces, CustomSteps, keras.Model):
             key = f"{self._SEED_KEY}{i}"
             if key in keys:
                 generator.state.assign(store[key])
+
+    def _check_weight_count(self, saved):
+        have = len(self.weights)
+        if have >= saved:
+            return
+        unbuilt = [
+            f"{name} ({type(layer).__name__})"
+            for name, layer in _attribute_layers(self).items()
+            if not layer.built
+        ] or [
+            f"{layer.name} ({type(layer).__name__})"
+            for layer in _compat.sublayers(self)
+            if not layer.built
+        ]
+        raise ValueError(
+            f"The saved {type(self).__name__} has {saved} weights; this one "
+            f"has {have} after building, so some saved weights have no "
+            "place to go and the sub-models they belong to would keep "
+            "fresh weights. Not built: "
+            + (", ".join(unbuilt) or "(unknown)")
+            + ". A sub-model that training builds (made in __init__ "
+            "without an input shape) is rebuilt on loading only when it "
+            "is an attribute of the model. Build it in __init__: "
+            "keras.Sequential([keras.Input(shape), ...]) or "
+            "self.NAME.build(input_shape)."
+        )
 
     @property
     def metrics(self):
@@ -360,6 +423,18 @@ def check_saved_version(config, class_name):
             stacklevel=3,
         )
     return config
+
+
+def _attribute_layers(model):
+    """The layers and models held as attributes of `model` (each once,
+    under its first name)."""
+    found = {}
+    for name, value in vars(model).items():
+        if isinstance(value, keras.Layer) and all(
+            value is not v for v in found.values()
+        ):
+            found[name] = value
+    return found
 
 
 def _is_float(value):
