@@ -43,11 +43,16 @@ fitcustom.checkpoints.save_model(model, "/tmp/fitcustom_doc_model.keras")
 import contextlib
 import os
 import re
+import signal
+import sys
+import threading
+import time
 import uuid
 import warnings
 
 import keras
 
+from fitcustom import distribute
 from fitcustom._keras import compat as _compat
 
 #: Prefix of the temporary files written before the rename. Leftovers of a
@@ -242,6 +247,64 @@ class ModelCheckpoint(_compat.KerasModelCheckpoint):
 
 _BACKUP_NAME = re.compile(r"^backup-(\d+)-epoch(\d+)-done(\d+)\.weights\.h5$")
 _RESUME_GROUP = "fitcustom_resume"
+_CALLBACKS_GROUP = "callbacks"
+
+#: What a callback needs to go on where it stopped, by class: attributes
+#: saved in the backup and set again on resuming (an `EarlyStopping`
+#: that forgot its `wait` and `best` would stop later than the
+#: uninterrupted run, or never).
+_CALLBACK_STATE = {
+    keras.callbacks.EarlyStopping: (
+        "wait",
+        "stopped_epoch",
+        "best",
+        "best_epoch",
+        "best_weights",
+    ),
+    keras.callbacks.ModelCheckpoint: (
+        "best",
+        "_batches_seen_since_last_saving",
+        "_last_batch_seen",
+    ),
+    keras.callbacks.ReduceLROnPlateau: ("wait", "cooldown_counter", "best"),
+}
+
+
+def _state_names(callback):
+    for cls, names in _CALLBACK_STATE.items():
+        if isinstance(callback, cls):
+            return names
+    return ()
+
+
+def _signal_numbers(signals):
+    """`signals` (names such as "SIGTERM", numbers, or None) as a tuple
+    of `signal.Signals`."""
+    if signals is None:
+        return ()
+    if isinstance(signals, (str, int)):
+        signals = (signals,)
+    found = []
+    for item in signals:
+        try:
+            found.append(
+                signal.Signals[item.upper()]
+                if isinstance(item, str)
+                else signal.Signals(item)
+            )
+        except (KeyError, ValueError):
+            raise ValueError(
+                "preemption_signals takes signal names or numbers, e.g. "
+                f'("SIGTERM", "SIGUSR1"). Received: {item!r}, which is not '
+                "a signal of this system."
+            ) from None
+    if signal.SIGKILL in found:
+        raise ValueError(
+            "SIGKILL cannot be caught, so it cannot trigger a backup: "
+            "remove it from preemption_signals (a SIGKILL costs the steps "
+            "since the last backup; see save_freq)."
+        )
+    return tuple(found)
 
 
 def _list_backups(backup_dir):
@@ -298,33 +361,203 @@ class BackupAndRestore(_compat.KerasBackupAndRestore):
             `False`.
         delete_checkpoint: Delete the backup when training ends. Defaults
             to `True`.
+        preemption_signals: Signals that mean "this job is about to be
+            stopped" (Kubernetes and spot machines send SIGTERM, Slurm's
+            `--signal` what it is told): the running step finishes, the
+            backup is written at that step, and the process exits. Names
+            or numbers; `None` or `()` leaves the signals alone. Defaults
+            to `("SIGTERM", "SIGUSR1")`.
+        exit_code: The exit status after a preemption backup. Defaults to
+            128 + the signal's number (143 for SIGTERM, 138 for SIGUSR1:
+            what a shell reports for a process the signal stopped), so a
+            restart policy or `--requeue` sees a job that did not finish.
+        exit_on_preemption: `True` (default) exits the process (`SystemExit`
+            raised from the callback) once the backup is written, so the
+            code after `fit()` (a final save, an evaluation) does not run
+            on an unfinished model. `False` stops training instead:
+            `fit()` returns early, the backup is kept, and the callback's
+            `preempted_by` names the signal.
+
+    A notice during validation (or between an epoch's last batch and its
+    end) is acted upon at the end of the epoch, after validation. With
+    `exit_on_preemption=False`, Keras still ends the epoch that was cut
+    short (validation and the other callbacks' `on_epoch_end` run on it),
+    after the backup was written. With
+    `steps_per_execution > 1` the backup is written when the running call
+    returns. The state of Keras' `EarlyStopping`, `ModelCheckpoint` and
+    `ReduceLROnPlateau` in the same `fit()` is in the backup too (for
+    fitcustom models), so they go on as in an uninterrupted run.
     """
+
+    def __init__(
+        self,
+        backup_dir,
+        save_freq="epoch",
+        double_checkpoint=False,
+        delete_checkpoint=True,
+        preemption_signals=("SIGTERM", "SIGUSR1"),
+        exit_code=None,
+        exit_on_preemption=True,
+    ):
+        super().__init__(
+            backup_dir,
+            save_freq=save_freq,
+            double_checkpoint=double_checkpoint,
+            delete_checkpoint=delete_checkpoint,
+        )
+        self.preemption_signals = _signal_numbers(preemption_signals)
+        if exit_code is not None and (
+            isinstance(exit_code, bool)
+            or not isinstance(exit_code, int)
+            or not 0 <= exit_code <= 255
+        ):
+            raise ValueError(
+                "exit_code is the process's exit status: an int from 0 to "
+                f"255, or None for 128 + the signal number. Received: "
+                f"{exit_code!r}."
+            )
+        self.exit_code = exit_code
+        self.exit_on_preemption = bool(exit_on_preemption)
+        self.preempted_by = None
+        self._notice = None
+        self._previous_handlers = {}
+        self._pending_states = None
 
     def on_train_begin(self, logs=None):
         self._resume_at = None
+        self._notice = None
+        self.preempted_by = None
+        self._pending_states = None
         self._remove_leftovers()
         self._restore()
+        self._install_handlers()
+
+    def on_train_end(self, logs=None):
+        self._remove_handlers()
+        if self.preempted_by is None:
+            super().on_train_end(logs)
 
     def on_epoch_begin(self, epoch, logs=None):
         # Keras sets the epoch only at epoch end, so that a batch-level
         # backup written in the first epoch after a resume recorded epoch 0.
         self._epoch = epoch
+        if self._pending_states is not None:
+            # After every callback's on_train_begin (EarlyStopping and
+            # ReduceLROnPlateau reset themselves there).
+            _set_callback_states(
+                self._sibling_callbacks(), *self._pending_states
+            )
+            self._pending_states = None
 
     def on_epoch_end(self, epoch, logs=None):
+        if self.preempted_by is not None:
+            return  # the end of an epoch cut short: the backup is taken
         self._epoch = epoch + 1
         self.start_batch_count()
-        if self.save_freq == "epoch":
+        noticed = self._agreed_notice()
+        if self.save_freq == "epoch" or noticed:
             self._save_at(epoch + 1, 0)
+        if noticed:
+            self._preempt(epoch + 1, 0)
 
     def on_train_batch_end(self, batch, logs=None):
-        if not self.should_save_on_batch(batch):
-            return
+        skipped = False
         if self._resume_at is not None:
             epoch, done = self._resume_at
             if epoch == self._epoch and batch < done:
-                return  # a skipped batch: the state is still the backup's
-            self._resume_at = None
+                skipped = True  # the state is still the backup's
+            else:
+                self._resume_at = None
+        if self._agreed_notice():
+            if not skipped:
+                self._save_at(self._epoch, batch + 1)
+            self._preempt(self._epoch, batch + 1)
+            return
+        if skipped or not self.should_save_on_batch(batch):
+            return
         self._save_at(self._epoch, batch + 1)
+
+    # ------------------------------------------------------------------
+    # Preemption
+    # ------------------------------------------------------------------
+
+    def _install_handlers(self):
+        if not self.preemption_signals:
+            return
+        if threading.current_thread() is not threading.main_thread():
+            warnings.warn(
+                "BackupAndRestore can only handle preemption signals "
+                "("
+                + ", ".join(s.name for s in self.preemption_signals)
+                + ") when fit() runs in the main thread; here it does not, "
+                "so a notice stops the process without a backup.",
+                stacklevel=2,
+            )
+            return
+        for number in self.preemption_signals:
+            self._previous_handlers[number] = signal.signal(
+                number, self._on_signal
+            )
+
+    def _remove_handlers(self):
+        handlers, self._previous_handlers = self._previous_handlers, {}
+        for number, previous in handlers.items():
+            signal.signal(
+                number, signal.SIG_DFL if previous is None else previous
+            )
+
+    def _agreed_notice(self):
+        """Whether this worker or any other got a notice. Every worker of
+        a multi-worker cluster asks at the same batches (a collective),
+        so all save at the same step and stop together."""
+        if not self.preemption_signals:
+            return False
+        mine = 0 if self._notice is None else int(self._notice[0])
+        strategy = self.model.distribute_strategy
+        agreed = distribute.first_flag_of_any_worker(mine, strategy)
+        if agreed and self._notice is None:  # another worker's notice
+            self._notice = (signal.Signals(agreed), time.monotonic())
+        return bool(agreed)
+
+    def _on_signal(self, number, frame):
+        # Only a flag: the backup is written between steps, never here.
+        if self._notice is None:
+            self._notice = (signal.Signals(number), time.monotonic())
+
+    def _preempt(self, epoch, done):
+        number, received = self._notice
+        self._notice = None
+        self._remove_handlers()
+        self.preempted_by = number.name
+        self.model.stop_training = True
+        code = 128 + number if self.exit_code is None else self.exit_code
+        what = (
+            f"after {done} batches of epoch {epoch + 1}"
+            if done
+            else f"at the end of epoch {epoch}"
+        )
+        sys.stderr.write(
+            f"BackupAndRestore: {number.name} received; the backup {what} "
+            f"is in {self.backup_dir} ({time.monotonic() - received:.2f} s "
+            "after the notice). "
+            + (
+                f"Exiting with status {code}; run the same command to resume.\n"
+                if self.exit_on_preemption
+                else "Training stops; fit() with this callback resumes.\n"
+            )
+        )
+        sys.stderr.flush()
+        if self.exit_on_preemption:
+            raise SystemExit(code)
+
+    def _sibling_callbacks(self):
+        """The other callbacks of the running `fit()` (known to fitcustom
+        models only), in order."""
+        model = self.model
+        found = (
+            [] if model is None else model.__dict__.get("_fit_callbacks", [])
+        )
+        return [c for c in found if c is not self]
 
     @staticmethod
     def progress(backup_dir):
@@ -386,7 +619,12 @@ class BackupAndRestore(_compat.KerasBackupAndRestore):
             if group is None:  # not written by this callback
                 return None
             steps = int(group.attrs["steps"])
-            metrics = [group[f"metric_{i}"][()] for i in range(len(group))]
+            metrics = [
+                group[f"metric_{i}"][()]
+                for i in range(len(group))
+                if f"metric_{i}" in group
+            ]
+            self._pending_states = _read_callback_states(f)
             logged = [str(n) for n in group.attrs.get("logged", [])]
         if logged:
             # Values a step logs (made at their first use): made now, so
@@ -450,6 +688,7 @@ class BackupAndRestore(_compat.KerasBackupAndRestore):
                     group.attrs["logged"] = logged
                 for i, variable in enumerate(self.model.metrics_variables):
                     group[f"metric_{i}"] = keras.ops.convert_to_numpy(variable)
+                _write_callback_states(f, self._sibling_callbacks())
         for *_, stale in old:
             with contextlib.suppress(OSError):
                 os.remove(stale)
@@ -470,3 +709,60 @@ class BackupAndRestore(_compat.KerasBackupAndRestore):
                 "kill cannot damage.",
                 stacklevel=2,
             )
+
+
+def _callback_keys(callbacks):
+    """`(key, callback, names)` of the callbacks whose state a backup
+    keeps; the key is the class name and its occurrence in the list."""
+    seen = {}
+    for callback in callbacks:
+        names = _state_names(callback)
+        if names:
+            cls = type(callback).__name__
+            seen[cls] = seen.get(cls, -1) + 1
+            yield f"{cls}_{seen[cls]}", callback, names
+
+
+def _write_callback_states(f, callbacks):
+    import numpy as np
+
+    root = f.create_group(_CALLBACKS_GROUP)
+    for key, callback, names in _callback_keys(callbacks):
+        group = root.create_group(key)
+        for name in names:
+            value = getattr(callback, name, None)
+            if value is None:
+                continue
+            if name == "best_weights":
+                weights = group.create_group(name)
+                for i, array in enumerate(value):
+                    weights[str(i)] = np.asarray(array)
+            else:
+                group.attrs[name] = np.asarray(value)
+
+
+def _read_callback_states(f):
+    """`{key: {name: value}}` from a backup (empty for one without)."""
+    root = f.get(_CALLBACKS_GROUP)
+    if root is None:
+        return None
+    states = {}
+    for key, group in root.items():
+        state = {n: v[()].item() for n, v in group.attrs.items()}
+        if "best_weights" in group:
+            weights = group["best_weights"]
+            state["best_weights"] = [
+                weights[str(i)][()] for i in range(len(weights))
+            ]
+        states[key] = state
+    return (states,)
+
+
+def _set_callback_states(callbacks, states):
+    for key, callback, names in _callback_keys(callbacks):
+        state = states.get(key)
+        if state is None:
+            continue
+        for name in names:
+            if name in state:
+                setattr(callback, name, state[name])

@@ -6,7 +6,10 @@ the optimizer's SUM all-reduce of the gradients yields the gradient of the
 global mean.
 """
 
+import weakref
+
 import keras
+import numpy as np
 import tensorflow as tf
 
 
@@ -305,3 +308,50 @@ def normal_per_sample(shape, seed):
     global_shape = tf.concat([shape[:1] * n, shape[1:]], axis=0)
     noise = tf.random.stateless_normal(global_shape, seed)
     return tf.gather(noise, local_rows(shape[0]))
+
+
+def num_workers(strategy=None) -> int:
+    """The number of worker processes of `strategy` (the current one by
+    default): more than 1 under a `MultiWorkerMirroredStrategy` cluster,
+    else 1."""
+    strategy = strategy or tf.distribute.get_strategy()
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None:
+        return 1
+    spec = resolver.cluster_spec().as_dict()
+    return max(1, sum(len(spec.get(t, ())) for t in ("chief", "worker")))
+
+
+def first_flag_of_any_worker(value: int, strategy=None, size: int = 65) -> int:
+    """The smallest nonzero `value` (in [0, size)) given by any worker, or
+    0 when every worker gives 0: e.g. a signal number received by one
+    worker, agreed by all. A collective under a multi-worker strategy:
+    every worker must call it, in the same order; on one process it
+    returns `value` without communicating."""
+    strategy = strategy or tf.distribute.get_strategy()
+    if num_workers(strategy) <= 1:
+        return int(value)
+    total = _summed_over_workers(strategy)(
+        tf.one_hot(int(value), size, dtype=tf.float32)
+    )
+    nonzero = np.flatnonzero(np.asarray(total)[1:] > 0)
+    return int(nonzero[0]) + 1 if nonzero.size else 0
+
+
+_SUMS = weakref.WeakKeyDictionary()
+
+
+def _summed_over_workers(strategy):
+    """A function (traced once per strategy) that sums a tensor given by
+    every replica of every worker."""
+    if strategy not in _SUMS:
+
+        @tf.function
+        def summed(value):
+            per_replica = strategy.run(tf.identity, args=(value,))
+            return strategy.reduce(
+                tf.distribute.ReduceOp.SUM, per_replica, axis=None
+            )
+
+        _SUMS[strategy] = summed
+    return _SUMS[strategy]

@@ -9,6 +9,13 @@ across the workers. Output lines are prefixed with the worker index. If a
 worker fails or the timeout passes, every worker is killed (only the
 process groups this launcher started) and the exit code is non-zero.
 
+A preemption notice to the launcher (SIGTERM, SIGUSR1) is
+passed on to every worker, so that `fitcustom.BackupAndRestore` in each
+saves at the same step; the launcher then waits for them and exits with
+their status (143 after SIGTERM). A worker that exits with such a status
+is given `GRACE` seconds for its peers to finish their backup before they
+are killed.
+
 Usage:
     python -m scripts.launch_workers --workers 2 --timeout 600 -- \\
         my_training_script.py --its-own args
@@ -55,7 +62,17 @@ def _pump(stream, prefix, sink):
         sink.flush()
 
 
-def launch(command, workers=2, timeout=600.0, env=None, output=None):
+#: Signals passed on to the workers.
+FORWARDED = (signal.SIGTERM, signal.SIGUSR1)
+#: Exit statuses of a worker stopped by a notice (128 + the signal).
+NOTICE_STATUSES = {128 + s for s in FORWARDED}
+#: Seconds the other workers get after one exits with a notice status.
+GRACE = 60.0
+
+
+def launch(
+    command, workers=2, timeout=600.0, env=None, output=None, grace=GRACE
+):
     """Runs `command` (argv list) as `workers` local workers.
 
     Args:
@@ -65,6 +82,9 @@ def launch(command, workers=2, timeout=600.0, env=None, output=None):
         timeout: Seconds before every worker is killed.
         env: Extra environment variables for every worker.
         output: Where prefixed output goes. Defaults to `sys.stdout`.
+        grace: Seconds the other workers get to finish after one exits
+            with a notice status (`NOTICE_STATUSES`), before they are
+            killed.
 
     Returns:
         The list of worker exit codes (all 0 on success).
@@ -78,6 +98,7 @@ def launch(command, workers=2, timeout=600.0, env=None, output=None):
     output = output or sys.stdout
     ports = free_ports(workers)
     procs, pumps = [], []
+    previous = _forward_signals(procs)
     try:
         for index in range(workers):
             worker_env = dict(os.environ, **(env or {}))
@@ -100,15 +121,22 @@ def launch(command, workers=2, timeout=600.0, env=None, output=None):
             pumps.append(pump)
         deadline = time.monotonic() + timeout
         while any(p.poll() is None for p in procs):
-            if any(p.poll() not in (None, 0) for p in procs):
+            codes = {p.poll() for p in procs} - {None, 0}
+            if codes - NOTICE_STATUSES:
                 break  # one failed: its peers would wait forever
+            if codes:  # one stopped after a notice: the others follow
+                deadline = min(deadline, time.monotonic() + grace)
             if time.monotonic() > deadline:
+                if codes:
+                    break
                 raise TimeoutError(
                     f"{workers} workers did not finish within {timeout} s; "
                     "they were killed."
                 )
             time.sleep(0.1)
     finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
         for proc in procs:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -116,6 +144,23 @@ def launch(command, workers=2, timeout=600.0, env=None, output=None):
         for pump in pumps:
             pump.join(timeout=5)
     return [p.returncode for p in procs]
+
+
+def _forward_signals(procs):
+    """Passes `FORWARDED` signals on to the process groups of `procs`
+    (main thread only); returns the handlers to put back."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def forward(number, frame):
+        for proc in procs:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, number)
+                except ProcessLookupError:
+                    pass
+
+    return {number: signal.signal(number, forward) for number in FORWARDED}
 
 
 def main(argv=None):
@@ -142,6 +187,13 @@ def main(argv=None):
         codes = launch(command, args.workers, args.timeout)
     except TimeoutError as e:
         sys.exit(f"error: {e}")
+    if len(set(codes)) == 1 and codes[0] in NOTICE_STATUSES:
+        print(
+            f"Every worker stopped after a notice (status {codes[0]}); "
+            "run the same command to resume.",
+            file=sys.stderr,
+        )
+        sys.exit(codes[0])
     if any(codes):
         sys.exit(f"error: worker exit codes {codes}")
     return codes

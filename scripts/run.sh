@@ -30,8 +30,9 @@ fi
 source "$(dirname "$0")/_env.sh" examples
 OUT="${OUTPUT_DIR:-$ROOT/outputs}"
 
-classifier() { python -m scripts.train_classifier --output-dir "$OUT/classifier" "$@"; }
-gan() { python -m scripts.train_gan --output-dir "$OUT/gan" "$@"; }
+source "$ROOT/scripts/_forward.sh"
+classifier() { forward python -m scripts.train_classifier --output-dir "$OUT/classifier" "$@"; }
+gan() { forward python -m scripts.train_gan --output-dir "$OUT/gan" "$@"; }
 benchmark() { python -m benchmarks.training_speed --quick --output-dir "$OUT/benchmark" "$@"; }
 summary() { python -m scripts.summary --output-dir "$OUT" "$@"; }
 

@@ -4,7 +4,9 @@ import contextlib
 import errno
 import json
 import os
+import signal
 import subprocess
+import threading
 import uuid
 import warnings
 import zipfile
@@ -381,3 +383,109 @@ def test_resume_with_another_batch_size_is_refused_or_warned(tmp_path):
             callbacks=[fitcustom.BackupAndRestore(backup)],
         )
     assert len(history.history["loss"]) == 1  # epoch 2 only
+
+
+class _Notice(keras.callbacks.Callback):
+    """Sends this process `number` after batch `batch` of epoch `epoch`,
+    as a cluster's preemption notice would arrive."""
+
+    def __init__(self, number, epoch, batch):
+        super().__init__()
+        self.number, self.at = number, (epoch, batch)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if (self.epoch, batch) == self.at:
+            os.kill(os.getpid(), self.number)
+
+
+def _stopping_run(backup, extra=(), **backup_kwargs):
+    """A model trained with EarlyStopping (stops after epoch 4 of 6 when
+    uninterrupted) beside the backup; returns (model, EarlyStopping,
+    the backup callback)."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(32, 4)).astype("float32")
+    y = x @ rng.normal(size=(4, 4)).astype("float32")
+    model = _model()
+    stopping = keras.callbacks.EarlyStopping(
+        "loss", min_delta=0.2, patience=1, restore_best_weights=True
+    )
+    callbacks = [
+        fitcustom.BackupAndRestore(backup, **backup_kwargs),
+        *extra,
+        stopping,
+    ]
+    model.fit(
+        x,
+        y,
+        batch_size=8,
+        epochs=6,
+        verbose=0,
+        shuffle=False,
+        callbacks=callbacks,
+    )
+    return model, stopping, callbacks[0]
+
+
+@pytest.mark.skipif(
+    threading.current_thread() is not threading.main_thread(),
+    reason="signal handlers are set in the main thread only",
+)
+def test_a_notice_stops_fit_with_a_backup_and_the_rerun_resumes(tmp_path):
+    straight, straight_stopping, _ = _stopping_run(tmp_path / "straight")
+    assert 0 < straight_stopping.stopped_epoch < 5
+    previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    try:
+        _, _, backup = _stopping_run(
+            tmp_path / "b",
+            extra=[_Notice(signal.SIGUSR1, 1, 1)],
+            exit_on_preemption=False,
+        )
+        # fit() returned early; the handler before fit() is back.
+        assert signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert backup.preempted_by == "SIGUSR1"
+    # Sent after batch 1 (once the backup callback had seen it): saved
+    # after the next one, the step that was running.
+    assert fitcustom.BackupAndRestore.progress(tmp_path / "b") == (1, 3)
+    resumed, stopping, _ = _stopping_run(tmp_path / "b")
+    assert stopping.stopped_epoch == straight_stopping.stopped_epoch
+    assert stopping.best == straight_stopping.best
+    assert_weights_close(straight.get_weights(), resumed.get_weights(), atol=0)
+    # Control: the same resume without the callbacks' state in the backup
+    # (Keras' EarlyStopping starts over) does not stop where it should.
+    _stopping_run(
+        tmp_path / "c",
+        extra=[_Notice(signal.SIGUSR1, 1, 1)],
+        exit_on_preemption=False,
+    )
+    with h5py_file(tmp_path / "c") as f:
+        del f["callbacks"]
+    _, stopping, _ = _stopping_run(tmp_path / "c")
+    assert stopping.stopped_epoch != straight_stopping.stopped_epoch
+
+
+@contextlib.contextmanager
+def h5py_file(backup_dir):
+    import h5py
+
+    (path,) = list(backup_dir.glob("backup-*.weights.h5"))
+    with h5py.File(path, "a") as f:
+        yield f
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(preemption_signals=("SIGKILL",)), "SIGKILL cannot be caught"),
+        (dict(preemption_signals=("SIGNOPE",)), "'SIGNOPE', which is not"),
+        (dict(exit_code=300), "int from 0 to 255.*300"),
+    ],
+    ids=["sigkill", "unknown", "exit_code"],
+)
+def test_bad_preemption_arguments_are_refused(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        fitcustom.BackupAndRestore(tmp_path, **kwargs)

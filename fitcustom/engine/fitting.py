@@ -187,6 +187,13 @@ class FitMixin:
             # (A ready-made CallbackList is the caller's to fill.)
             # First, so that checkpoints see the restored weights.
             callbacks = [_StopOnNonFinite()] + list(callbacks or [])
+        # Seen by fitcustom.BackupAndRestore, which keeps the state of the
+        # callbacks beside it (EarlyStopping's wait and best) in a backup.
+        self.__dict__["_fit_callbacks"] = list(
+            callbacks.callbacks
+            if isinstance(callbacks, keras.callbacks.CallbackList)
+            else callbacks or []
+        )
         return super().fit(
             x=x,
             y=y,

@@ -1,0 +1,86 @@
+"""A training job for the preemption tests, run in fresh processes.
+
+    python tests/programs/preempt_job.py OUT KIND [SIGNALS]
+
+Trains a small TapeClassifier or TapeGAN for up to 8 epochs with
+`fitcustom.BackupAndRestore(OUT/backup)` at its default `save_freq`
+("epoch"), Keras' `EarlyStopping` (patience 1, restoring the best weights)
+and `fitcustom.ModelCheckpoint(save_best_only=True)`. After each batch it
+prints `at EPOCH BATCH` and pauses 50 ms, so that a test can send a
+signal in the middle of an epoch. `SIGNALS` ("none" or names joined by
+commas) is the callback's `preemption_signals` (default: its own). At the
+end it writes `OUT/final.weights.h5` and `OUT/result.json` (the history
+and the callbacks' state).
+"""
+
+import json
+import os
+import sys
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+from small_models import build
+
+import fitcustom
+
+
+class Position(keras.callbacks.Callback):
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        print(f"at {self.epoch} {batch}", flush=True)
+        time.sleep(0.05)
+
+
+def main(argv):
+    out, kind = argv[0], argv[1]
+    kwargs = {}
+    if len(argv) > 2:
+        kwargs["preemption_signals"] = (
+            () if argv[2] == "none" else tuple(argv[2].split(","))
+        )
+    tf.config.optimizer.set_experimental_options(
+        {"disable_meta_optimizer": True}
+    )
+    keras.utils.set_random_seed(0)
+    model, x, y = build(kind, n_critic=2, dropout=0.1)
+    monitor = "g_loss" if kind == "gan" else "loss"
+    stopping = keras.callbacks.EarlyStopping(
+        monitor=monitor, mode="min", patience=1, restore_best_weights=True
+    )
+    checkpoint = fitcustom.ModelCheckpoint(
+        os.path.join(out, "best.keras"),
+        monitor,
+        mode="min",
+        save_best_only=True,
+    )
+    history = model.fit(
+        x,
+        y,
+        batch_size=16,
+        epochs=8,
+        verbose=0,
+        callbacks=[
+            Position(),
+            fitcustom.BackupAndRestore(os.path.join(out, "backup"), **kwargs),
+            stopping,
+            checkpoint,
+        ],
+    )
+    model.save_weights(os.path.join(out, "final.weights.h5"))
+    result = {
+        "history": history.history,
+        "stopped_epoch": stopping.stopped_epoch,
+        "best_epoch": stopping.best_epoch,
+        "best": float(stopping.best),
+        "checkpoint_best": float(checkpoint.best),
+    }
+    with open(os.path.join(out, "result.json"), "w") as f:
+        json.dump(result, f, default=lambda v: np.asarray(v).tolist())
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

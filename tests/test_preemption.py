@@ -1,0 +1,324 @@
+"""A preemption notice (SIGTERM, SIGUSR1) during fit() becomes a backup at
+the current step and an exit; the same command then resumes exactly,
+with the callbacks' state (EarlyStopping's best weights and patience), on
+one process and on two workers. Every run has a hard timeout and signals
+or kills only the processes (groups) it started."""
+
+import importlib.util
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from helpers import assert_weights_close
+
+import fitcustom
+from scripts import launch_workers
+
+JOB = Path(__file__).parent / "programs" / "preempt_job.py"
+ROOT = Path(__file__).parent.parent
+
+
+def _start(out, kind, signals=None):
+    args = [sys.executable, str(JOB), str(out), kind]
+    args += [signals] if signals else []
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return subprocess.Popen(
+        args,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, killed alone
+    )
+
+
+def _finish(proc, timeout=300):
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return proc.returncode, out, err
+
+
+def _run(out, kind, notice=None, at=None, signals=None):
+    """Runs the job; with `notice`, sends it once the job reports the
+    batch `at` = (epoch, batch). Returns (exit code, stdout lines,
+    stderr)."""
+    proc = _start(out, kind, signals)
+    seen = []
+    if notice is not None:
+        for line in proc.stdout:
+            seen.append(line.strip())
+            if line.strip() == f"at {at[0]} {at[1]}":
+                proc.send_signal(notice)
+                break
+    code, rest, err = _finish(proc)
+    return code, seen + rest.splitlines(), err
+
+
+def _weights(path):
+    with h5py.File(path, "r") as f:
+        found = {}
+        f.visititems(
+            lambda name, obj: (
+                found.__setitem__(name, obj[()])
+                if isinstance(obj, h5py.Dataset)
+                else None
+            )
+        )
+    return [found[k] for k in sorted(found)]
+
+
+def _result(out):
+    result = json.loads((out / "result.json").read_text())
+    history = result.pop("history")
+    return result, {k: v[-1] for k, v in history.items()}
+
+
+def _positions(lines):
+    """The `(epoch, batch)` the job reported, in order."""
+    return [
+        tuple(int(v) for v in line.split()[1:])
+        for line in lines
+        if line.startswith("at ")
+    ]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """Uninterrupted runs of both jobs (their EarlyStopping stops both
+    after epoch 2, restoring epoch 1's weights)."""
+    found = {}
+    for kind in ("classifier", "gan"):
+        out = tmp_path_factory.mktemp(f"straight_{kind}")
+        code, _, err = _finish(_start(out, kind))
+        assert code == 0, err[-3000:]
+        found[kind] = out
+    return found
+
+
+CASES = {
+    # kind, notice, batch reported when it is sent: (epoch, batch)
+    "classifier_sigterm": ("classifier", signal.SIGTERM, (1, 2)),
+    "gan_sigusr1": ("gan", signal.SIGUSR1, (0, 3)),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_notice_saves_at_the_step_and_the_rerun_resumes_exactly(
+    tmp_path, straight, case
+):
+    kind, notice, at = CASES[case]
+    code, lines, err = _run(tmp_path, kind, notice, at)
+    assert code == 128 + notice, err[-3000:]
+    assert f"{notice.name} received" in err
+    # Saved at the step where the notice was seen: after the last batch
+    # the job reported, not at the last epoch's end.
+    last = _positions(lines)[-1]
+    assert last[0] == at[0] and last[1] >= at[1]
+    progress = fitcustom.BackupAndRestore.progress(tmp_path / "backup")
+    assert progress == (last[0], last[1] + 1)
+    code, lines, err = _run(tmp_path, kind)  # the same command again
+    assert code == 0, err[-3000:]
+    assert not (tmp_path / "backup").exists()
+    # Bit for bit, optimizer step counters included (no batch twice).
+    for a, b in zip(
+        _weights(straight[kind] / "final.weights.h5"),
+        _weights(tmp_path / "final.weights.h5"),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b)
+    # EarlyStopping stopped at the same epoch with the same best (its
+    # state was in the backup) and ModelCheckpoint kept its best.
+    assert _result(tmp_path) == _result(straight[kind])
+
+
+@pytest.mark.slow
+def test_without_preemption_signals_a_notice_loses_the_epoch(tmp_path):
+    # The control: the same notice with the handling off kills the job at
+    # once; the backup is the one of the last epoch's end.
+    code, lines, err = _run(
+        tmp_path, "classifier", signal.SIGTERM, (1, 2), signals="none"
+    )
+    assert code == -signal.SIGTERM, err[-3000:]
+    assert fitcustom.BackupAndRestore.progress(tmp_path / "backup") == (1, 0)
+
+
+# ---------------------------------------------------------------------------
+# Several workers (MultiWorkerMirroredStrategy on 127.0.0.1)
+# ---------------------------------------------------------------------------
+
+MULTIWORKER_JOB = (
+    Path(__file__).parent / "programs" / ("multiworker_preempt_job.py")
+)
+
+
+@pytest.fixture(scope="module")
+def one_process():
+    """The weights one process trains on the workers' global batches."""
+    spec = importlib.util.spec_from_file_location(
+        "preempt_common",
+        Path(__file__).parent / "programs" / "multiworker_common.py",
+    )
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    x, y = common.data()
+    model = common.make_model("classifier")
+    model.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0)
+    return model.get_weights()
+
+
+def _worker_weights(out, index):
+    with np.load(out / f"weights{index}.npz") as f:
+        return [f[f"arr_{i}"] for i in range(len(f.files))]
+
+
+def _launch(out, backup, env=None):
+    log = io.StringIO()
+    codes = launch_workers.launch(
+        [sys.executable, str(MULTIWORKER_JOB), str(out), backup],
+        workers=2,
+        timeout=300,
+        env={"TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})},
+        output=log,
+    )
+    return codes, log.getvalue()
+
+
+@pytest.mark.slow
+def test_a_notice_to_one_worker_stops_every_worker_at_one_step(
+    tmp_path, one_process
+):
+    codes, log = _launch(tmp_path, "per_worker", {"NOTICE": "1:1:SIGTERM"})
+    assert codes == [143, 143], log[-4000:]
+    # Worker 1 got no signal; both saved after the same batch.
+    progress = [
+        fitcustom.BackupAndRestore.progress(tmp_path / f"backup{i}")
+        for i in (0, 1)
+    ]
+    assert progress[0] == progress[1] == (1, 2), log[-4000:]
+    codes, log = _launch(tmp_path, "per_worker")  # the same command
+    assert codes == [0, 0], log[-4000:]
+    for index in (0, 1):
+        assert_weights_close(
+            one_process, _worker_weights(tmp_path, index), atol=1e-6
+        )
+
+
+@pytest.mark.slow
+def test_a_notice_to_the_launcher_reaches_every_worker(tmp_path, one_process):
+    # The launcher passes SIGTERM on to its workers (one shared backup
+    # directory) and exits with their status.
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    command = [
+        sys.executable,
+        "-m",
+        "scripts.launch_workers",
+        "--workers",
+        "2",
+        "--timeout",
+        "300",
+        "--",
+        str(MULTIWORKER_JOB),
+        str(tmp_path),
+        "shared",
+    ]
+    proc = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.strip() == "[worker 0] at 1 0":
+            proc.send_signal(signal.SIGTERM)  # the launcher only
+            break
+    code, rest, _ = _finish(proc)
+    log = "".join(seen) + rest
+    assert code == 143, log[-4000:]
+    assert log.count("SIGTERM received") == 2, log[-4000:]
+    epochs, done = fitcustom.BackupAndRestore.progress(tmp_path / "backup")
+    assert epochs == 1 and done >= 1, log[-4000:]
+    codes, log = _launch(tmp_path, "shared")
+    assert codes == [0, 0], log[-4000:]
+    for index in (0, 1):
+        assert_weights_close(
+            one_process, _worker_weights(tmp_path, index), atol=1e-6
+        )
+
+
+# ---------------------------------------------------------------------------
+# The scripts
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_run_sh_passes_a_notice_on_to_the_training_script(tmp_path):
+    """run.sh runs each part through `forward` (scripts/_forward.sh): a
+    SIGTERM to the shell reaches the training script, which saves at the
+    step and exits 143; the same command resumes there."""
+    command = (
+        'source scripts/_forward.sh && forward "$@"; status=$?; '
+        'echo "status $status"; exit $status'
+    )
+    train = [
+        sys.executable,
+        "-m",
+        "scripts.train_classifier",
+        "--output-dir",
+        str(tmp_path),
+        "--epochs",
+        "400",
+        "--patience",
+        "400",
+        "--batch-size",
+        "8",
+        "--verbose",
+        "2",
+    ]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+
+    def run(until):
+        proc = subprocess.Popen(
+            ["bash", "-c", command, "bash", *train],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if until in line:
+                proc.send_signal(signal.SIGTERM)  # the shell only
+                break
+        code, rest, _ = _finish(proc)
+        return code, "".join(seen) + rest
+
+    code, log = run("Epoch 3/400")
+    assert code == 143, log[-3000:]
+    assert "SIGTERM received" in log and "status 143" in log, log[-3000:]
+    epochs, _ = fitcustom.BackupAndRestore.progress(tmp_path / "backup")
+    assert epochs >= 2, log[-3000:]
+    code, log = run("Epoch ")
+    assert f"Resuming the interrupted run in {tmp_path} after {epochs}" in log
+    assert code == 143, log[-3000:]
