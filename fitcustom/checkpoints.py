@@ -43,6 +43,7 @@ fitcustom.checkpoints.save_model(model, "/tmp/fitcustom_doc_model.keras")
 import contextlib
 import os
 import re
+import shutil
 import signal
 import sys
 import threading
@@ -434,7 +435,13 @@ class BackupAndRestore(_compat.KerasBackupAndRestore):
 
     def on_train_end(self, logs=None):
         self._remove_handlers()
-        if self.preempted_by is None:
+        if self.preempted_by is not None:
+            return  # the backup is what the next run resumes from
+        if self.delete_checkpoint and _is_local(self.backup_dir):
+            # Workers that share the directory all remove it: what one of
+            # them removed first is not an error for the others.
+            shutil.rmtree(self.backup_dir, onerror=_unless_gone)
+        else:
             super().on_train_end(logs)
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -709,6 +716,11 @@ class BackupAndRestore(_compat.KerasBackupAndRestore):
                 "kill cannot damage.",
                 stacklevel=2,
             )
+
+
+def _unless_gone(function, path, exc_info):
+    if not issubclass(exc_info[0], FileNotFoundError):
+        raise exc_info[1]
 
 
 def _callback_keys(callbacks):

@@ -197,29 +197,20 @@ def _launch(out, backup, env=None):
 
 
 @pytest.mark.slow
-def test_a_notice_to_one_worker_stops_every_worker_at_one_step(
+def test_notices_to_one_worker_and_to_the_launcher_stop_every_worker(
     tmp_path, one_process
 ):
-    codes, log = _launch(tmp_path, "per_worker", {"NOTICE": "1:1:SIGTERM"})
+    # First a notice that reaches worker 0 only: worker 1 learns of it at
+    # the next batch's agreement, and both save after the same batch (one
+    # backup directory for both).
+    codes, log = _launch(tmp_path, "shared", {"NOTICE": "0:2:SIGTERM"})
     assert codes == [143, 143], log[-4000:]
-    # Worker 1 got no signal; both saved after the same batch.
-    progress = [
-        fitcustom.BackupAndRestore.progress(tmp_path / f"backup{i}")
-        for i in (0, 1)
-    ]
-    assert progress[0] == progress[1] == (1, 2), log[-4000:]
-    codes, log = _launch(tmp_path, "per_worker")  # the same command
-    assert codes == [0, 0], log[-4000:]
-    for index in (0, 1):
-        assert_weights_close(
-            one_process, _worker_weights(tmp_path, index), atol=1e-6
-        )
-
-
-@pytest.mark.slow
-def test_a_notice_to_the_launcher_reaches_every_worker(tmp_path, one_process):
-    # The launcher passes SIGTERM on to its workers (one shared backup
-    # directory) and exits with their status.
+    assert log.count("SIGTERM received") == 2, log[-4000:]
+    backup = tmp_path / "backup"
+    assert fitcustom.BackupAndRestore.progress(backup) == (0, 3), log[-4000:]
+    # The same command, through the launcher's command line; a SIGTERM to
+    # the launcher alone is passed on to both workers, and the launcher
+    # exits with their status.
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     command = [
@@ -247,16 +238,16 @@ def test_a_notice_to_the_launcher_reaches_every_worker(tmp_path, one_process):
     seen = []
     for line in proc.stdout:
         seen.append(line)
-        if line.strip() == "[worker 0] at 1 0":
+        if line.strip() == "[worker 0] at 1 1":
             proc.send_signal(signal.SIGTERM)  # the launcher only
             break
     code, rest, _ = _finish(proc)
     log = "".join(seen) + rest
     assert code == 143, log[-4000:]
     assert log.count("SIGTERM received") == 2, log[-4000:]
-    epochs, done = fitcustom.BackupAndRestore.progress(tmp_path / "backup")
-    assert epochs == 1 and done >= 1, log[-4000:]
-    codes, log = _launch(tmp_path, "shared")
+    epochs, done = fitcustom.BackupAndRestore.progress(backup)
+    assert epochs == 1 and done >= 2, log[-4000:]
+    codes, log = _launch(tmp_path, "shared")  # and once more, to the end
     assert codes == [0, 0], log[-4000:]
     for index in (0, 1):
         assert_weights_close(

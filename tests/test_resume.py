@@ -44,8 +44,10 @@ def _weights(out):
         return [f[k] for k in sorted(f.files, key=lambda k: int(k[4:]))]
 
 
+# The classifier and the GAN are killed mid-epoch (and inside their writes)
+# by test_durability.py, and stopped by a notice by test_preemption.py.
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["engine", "classifier", "gan"])
+@pytest.mark.parametrize("kind", ["engine"])
 def test_sigkill_mid_epoch_then_resume_gives_uninterrupted_weights(
     tmp_path, kind
 ):
