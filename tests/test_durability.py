@@ -43,6 +43,11 @@ KILLS = {
         "checkpoint:2:partial",
         "backup:2:renamed",
     ],
+    ("two_players", "2"): [
+        "batch:1:2",
+        "backup:2:partial",
+        "batch:3:5",
+    ],
     ("gan", "2"): [
         "batch:0:3",
         "backup:1:partial",
@@ -138,13 +143,15 @@ def test_killed_at_many_moments_resumes_exactly(tmp_path, freq):
     """SIGKILL at moments spread over a run, inside the writes too; after
     every kill the files left are complete, and the restarted run ends
     with the uninterrupted run's weights and last logs, bit for bit.
-    The classifier's and the GAN's sequences run side by side (one
-    process each at a time: most of a process's time is importing
-    TensorFlow, on one core)."""
+    The classifier's, the GAN's and (with 2-batch backups) a step of its
+    own's (two named optimizers, an EMA copy, `normal_noise`) sequences
+    run two at a time (one process each at a time: most of a process's
+    time is importing TensorFlow, on one core)."""
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
         runs = [
             pool.submit(_killed_and_resumed, tmp_path / kind, kind, freq)
-            for kind in ("classifier", "gan")
+            for kind in ("classifier", "gan", "two_players")
+            if (kind, freq) in KILLS
         ]
         for run in runs:
             run.result()

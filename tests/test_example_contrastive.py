@@ -119,3 +119,11 @@ def test_contrastive_continues_after_loading_in_a_fresh_process(tmp_path):
     assert {"contrastive_loss", "probe_loss", "probe_accuracy"} <= set(
         result["logs"]
     )
+
+
+def test_contrastive_under_mixed_precision_takes_float32_sized_updates():
+    x, y = _contrastive_data()
+    report = fitcustom.testing.check_mixed_precision(
+        _contrastive, x, y, batch_size=16, epochs=2, shuffle=False
+    )
+    report.assert_ok()

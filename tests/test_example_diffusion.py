@@ -90,3 +90,11 @@ def test_diffusion_continues_after_loading_in_a_fresh_process(tmp_path):
         "test_example_diffusion", "DIFFUSION_TASK", tmp_path
     )
     assert result["steps"] == [8]
+
+
+def test_diffusion_under_mixed_precision_takes_float32_sized_updates():
+    x, _ = _diffusion_data()
+    report = fitcustom.testing.check_mixed_precision(
+        _diffusion, x, batch_size=16, epochs=2, shuffle=False
+    )
+    report.assert_ok()

@@ -85,3 +85,11 @@ def test_translation_continues_after_loading_in_a_fresh_process(tmp_path):
         "test_example_translation", "TRANSLATION_TASK", tmp_path
     )
     assert result["steps"] == [8, 8, 8, 8]
+
+
+def test_translation_under_mixed_precision_takes_float32_sized_updates():
+    a, b = _translation_data()
+    report = fitcustom.testing.check_mixed_precision(
+        _translation, a, b, batch_size=8, epochs=2, shuffle=False
+    )
+    report.assert_ok()

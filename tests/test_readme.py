@@ -5,6 +5,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import textwrap
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 
@@ -52,3 +53,21 @@ def test_readme_commands_exist():
         assert (root / command).is_file(), command
     ci = (root / ".ci" / "run").read_text()
     assert "bash scripts/test.sh" in ci
+
+
+def test_example_excerpts_are_the_programs_code():
+    """The README's excerpts of the example programs' steps are the code
+    in the files, method for method."""
+    excerpts = [
+        b for b in python_blocks() if b.startswith("# scripts/examples/")
+    ]
+    assert len(excerpts) == 4
+    for block in excerpts:
+        header, body = block.split("\n", 1)
+        path = README.parent / header[2:].split(",")[0]
+        source = path.read_text()
+        methods = re.split(r"\n(?=def )", body.strip())
+        assert len(methods) >= 1
+        for method in methods:
+            indented = textwrap.indent(method.strip() + "\n", "    ")
+            assert indented in source, (header, method[:200])

@@ -2,7 +2,8 @@
 
     python tests/programs/durable_job.py OUT KIND SAVE_FREQ [KILL]
 
-Trains a small TapeClassifier or TapeGAN with `fitcustom.BackupAndRestore`
+Trains a small model of `small_models.build(KIND)` (a TapeClassifier, a
+TapeGAN, or a step of its own) with `fitcustom.BackupAndRestore`
 (`save_freq` "epoch" or a number of batches) and
 `fitcustom.ModelCheckpoint` under `OUT`, then saves the final weights to
 `OUT/final.weights.h5` and the last epoch's logs to `OUT/logs.json`.

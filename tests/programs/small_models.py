@@ -4,8 +4,40 @@ kinds of model."""
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 import fitcustom
+
+
+@keras.saving.register_keras_serializable(package="fitcustom_small_models")
+class TwoPlayers(fitcustom.TapeModel):
+    """A step of one's own: `encoder` fits the labels' one-hot codes from
+    noisy inputs, `decoder` rebuilds the inputs from the codes; two named
+    optimizers, one persistent tape, and an EMA copy of the decoder."""
+
+    config_models = ("encoder", "decoder")
+
+    def __init__(self, encoder, decoder, **kwargs):
+        super().__init__(**kwargs)
+        self.encoder, self.decoder = encoder, decoder
+        self.ema_decoder = self.track_ema(self.decoder, 0.8, "decoder")
+
+    def call(self, x, training=False):
+        return self.decoder(self.encoder(x, training=training))
+
+    def train_step(self, data):
+        x, y, _ = self.unpack_data(data)
+        with tf.GradientTape(persistent=True) as tape:
+            noisy = x + 0.1 * self.normal_noise(tf.shape(x))
+            code = self.encoder(noisy, training=True)
+            target = tf.one_hot(tf.cast(y, tf.int32), 3)
+            fit = tf.reduce_sum(tf.square(code - target), axis=-1)
+            rebuilt = self.decoder(code, training=True)
+            rebuild = tf.reduce_mean(tf.square(rebuilt - x), axis=-1)
+            self.minimize(
+                tape, {"fit": fit, "rebuild": rebuild}, optimizer="encoder"
+            )
+            self.minimize(tape, {"rebuild": rebuild}, optimizer="decoder")
 
 
 def build(kind, n_critic=1, dropout=0.0):
@@ -15,8 +47,9 @@ def build(kind, n_critic=1, dropout=0.0):
         kind: "gan" (a TapeGAN with an EMA generator and label noise,
             `y` None: its noise is drawn by the GAN, part of what must
             resume), "classifier" (a TapeClassifier with SAM and label
-            smoothing) or "engine" (a TapeModel with a gradient transform
-            and the non-finite guard).
+            smoothing), "engine" (a TapeModel with a gradient transform
+            and the non-finite guard) or "two_players" (a step of its own:
+            two named optimizers, an EMA copy, noise from `normal_noise`).
         n_critic: The GAN's discriminator updates per step.
         dropout: Dropout rate after the classifiers' BatchNormalization
             (0: none); the GAN's discriminator always has Dropout(0.2).
@@ -43,6 +76,20 @@ def build(kind, n_critic=1, dropout=0.0):
         )
         model.compile(label_noise=0.05)
         return model, x, None
+    if kind == "two_players":
+        a = keras.Input((6,))
+        h = keras.layers.Dropout(0.1)(keras.layers.Dense(8, "relu")(a))
+        encoder = keras.Model(a, keras.layers.Dense(3)(h))
+        b = keras.Input((3,))
+        decoder = keras.Model(b, keras.layers.Dense(6)(b))
+        model = TwoPlayers(encoder, decoder)
+        model.compile(
+            optimizer={
+                "encoder": "adam",
+                "decoder": keras.optimizers.SGD(0.05, momentum=0.5),
+            }
+        )
+        return model, x, y
     inputs = keras.Input((6,))
     h = keras.layers.Dense(16, activation="relu")(inputs)
     h = keras.layers.BatchNormalization()(h)
@@ -62,7 +109,8 @@ def build(kind, n_critic=1, dropout=0.0):
         )
     else:
         raise ValueError(
-            "`kind` must be 'gan', 'classifier' or 'engine'. "
+            "`kind` must be 'gan', 'classifier', 'engine' or "
+            "'two_players'. "
             f"Received: kind={kind!r}."
         )
     return model, x, y
