@@ -83,6 +83,7 @@ class Contrastive(fitcustom.TapeModel):
         scaled and pixel noise added (a draw of its own per `stream`)."""
         n = tf.shape(images)[0]
         noise = self.normal_noise([n, 3 + 8 * 8], stream)
+        images = tf.cast(images, noise.dtype)  # float16 under mixed precision
         uniform = 0.5 * (1.0 + tf.math.erf(noise[:, :2] / 2**0.5))
         shifts = tf.cast(tf.floor(uniform * 3.0), tf.int32) - 1
         padded = tf.pad(images, [[0, 0], [1, 1], [1, 1], [0, 0]])

@@ -80,21 +80,22 @@ class Translation(fitcustom.TapeModel):
 
     def train_step(self, data):
         a, b, _ = self.unpack_data(data)
+
+        def run(network, images):  # terms in float32 under mixed precision
+            return tf.cast(network(images, training=True), tf.float32)
+
         with tf.GradientTape(persistent=True) as tape:
-            fake_b = self.a_to_b(a, training=True)
-            fake_a = self.b_to_a(b, training=True)
-            back_a = self.b_to_a(fake_b, training=True)
-            back_b = self.a_to_b(fake_a, training=True)
+            fake_b, fake_a = run(self.a_to_b, a), run(self.b_to_a, b)
+            back_a, back_b = run(self.b_to_a, fake_b), run(self.a_to_b, fake_a)
             cycle = self.cycle_weight * (
                 tf.abs(a - back_a) + tf.abs(b - back_b)
             )
-            same_a = self.b_to_a(a, training=True)
-            same_b = self.a_to_b(b, training=True)
+            same_a, same_b = run(self.b_to_a, a), run(self.a_to_b, b)
             # Least-squares GAN terms on each discriminator's 2x2 patches.
-            score_fake_a = self.judge_a(fake_a, training=True)
-            score_fake_b = self.judge_b(fake_b, training=True)
-            score_real_a = self.judge_a(a, training=True)
-            score_real_b = self.judge_b(b, training=True)
+            score_fake_a = run(self.judge_a, fake_a)
+            score_fake_b = run(self.judge_b, fake_b)
+            score_real_a = run(self.judge_a, a)
+            score_real_b = run(self.judge_b, b)
             self.minimize(
                 tape,
                 {
