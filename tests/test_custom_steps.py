@@ -447,7 +447,6 @@ def test_minimize_after_the_tape_block_is_refused():
         np.testing.assert_array_equal(u, v)
 
 
-
 @keras.saving.register_keras_serializable(package="fitcustom_tests")
 class BuiltByTraining(fitcustom.TapeModel):
     """Sub-models made in `__init__` without an input shape: `encoder`

@@ -197,7 +197,7 @@ def _launch(out, backup, env=None):
 
 
 @pytest.mark.slow
-def test_notices_to_one_worker_and_to_the_launcher_stop_every_worker(
+def test_notices_and_a_kill_during_a_two_worker_run_resume_exactly(
     tmp_path, one_process
 ):
     # First a notice that reaches worker 0 only: worker 1 learns of it at
@@ -247,6 +247,11 @@ def test_notices_to_one_worker_and_to_the_launcher_stop_every_worker(
     assert log.count("SIGTERM received") == 2, log[-4000:]
     epochs, done = fitcustom.BackupAndRestore.progress(backup)
     assert epochs == 1 and done >= 2, log[-4000:]
+    # Then worker 1 dies without notice in epoch 3 (its peer is killed by
+    # the launcher): the run goes on from the backup of epoch 2's end.
+    codes, log = _launch(tmp_path, "shared", {"KILL": "2:1"})
+    assert codes[1] == -signal.SIGKILL and codes[0] != 0, log[-4000:]
+    assert fitcustom.BackupAndRestore.progress(backup) == (2, 0), log[-4000:]
     codes, log = _launch(tmp_path, "shared")  # and once more, to the end
     assert codes == [0, 0], log[-4000:]
     for index in (0, 1):

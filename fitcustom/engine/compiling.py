@@ -220,4 +220,3 @@ class CompileMixin:
         self._build_from_sublayers()
         if self.optimizer is not None and self.built:
             self.optimizer.build(self.trainable_variables)
-

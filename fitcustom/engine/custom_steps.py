@@ -5,11 +5,10 @@ loss scaling, guard, transforms, update, logs), `log_loss` / `log_mean`
 of networks (`track_ema`), and the step context that puts what a step
 minimised into the `loss` log.
 
-May import: the ground floor, `_keras`.
+May import: the ground floor, `_keras`, `engine.step_context`.
 """
 
 import dataclasses
-import threading
 import types
 import typing
 from collections.abc import Mapping
@@ -20,45 +19,7 @@ import tensorflow as tf
 from fitcustom import _args
 from fitcustom import distribute
 from fitcustom._keras import compat as _compat
-
-_CONTEXTS = threading.local()  # one stack per replica thread
-
-
-class _StepContext:
-    """What one (traced) step minimised, for its `loss` log: the values
-    of each term (per replica, divided by the replica count) over the
-    step's updates, and the guard's verdicts. A term minimised by several
-    updates of one step counts once in the loss, with its mean over them
-    (a discriminator updated twice per step, one loss updating two
-    networks)."""
-
-    def __init__(self, data):
-        self._data = data
-        self._batch_size = None
-        self.parts = {}
-        self.verdicts = []
-        self.logged = set()
-        self.used = False
-
-    @property
-    def batch_size(self):
-        """The replica's batch size (read from the data when needed)."""
-        if self._batch_size is None:
-            self._batch_size = tf.shape(_first_tensor(self._data))[0]
-        return self._batch_size
-
-    def add(self, key, value):
-        self.parts.setdefault(key, []).append(value)
-
-    def loss(self):
-        """The sum over terms of each term's mean over the updates."""
-        means = [tf.add_n(v) / float(len(v)) for v in self.parts.values()]
-        return tf.add_n(means) if means else None
-
-
-def _context():
-    stack = getattr(_CONTEXTS, "stack", None)
-    return stack[-1] if stack else None
+from fitcustom.engine import step_context
 
 
 class _Reduced(typing.NamedTuple):
@@ -227,13 +188,10 @@ class CustomSteps:
         loss = reduced.total
         scaled = self.scale_loss(loss, opt)
         with tape.stop_recording():
-            grads = self.compute_gradients(tape, scaled, variables)
-            finite = None
-            if self.skip_nonfinite:
-                finite = self.check_finite(loss, grads, opt)
+            # The guarded update that TapeGAN's steps make too.
+            finite = self.update(tape, scaled, loss, variables, opt)
+            if finite is not None:
                 self.count_nonfinite([finite])
-            grads = self.transform_gradients(grads, variables, opt)
-            self.apply_gradients(grads, variables, opt, finite)
             for ema in self.__dict__.get("_emas", ()):
                 if ema.optimizer == optimizer:
                     self._update_ema(ema, opt, finite)
@@ -436,7 +394,7 @@ class CustomSteps:
         return tf.cast(values, tf.float32)
 
     def _require_context(self, caller):
-        context = _context()
+        context = step_context.current()
         if context is None:
             raise ValueError(
                 f"{caller} logs values of a training or test step. "
@@ -490,8 +448,8 @@ class CustomSteps:
         `loss` log becomes their sum, and the logs are the metrics'."""
 
         def run(data):
-            context = _StepContext(data)
-            stack = _CONTEXTS.__dict__.setdefault("stack", [])
+            context = step_context.StepContext(data)
+            stack = step_context.stack()
             stack.append(context)
             try:
                 logs = step(data)
@@ -603,13 +561,3 @@ def _per_sample(values):
     if values.shape.rank and values.shape.rank > 1:
         return tf.reduce_mean(values, axis=list(range(1, values.shape.rank)))
     return values
-
-
-def _first_tensor(data):
-    for t in tf.nest.flatten(data):
-        if t is not None:
-            return t
-    raise ValueError(
-        "The batch has no tensor. Received: a batch with only None "
-        "entries. Expected at least one array or tensor."
-    )

@@ -132,7 +132,6 @@ class TapeModel(CompileMixin, FitMixin, StepPieces, CustomSteps, keras.Model):
         self._log_gradient_norm = False
         self._skip_nonfinite = False
         self._loss_term_trackers = {}
-        self.__dict__["_step_terms"] = {}
         if network is not None and network.built:
             self.built = True
 

@@ -2,7 +2,8 @@
 forward pass, loss and loss terms, tracking, loss scaling, gradients,
 the non-finite guard, gradient transforms and the update.
 
-May import: the ground floor, `_keras`, `engine.transforms`.
+May import: the ground floor, `_keras`, `engine.transforms`,
+`engine.step_context`.
 """
 
 import warnings
@@ -13,6 +14,7 @@ import tensorflow as tf
 
 from fitcustom import distribute
 from fitcustom._keras import compat as _compat
+from fitcustom.engine import step_context
 from fitcustom.engine import transforms as transforms_lib
 
 #: The weights a piece takes (Keras variables), and their gradients
@@ -119,7 +121,7 @@ class StepPieces:
         for value in terms.values():
             loss = loss + tf.cast(value, loss.dtype)
         # Tracked with the loss (`track_loss`), under the same guard.
-        self.__dict__["_step_terms"] = terms
+        step_context.scratch().terms = terms
         return y_pred, loss
 
     def _reduced_loss_terms(self, x, y, y_pred, sample_weight, training):
@@ -184,13 +186,13 @@ class StepPieces:
             finite: Optional boolean tensor; when `False` the step adds
                 nothing (the non-finite guard).
         """
-        terms = self.__dict__.get("_step_terms", {})
-        self.__dict__["_step_terms"] = {}
+        scratch = step_context.scratch()
+        terms, scratch.terms = scratch.terms, {}
         trackers = [(_compat.loss_tracker(self), loss)] + [
             (self._loss_term_trackers[name], value)
             for name, value in terms.items()
         ]
-        batch_size = tf.shape(_first_tensor(x))[0]
+        batch_size = tf.shape(step_context.first_tensor(x))[0]
         for tracker, value in trackers:
             if tracker is not None:
                 self.track_mean(tracker, value, batch_size, finite)
@@ -375,12 +377,12 @@ class StepPieces:
         `skip_nonfinite`, `loss` goes to the `loss` metric here; the guard
         tracks it only once the step is known to be finite.
         """
-        pending = self.__dict__.get("_step_terms", {})
+        pending = step_context.scratch().terms
         check = self._check_untrained()
         with tf.GradientTape(persistent=check) as tape:
             y_pred, loss = self.forward_and_loss(x, y, sample_weight, True)
             if not track:  # the terms of the pass that is tracked stay
-                self.__dict__["_step_terms"] = pending
+                step_context.scratch().terms = pending
             elif not self._skip_nonfinite:
                 self.track_loss(loss, x)
             scaled_loss = self.scale_loss(loss)
@@ -516,15 +518,3 @@ def _reads(variable, read):
     """Whether a watched set (ids from `tape.watched_variables()`)
     holds the Keras `variable` (it watches the backend variable)."""
     return id(variable) in read or id(variable.value) in read
-
-
-
-def _first_tensor(x):
-    for t in tf.nest.flatten(x):
-        if t is not None:
-            return t
-    raise ValueError(
-        "The batch has no input tensor. Received: x with only None "
-        "entries. Expected at least one array or tensor."
-    )
-

@@ -9,8 +9,9 @@ the classifier of `multiworker_common.py` for 3 epochs with
 `OUT/backupINDEX` ("per_worker"), printing `at EPOCH BATCH` after each
 batch (with a pause, so that a notice can arrive mid-epoch). With
 `NOTICE=EPOCH:BATCH:SIGNAL` in the environment, worker 0 sends itself
-`SIGNAL` after that batch (a notice that reaches one worker only). Writes
-`OUT/weightsINDEX.npz` at the end.
+`SIGNAL` after that batch (a notice that reaches one worker only); with
+`KILL=EPOCH:BATCH`, worker 1 SIGKILLs itself after that batch (no
+notice). Writes `OUT/weightsINDEX.npz` at the end.
 """
 
 import json
@@ -35,6 +36,8 @@ def main(out, backup):
     index = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
     notice = os.environ.get("NOTICE")
     notice = notice.split(":") if notice and index == 0 else None
+    kill = os.environ.get("KILL")
+    kill = tuple(map(int, kill.split(":"))) if kill and index == 1 else None
 
     class Report(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
@@ -47,6 +50,8 @@ def main(out, backup):
                 int(notice[1]),
             ):
                 os.kill(os.getpid(), signal.Signals[notice[2]])
+            if kill == (self.epoch, batch):
+                os.kill(os.getpid(), signal.SIGKILL)
             time.sleep(0.2)
 
     x, y = data()
