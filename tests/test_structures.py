@@ -846,3 +846,57 @@ def test_mixed_float16_parity(structure):
         reference.predict(x, verbose=0),
         ours.predict(x, verbose=0),
     )
+
+
+def _subclassed_two_outputs(base):
+    class TwoOutputs(base):
+        """A subclassed model (no inputs/outputs given) returning a dict."""
+
+        def __init__(self):
+            super().__init__()
+            self.one = keras.layers.Dense(3)
+            self.two = keras.layers.Dense(3)
+
+        def call(self, x):
+            return {
+                "y_one": self.one(x["x_one"]),
+                "y_two": self.two(x["x_one"]),
+            }
+
+    return TwoOutputs()
+
+
+def test_subclassed_dict_outputs_with_a_loss_dict_parity():
+    # Keras trains it; fitcustom raised AttributeError (no output_names
+    # before the model is called). The reference runs eagerly: with the
+    # short last batch (20 = 8 + 8 + 4), that is where built-in fit()
+    # logs each output's loss as the mean over samples (see above).
+    rng = _rng()
+    x = {"x_one": rng.normal(size=(20, 4)).astype("float32")}
+    y = {
+        "y_one": rng.normal(size=(20, 3)).astype("float32"),
+        "y_two": rng.normal(size=(20, 3)).astype("float32"),
+    }
+    models = []
+    for base in (keras.Model, fitcustom.TapeModel, keras.Model):
+        model = _subclassed_two_outputs(base)
+        model(x)
+        models.append(model)
+    for model in models[1:]:
+        model.set_weights(models[0].get_weights())
+    histories = []
+    for model, weight in zip(models, (0.5, 0.5, 2.0)):
+        model.compile(
+            optimizer=keras.optimizers.SGD(0.1),
+            loss={"y_one": "mse", "y_two": "mse"},
+            loss_weights={"y_one": 1.0, "y_two": weight},
+            run_eagerly=model is models[0],
+        )
+        histories.append(
+            model.fit(
+                x, y, batch_size=8, epochs=2, shuffle=False, verbose=0
+            ).history
+        )
+    assert_parity(models[0], models[1], histories[0], histories[1])
+    # Control: other loss weights train other weights.
+    assert max_abs_diff(models[2].get_weights(), models[1].get_weights()) > 1e-3

@@ -288,9 +288,11 @@ class FitMixin:
         if expected is not None:
             checks.check_input_structure(x, expected, name)
         targeted = self._targeted_outputs()
-        if targeted is not None:
+        # A subclassed model names its outputs only once called.
+        outputs = getattr(self, "output_names", None)
+        if targeted is not None and outputs:
             checks.check_target_structure(
-                x if y is None else y, self.output_names, targeted, name
+                x if y is None else y, outputs, targeted, name
             )
 
     def _has_own_train_step(self):
