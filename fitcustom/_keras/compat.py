@@ -107,6 +107,7 @@ def functional_class(cls):
                 "__module__": cls.__module__,
                 "__qualname__": cls.__qualname__,
                 "__doc__": cls.__doc__,
+                "__reduce__": _reduce_functional,
             },
         )
         registered = object_registration.GLOBAL_CUSTOM_NAMES.get(cls)
@@ -114,6 +115,27 @@ def functional_class(cls):
             object_registration.GLOBAL_CUSTOM_NAMES[variant] = registered
         _FUNCTIONAL_CLASSES[cls] = variant
     return variant
+
+
+def _reduce_functional(model):
+    """Pickling of a functional variant: Keras' (the model saved to bytes),
+    unpickled by a function that pickle finds by its name (Keras' own is a
+    method of the class, which pickle looks up by name and finds to be
+    `cls`, not the variant: "it's not the same object")."""
+    _, args = keras.Model.__reduce__(model)
+    return (unpickle_model, args)
+
+
+def unpickle_model(buffer):
+    """A model from the bytes `_reduce_functional` pickled (fitcustom is
+    imported here, so its classes are known to Keras)."""
+    from keras.src.saving import saving_lib
+
+    import fitcustom  # noqa: F401 (registers the classes)
+
+    return saving_lib._load_model_from_fileobj(
+        buffer, custom_objects=None, compile=True, safe_mode=False
+    )
 
 
 def is_functional(model):
