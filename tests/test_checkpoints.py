@@ -489,3 +489,23 @@ def h5py_file(backup_dir):
 def test_bad_preemption_arguments_are_refused(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
         fitcustom.BackupAndRestore(tmp_path, **kwargs)
+
+
+def test_keras_backup_and_restore_is_met_with_a_warning(tmp_path):
+    x = np.ones((8, 4), "float32")
+    model = _model()
+    with pytest.warns(UserWarning, match=r"fitcustom.BackupAndRestore\(...\)"):
+        model.fit(
+            x,
+            x,
+            verbose=0,
+            callbacks=[keras.callbacks.BackupAndRestore(tmp_path / "k")],
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        model.fit(
+            x,
+            x,
+            verbose=0,
+            callbacks=[fitcustom.BackupAndRestore(tmp_path / "f")],
+        )

@@ -194,6 +194,7 @@ class FitMixin:
             if isinstance(callbacks, keras.callbacks.CallbackList)
             else callbacks or []
         )
+        _warn_about_keras_backup(self.__dict__["_fit_callbacks"])
         return super().fit(
             x=x,
             y=y,
@@ -418,3 +419,28 @@ class _StopOnNonFinite(keras.callbacks.Callback):
             "steps, and check the input data.",
             stacklevel=2,
         )
+
+
+def _warn_about_keras_backup(callbacks):
+    """Warns when Keras' own `BackupAndRestore` is among `callbacks`: it
+    trains an interrupted epoch's batches again, silently, where
+    `fitcustom.BackupAndRestore` (same arguments) resumes exactly."""
+    from fitcustom import checkpoints
+
+    for callback in callbacks:
+        if isinstance(
+            callback, keras.callbacks.BackupAndRestore
+        ) and not isinstance(callback, checkpoints.BackupAndRestore):
+            warnings.warn(
+                "keras.callbacks.BackupAndRestore resumes an interrupted "
+                "epoch from its first batch (the batches already trained "
+                "are trained again), rewrites its backup in place (a kill "
+                "during the write leaves one that cannot be read) and "
+                "saves nothing on a preemption notice. "
+                "fitcustom.BackupAndRestore takes the same arguments and "
+                "resumes at the exact batch: replace "
+                "keras.callbacks.BackupAndRestore(...) with "
+                "fitcustom.BackupAndRestore(...).",
+                stacklevel=3,
+            )
+            return
