@@ -75,6 +75,15 @@ FIT_CASES = {
         dict(class_weight={0: 1.0, 1: -1.0, 2: 1.0}),
         ">= 0",
     ),
+    # Both failed only after the first epoch had trained.
+    "validation_x_of_another_width": (
+        dict(validation_data=(np.ones((8, 4), "float32"), np.zeros(8))),
+        r"`validation_data x` does not fit.*\(4,\).*Expected: \(5,\)",
+    ),
+    "validation_without_targets": (
+        dict(validation_data=(np.ones((8, 5), "float32"),)),
+        "validation_data has no targets",
+    ),
 }
 
 
@@ -211,3 +220,16 @@ def test_sequence_weights_for_sequence_targets_are_accepted():
     weights = np.ones((8, 4), "float32")
     weights[:, 2:] = 0.0
     model.fit(x, y, sample_weight=weights, verbose=0)
+
+
+def test_metrics_for_an_output_the_model_lacks_are_refused():
+    # Keras accepts the dict and logs nothing for the unknown name.
+    with pytest.raises(ValueError, match=r"\['nope'\].*outputs are \['out'\]"):
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((5,))
+        out = keras.layers.Dense(3, name="out")(inputs)
+        fitcustom.TapeModel(inputs, out).compile(
+            optimizer="sgd",
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics={"nope": ["accuracy"]},
+        )

@@ -70,6 +70,8 @@ class CompileMixin:
         gradient_transforms = transforms_lib.validate_transforms(
             gradient_transforms
         )
+        self._check_output_keys(metrics, "metrics")
+        self._check_output_keys(weighted_metrics, "weighted_metrics")
         named = {}
         if isinstance(optimizer, dict):
             named = self._resolve_named_optimizers(optimizer, auto_scale_loss)
@@ -110,6 +112,24 @@ class CompileMixin:
             # On the weights of the sub-models they train, where those
             # exist already (a loaded model then gets its state back).
             self._build_named_optimizers()
+
+    def _check_output_keys(self, value, argument):
+        """Refuses a dict of metrics naming an output the model does not
+        have (Keras accepts it and logs nothing for it)."""
+        if not isinstance(value, dict):
+            return
+        outputs = getattr(self, "output_names", None)
+        if not outputs:
+            return  # a subclassed model names its outputs once called
+        unknown = sorted(set(value) - set(outputs))
+        if unknown:
+            raise ValueError(
+                f"compile({argument}=...) names outputs that "
+                f"{type(self).__name__} does not have: {unknown}. Received "
+                f"keys {sorted(value)}; the model's outputs are "
+                f"{list(outputs)}. Use those names (the `name=` of the "
+                "output layers)."
+            )
 
     def _resolve_named_optimizers(self, optimizers, auto_scale_loss):
         """`{name: optimizer}` from `compile(optimizer={...})`: each

@@ -257,6 +257,14 @@ class FitMixin:
         if isinstance(validation_data, tf.data.Dataset):
             self.check_data(validation_data)
         elif isinstance(validation_data, (list, tuple)) and validation_data:
+            if len(validation_data) == 1 and _compat.has_compiled_loss(self):
+                raise ValueError(
+                    "validation_data has no targets: received a tuple of "
+                    "one element (x only), but compile() was given a "
+                    "loss, which needs them. Pass validation_data=(x_val, "
+                    "y_val) or (x_val, y_val, sample_weight_val)."
+                )
+            self._check_input_shapes(validation_data[0], "validation_data x")
             self.check_data(*validation_data[:3])
 
     def check_evaluate_data(self, x, y, sample_weight):
@@ -288,6 +296,7 @@ class FitMixin:
             expected = None
         if expected is not None:
             checks.check_input_structure(x, expected, name)
+            self._check_input_shapes(x, "x")
         targeted = self._targeted_outputs()
         # A subclassed model names its outputs only once called.
         outputs = getattr(self, "output_names", None)
@@ -295,6 +304,34 @@ class FitMixin:
             checks.check_target_structure(
                 x if y is None else y, outputs, targeted, name
             )
+
+    def _check_input_shapes(self, x, what):
+        """Refuses arrays whose sample shape is not the (functional)
+        model's input shape, before any step (a wrong validation width
+        would otherwise fail only after the first epoch trained)."""
+        graph = None if self._has_own_train_step() else self._graph_model()
+        try:
+            inputs = [] if graph is None else list(graph.inputs)
+        except (AttributeError, ValueError):
+            return
+        pairs = []
+        if len(inputs) == 1 and checks.is_array(x):
+            pairs.append((x, inputs[0], what))
+        elif isinstance(x, dict):
+            by_name = {t.name: t for t in inputs}
+            pairs += [
+                (value, by_name[key], f"{what}[{key!r}]")
+                for key, value in x.items()
+                if key in by_name and checks.is_array(value)
+            ]
+        for value, tensor, label in pairs:
+            if not _numeric(value):
+                continue  # refused later, with a message about its dtype
+            got, expected = tuple(value.shape[1:]), tuple(tensor.shape[1:])
+            # Keras adds or drops a last axis of size 1 itself.
+            if got + (1,) == expected or got == expected + (1,):
+                continue
+            checks.check_input_shape(got, expected, label)
 
     def _has_own_train_step(self):
         """Whether `train_step` is a user's (defined outside fitcustom)."""
@@ -419,6 +456,16 @@ class _StopOnNonFinite(keras.callbacks.Callback):
             "steps, and check the input data.",
             stacklevel=2,
         )
+
+
+def _numeric(value):
+    try:
+        return (
+            np.dtype(getattr(value.dtype, "as_numpy_dtype", value.dtype)).kind
+            in "biufc"
+        )
+    except TypeError:
+        return False
 
 
 def _warn_about_keras_backup(callbacks):
