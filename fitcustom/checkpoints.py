@@ -438,8 +438,13 @@ class BackupAndRestore(_compat.KerasBackupAndRestore):
         if self.preempted_by is not None:
             return  # the backup is what the next run resumes from
         if self.delete_checkpoint and _is_local(self.backup_dir):
-            # Workers that share the directory all remove it: what one of
-            # them removed first is not an error for the others.
+            # Workers that share the directory all remove it: once every
+            # one has finished its last save (a barrier: the slowest could
+            # still be renaming its file), and what one removed first is
+            # not an error for the others.
+            distribute.first_flag_of_any_worker(
+                0, self.model.distribute_strategy
+            )
             shutil.rmtree(self.backup_dir, onerror=_unless_gone)
         else:
             super().on_train_end(logs)
