@@ -47,28 +47,3 @@ def _fresh_keras_state():
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
-
-
-# The heaviest files first: with `--dist loadfile`, xdist hands out whole
-# files in collection order, and a heavy file collected last would keep
-# one worker busy alone at the end (measured: 1794 s for 1692 s of work
-# per worker). The rest keep their order.
-_HEAVY_FIRST = (
-    "test_durability.py",
-    "test_preemption.py",
-    "test_benchmark.py",
-    "test_gan.py",
-    "test_structures.py",
-    "test_scripts.py",
-    "test_engine.py",
-    "test_classifier.py",
-)
-
-
-def pytest_collection_modifyitems(config, items):
-    def rank(item):
-        name = item.path.name
-        heavy = name in _HEAVY_FIRST
-        return _HEAVY_FIRST.index(name) if heavy else len(_HEAVY_FIRST)
-
-    items.sort(key=rank)
