@@ -9,10 +9,18 @@ import os
 import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# The Keras folder is one of this session, not ~/.keras: files fitcustom
-# keeps there (GANQuality's digits feature extractor) are made fresh, and
-# a user's keras.json (another backend, say) does not apply.
-os.environ["KERAS_HOME"] = tempfile.mkdtemp(prefix="fitcustom-tests-keras-")
+# The Keras folder is one of this test run, not ~/.keras: files fitcustom
+# keeps there (GANQuality's digits feature extractor) are made fresh, once
+# for all the run's test processes (written atomically), and a user's
+# keras.json (another backend, say) does not apply.
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+if _RUN:
+    os.environ["KERAS_HOME"] = os.path.join(
+        tempfile.gettempdir(), f"fitcustom-tests-keras-{_RUN}"
+    )
+    os.makedirs(os.environ["KERAS_HOME"], exist_ok=True)
+else:
+    os.environ["KERAS_HOME"] = tempfile.mkdtemp(prefix="fitcustom-tests-keras-")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -21,6 +29,13 @@ import pytest  # noqa: E402
 import fitcustom.testing  # noqa: E402
 
 fitcustom.testing.split_cpu(2)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow tests first: the two test processes take tests one at a
+    time (`--dist loadgroup`), so that the run ends on short tests, with
+    both processes busy to the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,10 @@ from helpers import assert_weights_close
 import fitcustom
 from scripts import launch_workers
 
+# One test process for the whole file: its uninterrupted runs (module
+# fixtures) run once.
+pytestmark = pytest.mark.xdist_group("preemption")
+
 JOB = Path(__file__).parent / "programs" / "preempt_job.py"
 ROOT = Path(__file__).parent.parent
 
