@@ -31,11 +31,33 @@ import fitcustom.testing  # noqa: E402
 fitcustom.testing.split_cpu(2)
 
 
+#: Test files whose tests share module fixtures (a benchmark run, the
+#: uninterrupted runs, extractors): each runs whole in one test process.
+WHOLE_FILES = {"test_benchmark.py", "test_preemption.py", "test_quality.py"}
+
+
 def pytest_collection_modifyitems(config, items):
     """The slow tests first: the two test processes take tests one at a
-    time (`--dist loadgroup`), so that the run ends on short tests, with
-    both processes busy to the end."""
+    time (see `pytest_xdist_make_scheduler`), so that the run ends on
+    short tests, with both processes busy to the end."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """With `--dist loadscope` (scripts/test.sh): one test per unit of
+    work, except the files of `WHOLE_FILES`, one unit each. (xdist's own
+    `loadgroup` does not group under pytest 9, whose nodes keep their id
+    where xdist no longer writes the group's name.)"""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class OneTestOrWholeFile(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            path = nodeid.split("::", 1)[0]
+            return path if os.path.basename(path) in WHOLE_FILES else nodeid
+
+    return OneTestOrWholeFile(config, log)
 
 
 @pytest.fixture(scope="session")

@@ -2,8 +2,10 @@
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -55,6 +57,88 @@ def run_python(script, *args, timeout=300):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
+
+
+ROOT = Path(__file__).parent.parent
+
+#: The ways `fit()` runs a step, as `compile()` options: every parity test
+#: runs in each (3 steps per execution leaves a partial last call).
+MODES = {
+    "eager": dict(run_eagerly=True),
+    "graph": dict(),
+    "steps_per_execution": dict(steps_per_execution=3),
+    "jit": dict(jit_compile=True),
+}
+
+
+def start(command, cwd=None, merge_stderr=False, **env):
+    """Starts `command` (a list; a leading "python" is this Python) in
+    its own process group (so that only it is killed), with TensorFlow's
+    C++ log quiet, the repository on the path and `env` added to the
+    environment. stdout and stderr are pipes of text (`merge_stderr`:
+    stderr into stdout)."""
+    command = [str(a) for a in command]
+    if command[0] == "python":
+        command[0] = sys.executable
+    environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **env)
+    environment["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT), environment.get("PYTHONPATH", "")]
+    )
+    return subprocess.Popen(
+        command,
+        cwd=cwd,
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def finish(proc, timeout=300):
+    """Waits for a process of `start`: `(exit code, stdout, stderr)`; on
+    the timeout its process group is killed and the test fails."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return proc.returncode, out, err
+
+
+def signal_at(proc, until, notice):
+    """Reads `proc`'s stdout up to the first line that is `until` (a
+    string, compared without surrounding whitespace) or for which
+    `until(line)` is true, then sends `notice` to the process. Returns
+    the lines read."""
+    if isinstance(until, str):
+        expected = until
+        until = lambda text: text.strip() == expected  # noqa: E731
+    seen = []
+    for text in proc.stdout:
+        seen.append(text)
+        if until(text):
+            proc.send_signal(notice)
+            break
+    return seen
+
+
+def h5_arrays(path):
+    """The arrays of an .h5 file (a weights file), in the order of their
+    paths; h5py raises on a truncated file."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        found = {}
+        f.visititems(
+            lambda name, obj: (
+                found.__setitem__(name, obj[()])
+                if isinstance(obj, h5py.Dataset)
+                else None
+            )
+        )
+    return [found[k] for k in sorted(found)]
 
 
 def strategy_scope(strategy=None):

@@ -30,6 +30,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+from helpers import MODES
 from helpers import assert_history_close
 from helpers import assert_weights_close
 from helpers import max_abs_diff
@@ -38,13 +39,6 @@ import fitcustom
 
 TESTS = Path(__file__).parent
 CONTINUE = TESTS / "programs" / "task_continue.py"
-
-MODES = {
-    "graph": {},
-    "eager": {"run_eagerly": True},
-    "steps_per_execution": {"steps_per_execution": 2},
-    "jit": {"jit_compile": True},
-}
 
 
 @dataclasses.dataclass
@@ -78,10 +72,7 @@ def weights_of(model):
 
 def optimizer_steps(model):
     """The step count of every optimizer the model trains with."""
-    optimizers = [
-        getattr(model, name, None)
-        for name in ("optimizer", "d_optimizer", "g_optimizer")
-    ] + list(getattr(model, "optimizers", {}).values())
+    optimizers = [model.optimizer] + list(model.optimizers.values())
     return [int(o.iterations.numpy()) for o in optimizers if o is not None]
 
 

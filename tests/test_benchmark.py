@@ -8,10 +8,6 @@ import pytest
 from benchmarks import stats
 from benchmarks import training_speed
 
-# One test process for the whole file: its benchmark runs (a module
-# fixture) run once.
-pytestmark = pytest.mark.xdist_group("benchmark")
-
 VARIANT_FIELDS = {
     "name",
     "steps",

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import task_harness
 import tensorflow as tf
+from helpers import MODES
 from helpers import assert_history_close
 from helpers import assert_weights_close
 
@@ -35,13 +36,6 @@ def images(n, shape, seed=0):
     y = rng.integers(0, 10, size=n).astype("int32")
     return x, y
 
-
-MODES = {
-    "eager": dict(run_eagerly=True),
-    "graph": dict(),
-    "steps_per_execution": dict(steps_per_execution=3),
-    "jit": dict(jit_compile=True),
-}
 
 CASES = [
     pytest.param(mlp, (28, 28), mode, id=f"mlp-{mode}") for mode in MODES

@@ -4,16 +4,15 @@ uninterrupted one does."""
 
 import concurrent.futures
 import json
-import os
 import signal
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
+from helpers import finish
+from helpers import h5_arrays
+from helpers import start
 
 JOB = Path(__file__).parent / "programs" / "durable_job.py"
 
@@ -54,37 +53,10 @@ KILLS = {
 }
 
 
-def _run(out, kind, freq, kill=None, timeout=300):
-    args = [sys.executable, str(JOB), str(out), kind, freq]
-    args += [kill] if kill else []
-    proc = subprocess.Popen(
-        args,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # its own process group, killed alone
-    )
-    try:
-        _, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    return proc.returncode, err
-
-
-def _weights(path):
-    with h5py.File(path, "r") as f:
-        found = {}
-        f.visititems(
-            lambda name, obj: (
-                found.__setitem__(name, obj[()])
-                if isinstance(obj, h5py.Dataset)
-                else None
-            )
-        )
-    return [found[k] for k in sorted(found)]
+def _run(out, kind, freq, kill=None):
+    proc = start(["python", JOB, out, kind, freq] + ([kill] if kill else []))
+    code, _, err = finish(proc)
+    return code, err
 
 
 def _assert_readable(out):
@@ -95,7 +67,7 @@ def _assert_readable(out):
         else []
     )
     for path in backups:
-        _weights(path)  # h5py raises on a truncated file
+        h5_arrays(path)  # h5py raises on a truncated file
     checkpoint = out / "checkpoint.keras"
     if checkpoint.exists():
         with zipfile.ZipFile(checkpoint) as z:
@@ -131,8 +103,8 @@ def _killed_and_resumed(out, kind, freq):
 
 def _assert_same_end(straight, killed):
     for a, b in zip(
-        _weights(straight / "final.weights.h5"),
-        _weights(killed / "final.weights.h5"),
+        h5_arrays(straight / "final.weights.h5"),
+        h5_arrays(killed / "final.weights.h5"),
         strict=True,
     ):
         np.testing.assert_array_equal(a, b)

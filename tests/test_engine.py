@@ -4,6 +4,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import MODES
 from helpers import assert_history_close
 from helpers import assert_weights_close
 from helpers import strategy_scope
@@ -56,14 +57,6 @@ def compile_both(models, strategy=None, optimizer=lambda: "adam", **kwargs):
     with scope:
         for m in models:
             m.compile(optimizer=optimizer(), loss=LOSS, **kwargs)
-
-
-MODES = {
-    "eager": dict(run_eagerly=True),
-    "graph": dict(),
-    "steps_per_execution": dict(steps_per_execution=3),
-    "jit": dict(jit_compile=True),
-}
 
 
 @pytest.mark.parametrize("mode", list(MODES), ids=list(MODES))

@@ -7,51 +7,27 @@ or kills only the processes (groups) it started."""
 import importlib.util
 import io
 import json
-import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
+from helpers import ROOT
 from helpers import assert_weights_close
+from helpers import finish
+from helpers import h5_arrays
+from helpers import signal_at
+from helpers import start
 
 import fitcustom
 from scripts import launch_workers
 
-# One test process for the whole file: its uninterrupted runs (module
-# fixtures) run once.
-pytestmark = pytest.mark.xdist_group("preemption")
-
 JOB = Path(__file__).parent / "programs" / "preempt_job.py"
-ROOT = Path(__file__).parent.parent
 
 
 def _start(out, kind, signals=None):
-    args = [sys.executable, str(JOB), str(out), kind]
-    args += [signals] if signals else []
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    return subprocess.Popen(
-        args,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # its own process group, killed alone
-    )
-
-
-def _finish(proc, timeout=300):
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    return proc.returncode, out, err
+    return start(["python", JOB, out, kind] + ([signals] if signals else []))
 
 
 def _run(out, kind, notice=None, at=None, signals=None):
@@ -61,26 +37,9 @@ def _run(out, kind, notice=None, at=None, signals=None):
     proc = _start(out, kind, signals)
     seen = []
     if notice is not None:
-        for line in proc.stdout:
-            seen.append(line.strip())
-            if line.strip() == f"at {at[0]} {at[1]}":
-                proc.send_signal(notice)
-                break
-    code, rest, err = _finish(proc)
-    return code, seen + rest.splitlines(), err
-
-
-def _weights(path):
-    with h5py.File(path, "r") as f:
-        found = {}
-        f.visititems(
-            lambda name, obj: (
-                found.__setitem__(name, obj[()])
-                if isinstance(obj, h5py.Dataset)
-                else None
-            )
-        )
-    return [found[k] for k in sorted(found)]
+        seen = signal_at(proc, f"at {at[0]} {at[1]}", notice)
+    code, rest, err = finish(proc)
+    return code, [line.strip() for line in seen] + rest.splitlines(), err
 
 
 def _result(out):
@@ -105,7 +64,7 @@ def straight(tmp_path_factory):
     found = {}
     for kind in ("classifier", "gan"):
         out = tmp_path_factory.mktemp(f"straight_{kind}")
-        code, _, err = _finish(_start(out, kind))
+        code, _, err = finish(_start(out, kind))
         assert code == 0, err[-3000:]
         found[kind] = out
     return found
@@ -138,8 +97,8 @@ def test_a_notice_saves_at_the_step_and_the_rerun_resumes_exactly(
     assert not (tmp_path / "backup").exists()
     # Bit for bit, optimizer step counters included (no batch twice).
     for a, b in zip(
-        _weights(straight[kind] / "final.weights.h5"),
-        _weights(tmp_path / "final.weights.h5"),
+        h5_arrays(straight[kind] / "final.weights.h5"),
+        h5_arrays(tmp_path / "final.weights.h5"),
         strict=True,
     ):
         np.testing.assert_array_equal(a, b)
@@ -215,37 +174,12 @@ def test_notices_and_a_kill_during_a_two_worker_run_resume_exactly(
     # The same command, through the launcher's command line; a SIGTERM to
     # the launcher alone is passed on to both workers, and the launcher
     # exits with their status.
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    command = [
-        sys.executable,
-        "-m",
-        "scripts.launch_workers",
-        "--workers",
-        "2",
-        "--timeout",
-        "300",
-        "--",
-        str(MULTIWORKER_JOB),
-        str(tmp_path),
-        "shared",
-    ]
-    proc = subprocess.Popen(
-        command,
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if line.strip() == "[worker 0] at 1 1":
-            proc.send_signal(signal.SIGTERM)  # the launcher only
-            break
-    code, rest, _ = _finish(proc)
+    command = ["python", "-m", "scripts.launch_workers", "--workers", "2"]
+    command += ["--timeout", "300", "--", MULTIWORKER_JOB, tmp_path, "shared"]
+    proc = start(command, cwd=ROOT, merge_stderr=True)
+    # The launcher only.
+    seen = signal_at(proc, "[worker 0] at 1 1", signal.SIGTERM)
+    code, rest, _ = finish(proc)
     log = "".join(seen) + rest
     assert code == 143, log[-4000:]
     assert log.count("SIGTERM received") == 2, log[-4000:]
@@ -293,25 +227,12 @@ def test_run_sh_passes_a_notice_on_to_the_training_script(tmp_path):
         "--verbose",
         "2",
     ]
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
 
     def run(until):
-        proc = subprocess.Popen(
-            ["bash", "-c", command, "bash", *train],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
-        seen = []
-        for line in proc.stdout:
-            seen.append(line)
-            if until in line:
-                proc.send_signal(signal.SIGTERM)  # the shell only
-                break
-        code, rest, _ = _finish(proc)
+        proc = start(["bash", "-c", command, "bash", *train], ROOT, True)
+        # The shell only.
+        seen = signal_at(proc, lambda line: until in line, signal.SIGTERM)
+        code, rest, _ = finish(proc)
         return code, "".join(seen) + rest
 
     code, log = run("Epoch 3/400")

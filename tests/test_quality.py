@@ -21,10 +21,6 @@ from fitcustom import evaluation
 from fitcustom import quality
 from fitcustom.architectures import dcgan_8x8
 
-# One test process for the whole file: its extractors and scores (module
-# fixtures) are made once.
-pytestmark = pytest.mark.xdist_group("quality")
-
 ALL_METRICS = ("kid", "fid", "precision_recall", "density_coverage")
 SCORES = ["kid", "kid_std", "fid", "precision", "recall", "density", "coverage"]
 

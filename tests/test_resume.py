@@ -8,35 +8,25 @@ the resumed run must equal the uninterrupted run's.
 
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import finish
+from helpers import start
 
 JOB = Path(__file__).parent / "programs" / "resume_job.py"
 
 
 def _run(job, out, kind, marker="-"):
-    return subprocess.Popen(
-        [sys.executable, str(job), str(out), str(marker), kind],
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # its own process group, killed alone
-    )
+    return start(["python", job, out, marker, kind])
 
 
-def _finish(proc, timeout=300):
-    try:
-        _, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
-    assert proc.returncode == 0, err[-3000:]
+def _finish(proc):
+    code, _, err = finish(proc)
+    assert code == 0, err[-3000:]
 
 
 def _weights(out):

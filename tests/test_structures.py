@@ -11,6 +11,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import MODES
 from helpers import assert_history_close
 from helpers import assert_weights_close
 from helpers import max_abs_diff
@@ -20,13 +21,6 @@ import fitcustom
 
 N = 40
 BATCH = 8
-
-MODES = {
-    "eager": dict(run_eagerly=True),
-    "graph": dict(),
-    "steps_per_execution": dict(steps_per_execution=3),
-    "jit": dict(jit_compile=True),
-}
 
 
 def _rng(seed=0):

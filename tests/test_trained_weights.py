@@ -9,6 +9,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import MODES as ALL_MODES
 from helpers import assert_history_close
 from helpers import assert_weights_close
 from helpers import max_abs_diff
@@ -16,7 +17,7 @@ from helpers import max_abs_diff
 import fitcustom
 
 N, BATCH = 32, 8
-MODES = {"graph": {}, "eager": {"run_eagerly": True}}
+MODES = {name: ALL_MODES[name] for name in ("graph", "eager")}
 
 
 def _data():
