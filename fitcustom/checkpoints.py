@@ -467,10 +467,10 @@ class BackupAndRestore(_compat.KerasBackupAndRestore):
         self._epoch = epoch + 1
         self.start_batch_count()
         noticed = self._agreed_notice()
-        if self.save_freq == "epoch" or noticed:
-            self._save_at(epoch + 1, 0)
         if noticed:
             self._preempt(epoch + 1, 0)
+        elif self.save_freq == "epoch":
+            self._save_at(epoch + 1, 0)
 
     def on_train_batch_end(self, batch, logs=None):
         skipped = False
@@ -481,9 +481,7 @@ class BackupAndRestore(_compat.KerasBackupAndRestore):
             else:
                 self._resume_at = None
         if self._agreed_notice():
-            if not skipped:
-                self._save_at(self._epoch, batch + 1)
-            self._preempt(self._epoch, batch + 1)
+            self._preempt(self._epoch, batch + 1, save=not skipped)
             return
         if skipped or not self.should_save_on_batch(batch):
             return
@@ -536,7 +534,12 @@ class BackupAndRestore(_compat.KerasBackupAndRestore):
         if self._notice is None:
             self._notice = (signal.Signals(number), time.monotonic())
 
-    def _preempt(self, epoch, done):
+    def _preempt(self, epoch, done, save=True):
+        """Saves the backup at the step (`save`), then stops training,
+        with a line on stderr, and exits (`exit_on_preemption`). A backup
+        that cannot be written (a full disk) leaves the last one as it
+        was: the line says so, and the exit status is the notice's all
+        the same (the requeued job resumes from the last backup)."""
         number, received = self._notice
         self._notice = None
         self._remove_handlers()
@@ -548,6 +551,12 @@ class BackupAndRestore(_compat.KerasBackupAndRestore):
             if done
             else f"at the end of epoch {epoch}"
         )
+        if save:
+            try:
+                self._save_at(epoch, done)
+            except OSError as e:
+                self._failed_notice_save(number, code, what, e)
+                return
         sys.stderr.write(
             f"BackupAndRestore: {number.name} received; the backup {what} "
             f"is in {self.backup_dir} ({time.monotonic() - received:.2f} s "
@@ -561,6 +570,34 @@ class BackupAndRestore(_compat.KerasBackupAndRestore):
         sys.stderr.flush()
         if self.exit_on_preemption:
             raise SystemExit(code)
+
+    def _failed_notice_save(self, number, code, what, error):
+        last = self.progress(self.backup_dir)
+        kept = (
+            "no earlier backup exists"
+            if last is None
+            else f"the last backup (epoch {last[0] + 1}, {last[1]} batches "
+            "done) is kept as it was"
+            if last[1]
+            else f"the last backup (end of epoch {last[0]}) is kept as it was"
+        )
+        line = (
+            f"BackupAndRestore: {number.name} received, but the backup "
+            f"{what} could not be written to {self.backup_dir} "
+            f"({type(error).__name__}: {error}); {kept}."
+        )
+        sys.stderr.write(
+            line
+            + (
+                f" Exiting with status {code}.\n"
+                if self.exit_on_preemption
+                else "\n"
+            )
+        )
+        sys.stderr.flush()
+        if self.exit_on_preemption:
+            raise SystemExit(code)
+        raise OSError(error.errno, line) from error
 
     def _sibling_callbacks(self):
         """The other callbacks of the running `fit()` (known to fitcustom

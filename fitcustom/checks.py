@@ -35,6 +35,12 @@ _OPT_OUT = (
 )
 
 
+#: Starts the message of a training step stopped by class ids outside
+#: the output's range (`TapeModel.check_class_ids`); `fit()` and
+#: `evaluate()` turn it into a `ValueError`.
+CLASS_ID_MARKER = "fitcustom: class ids out of range"
+
+
 def is_array(value) -> bool:
     """Whether `value` is an in-memory array or tensor (has shape, dtype)."""
     return hasattr(value, "shape") and hasattr(value, "dtype")

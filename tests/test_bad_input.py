@@ -233,3 +233,74 @@ def test_metrics_for_an_output_the_model_lacks_are_refused():
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             metrics={"nope": ["accuracy"]},
         )
+
+
+def _dataset(labels, batch=16):
+    x, _ = _data()
+    n = len(labels)
+    return tf.data.Dataset.from_tensor_slices((x[:n], labels)).batch(batch)
+
+
+def _good_then_bad(bad_label):
+    """Two batches of 16: class ids 0..2, then one `bad_label`."""
+    labels = np.r_[np.arange(16) % 3, np.arange(16) % 3].astype("int32")
+    labels[20] = bad_label
+    return labels
+
+
+@pytest.mark.parametrize(
+    "cls, compile_kwargs",
+    [
+        (fitcustom.TapeModel, {}),
+        (fitcustom.TapeModel, dict(loss="sparse_categorical_crossentropy")),
+        # One-hot encoded first: an id of 12 becomes a row of zeros and
+        # trains silently, on a CPU too.
+        (
+            fitcustom.TapeClassifier,
+            dict(loss=None, label_smoothing=0.1, check_inputs=False),
+        ),
+        (fitcustom.TapeClassifier, dict(loss=None, check_inputs=False)),
+    ],
+    ids=["sparse_loss", "loss_name", "smoothed_classifier", "classifier"],
+)
+@pytest.mark.parametrize("bad", [12, -1])
+def test_class_ids_out_of_range_in_a_dataset_stop_before_their_update(
+    cls, compile_kwargs, bad
+):
+    labels = _good_then_bad(bad)
+    model = _model(cls, **compile_kwargs)
+    with pytest.raises(
+        ValueError,
+        match=rf"class id outside \[0, 3\).*Received: the label {bad} ",
+    ):
+        model.fit(_dataset(labels), epochs=1, shuffle=False, verbose=0)
+    # The first batch trained, the bad one did not.
+    reference = _model(cls, **compile_kwargs)
+    reference.fit(_dataset(labels[:16]), epochs=1, verbose=0)
+    for a, b in zip(reference.get_weights(), model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match=rf"label {bad} "):
+        model.evaluate(_dataset(labels), verbose=0)
+
+
+def test_class_ids_from_a_generator_are_checked():
+    x, _ = _data()
+    labels = _good_then_bad(7)
+
+    def batches():
+        for start in (0, 16):
+            yield x[start : start + 16], labels[start : start + 16]
+
+    model = _model()
+    with pytest.raises(ValueError, match=r"label 7 .*give the output layer 8"):
+        model.fit(batches(), epochs=1, verbose=0)
+
+
+def test_the_ignored_class_is_accepted():
+    labels = _good_then_bad(-1)
+    loss = keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True, ignore_class=-1
+    )
+    model = _model(loss=loss)
+    history = model.fit(_dataset(labels), epochs=1, verbose=0).history
+    assert np.isfinite(history["loss"][0])

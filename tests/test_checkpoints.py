@@ -468,6 +468,171 @@ def test_a_notice_stops_fit_with_a_backup_and_the_rerun_resumes(tmp_path):
     assert stopping.stopped_epoch != straight_stopping.stopped_epoch
 
 
+class _FirstBatch(keras.callbacks.Callback):
+    """The first step a fit() trains: `(epoch, batch, optimizer steps
+    after it)` (a resumed epoch reports the batches it skips too)."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = self.epoch = self.start = None
+
+    def on_train_begin(self, logs=None):  # after the backup's restore
+        self.start = int(self.model.optimizer.iterations.numpy())
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        steps = int(self.model.optimizer.iterations.numpy())
+        if self.first is None and steps > self.start:
+            self.first = (self.epoch, batch, steps)
+
+
+#: The chained run of the random-moments test: 8 batches an epoch.
+BATCHES, EPOCHS = 8, 8
+
+
+def _noticed_run(backup_dir, extra=(), exit_on_preemption=False):
+    """A Dropout model (its masks must resume too) for EPOCHS epochs of
+    BATCHES batches beside the backup; returns (model, history, the
+    backup callback)."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(8 * BATCHES, 4)).astype("float32")
+    y = x @ rng.normal(size=(4, 2)).astype("float32")
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4,))
+    h = keras.layers.Dropout(0.2)(keras.layers.Dense(8)(inputs))
+    model = fitcustom.TapeModel(inputs, keras.layers.Dense(2)(h))
+    model.compile(optimizer="adam", loss="mse")
+    backup = fitcustom.BackupAndRestore(
+        backup_dir, exit_on_preemption=exit_on_preemption
+    )
+    history = model.fit(
+        x,
+        y,
+        batch_size=8,
+        epochs=EPOCHS,
+        verbose=0,
+        callbacks=[backup, *extra],
+    )
+    return model, history.history, backup
+
+
+def _saved_step(backup_dir):
+    epochs, batches = fitcustom.BackupAndRestore.progress(backup_dir)
+    return BATCHES * epochs + batches
+
+
+@pytest.mark.skipif(
+    threading.current_thread() is not threading.main_thread(),
+    reason="signal handlers are set in the main thread only",
+)
+def test_notices_at_ten_random_moments_each_save_at_the_running_step(
+    tmp_path,
+):
+    """A notice inside an epoch's backup write, then nine after random
+    batches, each in a fit() of its own that resumes the backup of the one
+    before. Each saves at the end of the step that was running when it
+    came (the one in the write: after the next epoch's first batch), each
+    resume trains first the step saved, and the chain ends with the
+    uninterrupted weights and logs (shuffling, Dropout)."""
+    straight, straight_logs, _ = _noticed_run(tmp_path / "straight")
+    rng = np.random.default_rng(26)
+    backup_dir = tmp_path / "backup"
+    previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    done = 0
+    try:
+        # In the backup written at the end of epoch 1 (a step saved at
+        # the end of an epoch never trains again).
+        first = _FirstBatch()
+
+        def hook(temp, target):
+            if "backup-" in os.path.basename(target) and first.epoch == 1:
+                checkpoints._before_replace = None
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+        checkpoints._before_replace = hook
+        try:
+            _, _, backup = _noticed_run(backup_dir, extra=[first])
+        finally:
+            checkpoints._before_replace = None
+        assert backup.preempted_by == "SIGUSR1"
+        done = _saved_step(backup_dir)
+        assert done == 2 * BATCHES + 1
+        for _ in range(9):
+            # After a random batch of the next 3 (the notice is seen at
+            # the end of the batch after it: the running step).
+            step = done + int(rng.integers(0, 3))
+            first = _FirstBatch()
+            notice = _Notice(signal.SIGUSR1, *divmod(step, BATCHES))
+            _, _, backup = _noticed_run(backup_dir, extra=[first, notice])
+            assert backup.preempted_by == "SIGUSR1", step
+            assert first.first == (*divmod(done, BATCHES), done + 1)
+            done = _saved_step(backup_dir)
+            last_of_epoch = step % BATCHES == BATCHES - 1
+            assert done == step + (1 if last_of_epoch else 2), step
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    first = _FirstBatch()
+    resumed, logs, _ = _noticed_run(backup_dir, extra=[first])
+    assert first.first == (*divmod(done, BATCHES), done + 1)
+    assert done < BATCHES * EPOCHS - 2
+    assert_weights_close(straight.get_weights(), resumed.get_weights(), atol=0)
+    assert logs["loss"][-1] == straight_logs["loss"][-1]
+
+
+class _FullDisk(_Notice):
+    """The notice, with every later backup write failing (no space)."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        if (self.epoch, batch) == self.at:
+
+            def full(temp, target):
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+            checkpoints._before_replace = full
+        super().on_train_batch_end(batch, logs)
+
+
+@pytest.mark.skipif(
+    threading.current_thread() is not threading.main_thread(),
+    reason="signal handlers are set in the main thread only",
+)
+@pytest.mark.parametrize("exits", [False, True], ids=["returns", "exits"])
+def test_a_backup_that_cannot_be_written_at_a_notice_keeps_the_last(
+    tmp_path, capsys, exits
+):
+    backup_dir = tmp_path / "backup"
+    previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    try:
+        expected = SystemExit if exits else OSError
+        with pytest.raises(expected) as raised:
+            _noticed_run(
+                backup_dir,
+                extra=[_FullDisk(signal.SIGUSR1, 2, 3)],
+                exit_on_preemption=exits,
+            )
+    finally:
+        checkpoints._before_replace = None
+        signal.signal(signal.SIGUSR1, previous)
+    if exits:
+        assert raised.value.code == 128 + signal.SIGUSR1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert (
+        "SIGUSR1 received, but the backup after 5 batches of epoch 3"
+        in (lines[0])
+    )
+    assert "could not be written" in lines[0]
+    assert "the last backup (end of epoch 2) is kept" in lines[0]
+    # The last backup is whole, and the run resumes from it exactly.
+    assert fitcustom.BackupAndRestore.progress(backup_dir) == (2, 0)
+    assert not _leftovers(backup_dir)
+    straight, _, _ = _noticed_run(tmp_path / "straight")
+    resumed, _, _ = _noticed_run(backup_dir)
+    assert_weights_close(straight.get_weights(), resumed.get_weights(), atol=0)
+
+
 @contextlib.contextmanager
 def h5py_file(backup_dir):
     import h5py

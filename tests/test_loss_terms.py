@@ -193,3 +193,99 @@ def test_bad_term_names_are_refused(name):
 
     with pytest.raises(ValueError, match="name"):
         Named(*_graph())
+
+
+class TermsOnly(fitcustom.TapeModel):
+    """An autoencoder whose loss is only its terms (a VAE's shape): no
+    compiled loss, no targets, and `call()` returns a tuple that only
+    `loss_terms` reads."""
+
+    def __init__(self, kl_weight=0.5, **kwargs):
+        super().__init__(**kwargs)
+        self.kl_weight = kl_weight
+        self.encoder = keras.layers.Dense(3, activation="tanh")
+        self.decoder = keras.layers.Dense(5)
+        self.add_loss_term("reconstruction")
+        self.add_loss_term("kl")
+
+    def call(self, x):
+        codes = self.encoder(x)
+        return self.decoder(codes), codes
+
+    def loss_terms(self, x, y, y_pred, sample_weight, training):
+        reconstruction, codes = y_pred
+        return {
+            "reconstruction": tf.square(reconstruction - x),  # (batch, 5)
+            "kl": self.kl_weight * tf.reduce_sum(tf.square(codes), -1),
+        }
+
+
+class TermsByHand(keras.Model):
+    """The same loss in Keras' own `compute_loss`."""
+
+    def __init__(self, kl_weight=0.5, **kwargs):
+        super().__init__(**kwargs)
+        self.kl_weight = kl_weight
+        self.encoder = keras.layers.Dense(3, activation="tanh")
+        self.decoder = keras.layers.Dense(5)
+
+    def call(self, x):
+        codes = self.encoder(x)
+        return self.decoder(codes), codes
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None):
+        reconstruction, codes = y_pred
+        loss = tf.reduce_mean(tf.square(reconstruction - x)) + (
+            self.kl_weight * tf.reduce_mean(tf.reduce_sum(tf.square(codes), -1))
+        )
+        return distribute.scale_loss_for_replicas(loss)
+
+
+def _train_terms_only(cls, kl_weight=0.5):
+    keras.utils.set_random_seed(0)
+    model = cls(kl_weight=kl_weight)
+    x, _ = _data()
+    model(x[:1])
+    initial = [w.numpy() for w in model.weights]
+    keras.utils.set_random_seed(0)
+    model = cls(kl_weight=kl_weight)
+    model(x[:1])
+    model.set_weights(initial)
+    model.compile(optimizer=keras.optimizers.SGD(0.1))
+    history = model.fit(
+        x, batch_size=BATCH, epochs=2, shuffle=False, verbose=0
+    ).history
+    return model, history
+
+
+def test_a_loss_made_only_of_terms_trains_like_keras():
+    ours, history = _train_terms_only(TermsOnly)
+    reference, h_ref = _train_terms_only(TermsByHand)
+    assert_weights_close(reference.get_weights(), ours.get_weights())
+    assert_history_close({"loss": h_ref["loss"]}, {"loss": history["loss"]})
+    assert sorted(history) == ["kl", "loss", "reconstruction"]
+    np.testing.assert_allclose(
+        history["loss"],
+        np.add(history["kl"], history["reconstruction"]),
+        rtol=1e-5,
+    )
+    # Control: another weight of one term, and the comparison fails.
+    other, _ = _train_terms_only(TermsByHand, kl_weight=1.0)
+    with pytest.raises(AssertionError):
+        assert_weights_close(other.get_weights(), ours.get_weights())
+
+
+def test_a_loss_made_only_of_terms_on_two_replicas(two_replicas):
+    x, _ = _data()
+
+    def build():
+        model = TermsOnly()
+        model(x[:1])  # built under the run's strategy
+        model.compile(optimizer=keras.optimizers.SGD(0.1))
+        return model
+
+    report = fitcustom.testing.check_replicas(
+        build, x, strategy=two_replicas, batch_size=BATCH, epochs=2
+    )
+    report.assert_ok()
+    assert set(report.log_diffs) == {"kl", "loss", "reconstruction"}

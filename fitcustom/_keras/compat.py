@@ -182,6 +182,20 @@ def has_compiled_loss(model):
     return getattr(model, "_compile_loss", None) is not None
 
 
+def compute_loss(model, x, y, y_pred, sample_weight, training):
+    """`model.compute_loss(...)` as Keras' own step calls it: through the
+    private `Trainer._compute_loss`, which passes `training` only to a
+    `compute_loss` that takes it (a user's override may not)."""
+    return model._compute_loss(
+        x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training
+    )
+
+
+def overrides_compute_loss(model):
+    """Whether the model's class has a `compute_loss` of its own."""
+    return type(model).compute_loss is not keras.Model.compute_loss
+
+
 def loss_tracker(model):
     """The `Mean` metric named "loss" that `compile()` creates.
 

@@ -222,6 +222,12 @@ class CompileMixin:
             arguments
         )
 
+    def _forget_compile_argument(self, name):
+        """Drops a kept argument that a subclass keeps in its own words
+        (TapeGAN keeps its optimizers as `d_optimizer` / `g_optimizer`,
+        not as `optimizer={...}`: its saved files keep their layout)."""
+        self.__dict__.get("_kept_compile_arguments", {}).pop(name, None)
+
     @property
     def compile_arguments(self):
         """The `compile()` arguments kept with the model (a new dict)."""

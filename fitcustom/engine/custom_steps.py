@@ -105,12 +105,15 @@ class CustomSteps:
         return network if isinstance(network, keras.Layer) else None
 
     def _build_named_optimizers(self):
+        """Builds the named optimizers on the weights they train, and the
+        EMA copies of sub-models built since `track_ema`."""
         for name, optimizer in self.__dict__.get("_named", {}).items():
             if optimizer.built:
                 continue
             variables = self.optimizer_variables(name)
             if variables:
                 optimizer.build(variables)
+        self._build_emas()
 
     def _named_unbuilt(self):
         return any(
@@ -192,9 +195,7 @@ class CustomSteps:
             finite = self.update(tape, scaled, loss, variables, opt)
             if finite is not None:
                 self.count_nonfinite([finite])
-            for ema in self.__dict__.get("_emas", ()):
-                if ema.optimizer == optimizer:
-                    self._update_ema(ema, opt, finite)
+            self.follow_emas(optimizer, finite)
             self._record(reduced, finite)
         return distribute.unscale_loss_for_replicas(loss)
 
@@ -502,7 +503,9 @@ class CustomSteps:
         `self.ema_network = self.track_ema(self.network, 0.999)`.
 
         Args:
-            network: A functional or `Sequential` sub-model of this model.
+            network: A functional or `Sequential` sub-model of this model
+                (a `Sequential` without `keras.Input` gets its copy built
+                with it, by the first batch).
             decay: In (0, 1), e.g. 0.999.
             optimizer: The name of the optimizer that trains `network`
                 (`None`: the model's own).
@@ -530,13 +533,8 @@ class CustomSteps:
                 "can copy (functional or Sequential). Received: "
                 f"{type(network).__name__}: {e}"
             ) from e
-        if not (network.built and copy.built):
-            raise ValueError(
-                "track_ema() needs a built network (created with "
-                "keras.Input). Received: an unbuilt "
-                f"{type(network).__name__} {network.name!r}."
-            )
-        copy.set_weights(network.get_weights())
+        if network.built and copy.built:
+            copy.set_weights(network.get_weights())
         copy.trainable = False
         emas = self.__dict__.setdefault("_emas", [])
         emas.append(_EMA(network, copy, decay, optimizer))
@@ -544,7 +542,47 @@ class CustomSteps:
         setattr(self, f"_ema_copy_{len(emas) - 1}", copy)
         return copy
 
+    def follow_emas(self, optimizer: str | None = None, finite=None):
+        """Moves the EMA copies tied to `optimizer` (see `track_ema`)
+        towards their networks. `minimize` calls it after its update; a
+        step that updates with `update()` calls it after that.
+
+        Args:
+            optimizer: The optimizer's name (`None`: the model's own).
+            finite: The guard's verdict of the update (`None`: applied);
+                a skipped update leaves the copies as they are.
+        """
+        emas = self.__dict__.get("_emas", ())
+        emas = [e for e in emas if e.optimizer == optimizer]
+        if not emas:
+            return
+        opt = self.get_optimizer(optimizer)
+        for ema in emas:
+            self._update_ema(ema, opt, finite)
+
+    def _build_emas(self):
+        """Builds the EMA copies of sub-models that were not built when
+        `track_ema` copied them (a `Sequential` without `keras.Input`,
+        built by the first batch), with the network's weights."""
+        for ema in self.__dict__.get("_emas", ()):
+            if ema.copy.built or not ema.source.built:
+                continue
+            config = ema.source.get_build_config()
+            if config:
+                ema.copy.build_from_config(config)
+            if ema.copy.built:
+                ema.copy.set_weights(ema.source.get_weights())
+
     def _update_ema(self, ema, optimizer, finite):
+        if len(ema.copy.weights) != len(ema.source.weights):
+            raise ValueError(
+                f"The EMA copy of {ema.source.name!r} has "
+                f"{len(ema.copy.weights)} weights and the network "
+                f"{len(ema.source.weights)}: it was not built. Received: a "
+                "network that was built after track_ema() without an "
+                "input shape. Create it with keras.Input, or build it "
+                "before calling track_ema()."
+            )
         first = optimizer.iterations <= 1
         rate = tf.where(first, 1.0, 1.0 - ema.decay)
         if finite is not None:

@@ -6,6 +6,8 @@ its first batch, its step functions and mid-epoch resume (a mixin of
 May import: the ground floor, `_keras`.
 """
 
+import contextlib
+import re
 import warnings
 
 import keras
@@ -195,24 +197,25 @@ class FitMixin:
             else callbacks or []
         )
         _warn_about_keras_backup(self.__dict__["_fit_callbacks"])
-        return super().fit(
-            x=x,
-            y=y,
-            batch_size=batch_size,
-            epochs=epochs,
-            verbose=verbose,
-            callbacks=callbacks,
-            validation_split=validation_split,
-            validation_data=validation_data,
-            shuffle=shuffle,
-            class_weight=class_weight,
-            sample_weight=sample_weight,
-            initial_epoch=initial_epoch,
-            steps_per_epoch=steps_per_epoch,
-            validation_steps=validation_steps,
-            validation_batch_size=validation_batch_size,
-            validation_freq=validation_freq,
-        )
+        with _clear_class_id_errors(self, "fit"):
+            return super().fit(
+                x=x,
+                y=y,
+                batch_size=batch_size,
+                epochs=epochs,
+                verbose=verbose,
+                callbacks=callbacks,
+                validation_split=validation_split,
+                validation_data=validation_data,
+                shuffle=shuffle,
+                class_weight=class_weight,
+                sample_weight=sample_weight,
+                initial_epoch=initial_epoch,
+                steps_per_epoch=steps_per_epoch,
+                validation_steps=validation_steps,
+                validation_batch_size=validation_batch_size,
+                validation_freq=validation_freq,
+            )
 
     def evaluate(
         self,
@@ -232,17 +235,18 @@ class FitMixin:
         checks.check_batch_size(batch_size)
         checks.check_not_endless(x, steps, "x")
         self.check_evaluate_data(x, y, sample_weight)
-        return super().evaluate(
-            x=x,
-            y=y,
-            batch_size=batch_size,
-            verbose=verbose,
-            sample_weight=sample_weight,
-            steps=steps,
-            callbacks=callbacks,
-            return_dict=return_dict,
-            **kwargs,
-        )
+        with _clear_class_id_errors(self, "evaluate"):
+            return super().evaluate(
+                x=x,
+                y=y,
+                batch_size=batch_size,
+                verbose=verbose,
+                sample_weight=sample_weight,
+                steps=steps,
+                callbacks=callbacks,
+                return_dict=return_dict,
+                **kwargs,
+            )
 
     def check_fit_data(
         self, x, y, sample_weight, validation_data, batch_size=None
@@ -393,6 +397,44 @@ class FitMixin:
                 "with `add_loss()`, or override `compute_loss()` to return "
                 "a scalar tensor."
             )
+
+
+@contextlib.contextmanager
+def _clear_class_id_errors(model, method):
+    """Turns a step's failure on class ids outside the output's range
+    (`check_class_ids`, or TensorFlow's cross-entropy on a CPU) into a
+    `ValueError` that says what was received and how to fix it."""
+    try:
+        yield
+    except tf.errors.InvalidArgumentError as e:
+        message = e.message or ""
+        found = None
+        if checks.CLASS_ID_MARKER in message:
+            numbers = re.findall(
+                r"\[(-?\d+)\]", message.split(checks.CLASS_ID_MARKER, 1)[1]
+            )
+            if len(numbers) >= 3:
+                low, high, width = map(int, numbers[:3])
+                found = (low if low < 0 else high, width)
+        else:
+            match = re.search(
+                r"label value of (-?\d+) which is outside the valid range "
+                r"of \[0, (\d+)\)",
+                message,
+            )
+            if match:
+                found = (int(match.group(1)), int(match.group(2)))
+        if found is None:
+            raise
+        label, width = found
+        raise ValueError(
+            f"{type(model).__name__}.{method}() was given a class id outside "
+            f"[0, {width}): the model's output has {width} classes. "
+            f"Received: the label {label} in a batch (that batch made no "
+            "update; the batches before it did). Expected: class ids 0 to "
+            f"{width - 1}. Fix the labels (1-based ids need `y - 1`), or "
+            f"give the output layer {max(label + 1, width)} units."
+        ) from None
 
 
 class _StopOnNonFinite(keras.callbacks.Callback):

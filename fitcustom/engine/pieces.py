@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import keras
 import tensorflow as tf
 
+from fitcustom import checks
 from fitcustom import distribute
 from fitcustom._keras import compat as _compat
 from fitcustom.engine import step_context
@@ -109,13 +110,14 @@ class StepPieces:
             )
         else:
             y_pred = self.forward(x, training=training)
-        loss = self._compute_loss(
-            x=x,
-            y=y,
-            y_pred=y_pred,
-            sample_weight=sample_weight,
-            training=training,
-        )
+        if self._loss_only_of_terms():
+            # No compiled loss, no layer losses: the terms are the loss
+            # (Keras would refuse: "No loss to compute").
+            loss = tf.zeros((), tf.float32)
+        else:
+            loss = _compat.compute_loss(
+                self, x, y, y_pred, sample_weight, training
+            )
         self._check_loss(loss)
         terms = self._reduced_loss_terms(x, y, y_pred, sample_weight, training)
         for value in terms.values():
@@ -123,6 +125,16 @@ class StepPieces:
         # Tracked with the loss (`track_loss`), under the same guard.
         step_context.scratch().terms = terms
         return y_pred, loss
+
+    def _loss_only_of_terms(self):
+        """Whether the loss is only the declared loss terms: a model
+        compiled without `loss=` (a VAE's reconstruction and KL terms)."""
+        return (
+            bool(self._loss_term_trackers)
+            and not _compat.has_compiled_loss(self)
+            and not _compat.overrides_compute_loss(self)
+            and not self.losses
+        )
 
     def _reduced_loss_terms(self, x, y, y_pred, sample_weight, training):
         """`loss_terms`, checked, each reduced to its per-replica mean."""
@@ -153,6 +165,52 @@ class StepPieces:
                 w = None
             reduced[name] = distribute.mean_loss(tf.cast(values, tf.float32), w)
         return reduced
+
+    def check_class_ids(self, y, y_pred, grads=None):
+        """Stops the step when class ids are outside the output's range.
+
+        For a sparse cross-entropy (`"sparse_categorical_crossentropy"`,
+        `keras.losses.SparseCategoricalCrossentropy`, a `TapeClassifier`
+        given class ids) with one output of `k > 1` classes: every label
+        must be in `[0, k)` (or the loss's `ignore_class`). A step with
+        another label fails before its update, and `fit()` /
+        `evaluate()` raise a `ValueError` naming the label and `k`. On a
+        CPU TensorFlow's cross-entropy fails on such labels too, inside
+        the graph; on a GPU it gives NaN, silently. This guards the data
+        that is not scanned before `fit()` (`tf.data`, generators); its
+        cost is one min and max of the batch's labels.
+
+        Args:
+            y: The batch's targets.
+            y_pred: The model's outputs for it.
+            grads: The step's gradients, or `None`.
+
+        Returns:
+            `grads`, computed only once the check has passed (in a traced
+            step nothing else orders the check before the update).
+        """
+        width = _class_id_width(self.loss, y, y_pred)
+        if width is None:
+            return grads
+        ids = tf.cast(y, tf.int64)
+        bad = tf.logical_or(ids < 0, ids >= width)
+        ignore = getattr(self.loss, "ignore_class", None)
+        if ignore is not None:
+            bad = tf.logical_and(bad, tf.not_equal(ids, int(ignore)))
+        shown = tf.where(bad, ids, tf.zeros_like(ids))
+        check = tf.debugging.Assert(
+            tf.logical_not(tf.reduce_any(bad)),
+            [
+                checks.CLASS_ID_MARKER,
+                tf.reduce_min(shown),
+                tf.reduce_max(shown),
+                tf.constant(width, tf.int64),
+            ],
+        )
+        if grads is None:
+            return None
+        with tf.control_dependencies([check] if check is not None else []):
+            return [None if g is None else tf.identity(g) for g in grads]
 
     def count_nonfinite(self, verdicts):
         """Adds the steps the guard skipped to the `nonfinite_steps` metric.
@@ -357,6 +415,7 @@ class StepPieces:
         x, y, sample_weight = self.unpack_data(data)
         self._check_targets(y)
         y_pred, loss, grads = self.loss_and_gradients(x, y, sample_weight)
+        grads = self.check_class_ids(y, y_pred, grads)  # before the update
         if grads is None:
             return self.compute_metrics(x, y, y_pred, sample_weight)
         finite = None
@@ -502,6 +561,7 @@ class StepPieces:
         x, y, sample_weight = self.unpack_data(data)
         self._check_targets(y)
         y_pred, loss = self.forward_and_loss(x, y, sample_weight, False)
+        self.check_class_ids(y, y_pred)
         self.track_loss(loss, x)
         logs = self.compute_metrics(x, y, y_pred, sample_weight)
         # The gradient trackers describe training steps only.
@@ -512,6 +572,32 @@ class StepPieces:
     def predict_step(self, data):
         x, _, _ = self.unpack_data(data)
         return self.forward(x, training=False)
+
+
+def _class_id_width(loss, y, y_pred):
+    """The number of classes `k` when `y` holds class ids for `y_pred`'s
+    `k` scores under a sparse cross-entropy, else `None`."""
+    if not (tf.is_tensor(y) and tf.is_tensor(y_pred)):
+        return None
+    width = y_pred.shape[-1] if y_pred.shape.rank else None
+    if width is None or width < 2 or y.shape.rank is None:
+        return None
+    ids = y.shape.rank == y_pred.shape.rank - 1 or (
+        y.shape.rank == y_pred.shape.rank and y.shape[-1] == 1
+    )
+    if not ids:
+        return None
+    if isinstance(loss, str):
+        sparse = loss in ("sparse_categorical_crossentropy",)
+    elif isinstance(loss, keras.losses.Loss):
+        sparse = isinstance(
+            loss, keras.losses.SparseCategoricalCrossentropy
+        ) or getattr(loss, "takes_class_ids", False)
+    else:
+        sparse = loss is keras.losses.sparse_categorical_crossentropy
+    if not sparse or not (y.dtype.is_integer or y.dtype.is_floating):
+        return None
+    return int(width)
 
 
 def _reads(variable, read):

@@ -27,6 +27,10 @@ class ClassifierLoss(keras.losses.Loss):
         name: Defaults to `"classifier_crossentropy"`.
     """
 
+    #: Class ids (one label per sample) are checked against the output's
+    #: width in every step (`TapeModel.check_class_ids`).
+    takes_class_ids = True
+
     def __init__(
         self,
         from_logits: bool = True,
@@ -498,6 +502,7 @@ class TapeClassifier(TapeModel):
         x, y, sample_weight = self.unpack_data(data)
         self._check_targets(y)
         y_pred, loss, grads = self.loss_and_gradients(x, y, sample_weight)
+        grads = self.check_class_ids(y, y_pred, grads)  # before the update
         if grads is None:
             return self.compute_metrics(x, y, y_pred, sample_weight)
         variables = self.step_weights()

@@ -256,5 +256,5 @@ class GANInputs:
         if self.ema_generator is not None and not self.ema_generator.built:
             self._generate(z, conditions, training=False, ema=True)
             self.ema_generator.set_weights(self.generator.get_weights())
-        self._build_optimizers()
+        self._build_named_optimizers()
         self.built = True

@@ -65,6 +65,10 @@ class GANLoss:
     #: Whether `discriminator()` uses `real_target` / `fake_target` (label
     #: smoothing and label noise apply).
     uses_targets = False
+    #: Whether the family reads the discriminator's outputs as the logits
+    #: of a sigmoid (the cross-entropy families): `TapeGAN` then refuses a
+    #: discriminator that ends in a sigmoid, whose scores saturate.
+    takes_logits = False
 
     def __init__(self, name):
         self.name = name
@@ -100,6 +104,7 @@ class NonSaturating(GANLoss):
     BCE(D(x), 1) + BCE(D(G(z)), 0), G minimises BCE(D(G(z)), 1)."""
 
     uses_targets = True
+    takes_logits = True
 
     def __init__(self):
         super().__init__("non_saturating")

@@ -1,5 +1,6 @@
 """`TapeGAN`: a generator and a discriminator trained adversarially by fit()."""
 
+import typing
 
 import keras
 import numpy as np
@@ -13,6 +14,28 @@ from fitcustom.engine import TapeModel
 from fitcustom.networks import outputs_logits
 from fitcustom.tasks.gan import losses as gan_losses
 from fitcustom.tasks.gan.inputs import GANInputs
+
+
+class _CriticLoss(typing.NamedTuple):
+    """One discriminator update's loss: the family's loss (`d_loss`), the
+    total minimised (with the regularization and the penalties), the
+    penalties by name, and the scores of the fake images."""
+
+    loss: tf.Tensor
+    total: tf.Tensor
+    penalties: dict
+    fake_logits: tf.Tensor
+
+
+class _CriticUpdate(typing.NamedTuple):
+    """What one discriminator update logs: its loss, penalties, the
+    guard's verdict (`None` without `skip_nonfinite`) and images."""
+
+    loss: tf.Tensor
+    penalties: dict
+    verdict: tf.Tensor | None
+    size: tf.Tensor
+
 
 # What a stateless draw is for; folded into the step's seed with the index
 # of the draw within the step, so no two draws of a run share a seed.
@@ -186,17 +209,17 @@ class TapeGAN(GANInputs, TapeModel):
         self.joint_discriminator_call = joint_discriminator_call
         self.ema_generator = None
         if ema_decay is not None:
+            # Follows the generator optimizer's updates (follow_emas).
             try:
-                self.ema_generator = keras.models.clone_model(generator)
+                self.ema_generator = self.track_ema(
+                    generator, ema_decay, optimizer="generator"
+                )
             except ValueError as e:
                 raise ValueError(
                     "`ema_decay` needs a generator that keras.models."
                     "clone_model can copy (functional or Sequential). "
                     f"Received: {type(generator).__name__}: {e}"
                 ) from e
-            if generator.built and self.ema_generator.built:
-                # clone_model gives fresh random weights: start equal.
-                self.ema_generator.set_weights(generator.get_weights())
         self.d_loss_tracker = keras.metrics.Mean(name="d_loss")
         self.g_loss_tracker = keras.metrics.Mean(name="g_loss")
         self.gp_tracker = keras.metrics.Mean(name="gradient_penalty")
@@ -218,11 +241,6 @@ class TapeGAN(GANInputs, TapeModel):
             and not self.full_batch_critic
         )
 
-    def _training_optimizers(self):
-        return [
-            o for o in (self.d_optimizer, self.g_optimizer) if o is not None
-        ]
-
     def call(self, inputs, training=None):
         """The discriminator's scores for `inputs` (images, or
         `[images, labels]` for a conditional GAN)."""
@@ -243,8 +261,8 @@ class TapeGAN(GANInputs, TapeModel):
 
     def compile(
         self,
-        d_optimizer="adam",
-        g_optimizer="adam",
+        d_optimizer=None,
+        g_optimizer=None,
         loss="non_saturating",
         *,
         gp_weight: float | None = None,
@@ -259,8 +277,9 @@ class TapeGAN(GANInputs, TapeModel):
 
         Args:
             d_optimizer: Discriminator optimizer (name or instance).
-                Defaults to `"adam"`.
-            g_optimizer: Generator optimizer. Defaults to `"adam"`.
+                Defaults to `None`: `"adam"`.
+            g_optimizer: Generator optimizer. Defaults to `None`:
+                `"adam"`.
             loss: Loss family: one of `fitcustom.gan_losses.LOSSES`
                 (`"non_saturating"`, `"minimax"`, `"wasserstein"`,
                 `"hinge"`, `"least_squares"`), or a `gan_losses.GANLoss`
@@ -289,19 +308,22 @@ class TapeGAN(GANInputs, TapeModel):
                 does not match a tanh generator warned about). Defaults to
                 `True`; turn it off to feed non-finite batches on purpose
                 (with `skip_nonfinite=True`).
-            optimizer: Unused (a GAN has two); must stay `None`.
+            optimizer: The two optimizers by name, as any
+                `fitcustom.TapeModel` takes them: `{"discriminator": ...,
+                "generator": ...}`, in place of `d_optimizer` and
+                `g_optimizer`. Defaults to `None`. Either way they are
+                the model's named optimizers (`gan.optimizers`,
+                `gan.get_optimizer("generator")`, `minimize(...,
+                optimizer="generator")` in a step of your own), also
+                reachable as `d_optimizer` and `g_optimizer`.
             **kwargs: `fitcustom.TapeModel.compile` options
                 (`gradient_transforms`, `skip_nonfinite`, `run_eagerly`,
                 `steps_per_execution`, `jit_compile`, ...).
         """
         _args.boolean("check_inputs", check_inputs)
-        if optimizer is not None:
-            raise ValueError(
-                "TapeGAN has two optimizers: pass d_optimizer= and "
-                f"g_optimizer=. Received: optimizer={optimizer!r}."
-            )
+        optimizers = _two_optimizers(optimizer, d_optimizer, g_optimizer)
         gan_loss = gan_losses.get(loss)
-        if gan_loss.uses_targets and gan_loss.name != "least_squares":
+        if gan_loss.takes_logits:
             if not outputs_logits(self.discriminator):
                 raise ValueError(
                     f"The {gan_loss.name!r} loss takes the discriminator's "
@@ -330,7 +352,12 @@ class TapeGAN(GANInputs, TapeModel):
                     f"The {gan_loss.name!r} loss has no targets, so "
                     f"`{name}` would be ignored. Received: {name}={value} "
                     f"with loss={gan_loss.name!r}. Remove it, or use one of "
-                    "'non_saturating', 'minimax', 'least_squares'."
+                    + ", ".join(
+                        repr(n)
+                        for n, family in gan_losses.LOSSES.items()
+                        if family.uses_targets
+                    )
+                    + "."
                 )
         if label_smoothing + label_noise > 0.5:
             raise ValueError(
@@ -345,15 +372,16 @@ class TapeGAN(GANInputs, TapeModel):
         if gp_weight is None:
             gp_weight = 10.0 if gan_loss.gradient_penalty else 0.0
         gp_weight = _args.number("gp_weight", gp_weight, low=0)
-        super().compile(optimizer=None, loss=None, **kwargs)
-        self.d_optimizer = _wrap(keras.optimizers.get(d_optimizer), self)
-        self.g_optimizer = _wrap(keras.optimizers.get(g_optimizer), self)
-        if self.d_optimizer is self.g_optimizer:
-            raise ValueError(
-                "d_optimizer and g_optimizer must be two optimizer objects "
-                "(each keeps its own state). Received the same object twice."
-            )
-        self.check_transforms(self.d_optimizer, self.g_optimizer)
+        # Named optimizers of the engine (resolved, wrapped for loss
+        # scaling, checked against the transforms, built on the networks'
+        # weights). Kept as `d_optimizer` and `g_optimizer`, in that
+        # order: Keras saves their state under the compile arguments
+        # (`compile_arguments/adam`, `.../adam_1`), where files saved
+        # before have it.
+        super().compile(optimizer=optimizers, loss=None, **kwargs)
+        self._forget_compile_argument("optimizer")
+        self.d_optimizer = self.get_optimizer("discriminator")
+        self.g_optimizer = self.get_optimizer("generator")
         self.gan_loss = gan_loss
         self.keep_compile_arguments(
             d_optimizer=self.d_optimizer,
@@ -370,16 +398,6 @@ class TapeGAN(GANInputs, TapeModel):
             label_noise=float(label_noise),
             check_inputs=check_inputs,
         )
-        if self.generator.built and self.discriminator.built:
-            self._build_optimizers()
-
-    def _build_optimizers(self):
-        for opt, net in (
-            (self.d_optimizer, self.discriminator),
-            (self.g_optimizer, self.generator),
-        ):
-            if opt is not None and not opt.built:
-                opt.build(net.trainable_weights)
 
     def _needs_build(self):
         optimizer = self.d_optimizer
@@ -512,23 +530,7 @@ class TapeGAN(GANInputs, TapeModel):
             )
             penalties["r1_penalty"] = r1
             total = total + 0.5 * args["r1_gamma"] * r1
-        return d_loss, total, penalties, fake_logits
-
-    def _update_ema(self, finite=None):
-        """`ema = decay * ema + (1 - decay) * generator`, after the
-        generator's update; the first applied update copies the weights
-        (as Keras' optimizer EMA does), so weights set on the generator
-        after construction are not averaged with stale ones. A step the
-        guard skipped leaves the EMA unchanged."""
-        first = self.g_optimizer.iterations <= 1
-        rate = tf.where(first, 1.0, 1.0 - self.ema_decay)
-        if finite is not None:
-            rate = tf.where(finite, rate, 0.0)
-        deltas = [
-            tf.cast(rate, w.dtype) * (w - e)
-            for w, e in zip(self.generator.weights, self.ema_generator.weights)
-        ]
-        distribute.assign_add_everywhere(self.ema_generator.weights, deltas)
+        return _CriticLoss(d_loss, total, penalties, fake_logits)
 
     # ------------------------------------------------------------------
     # Steps
@@ -558,18 +560,17 @@ class TapeGAN(GANInputs, TapeModel):
         z = self.sample_latent(batch, 0)
         with tf.GradientTape() as d_tape, tf.GradientTape() as g_tape:
             fake = self._generate(z, conditions, training=True)
-            d_loss, d_total, penalties, fake_logits = self._discriminator_loss(
-                real, fake, conditions, 0
-            )
-            d_scaled = self.scale_loss(d_total, self.d_optimizer)
-            g_loss, g_total, g_scaled = self._generator_loss(fake_logits)
+            critic = self._discriminator_loss(real, fake, conditions, 0)
+            d_scaled = self.scale_loss(critic.total, self.d_optimizer)
+            g_loss, g_total, g_scaled = self._generator_loss(critic.fake_logits)
         d_vars = self.discriminator.trainable_weights
         g_vars = self.generator.trainable_weights
-        d_ok = self.update(d_tape, d_scaled, d_total, d_vars, self.d_optimizer)
-        g_ok = self.update(g_tape, g_scaled, g_total, g_vars, self.g_optimizer)
-        self._finish_step(
-            real, [(d_loss, penalties, d_ok, batch)], g_loss, g_ok, batch
+        d_ok = self.update(
+            d_tape, d_scaled, critic.total, d_vars, self.d_optimizer
         )
+        g_ok = self.update(g_tape, g_scaled, g_total, g_vars, self.g_optimizer)
+        update = _CriticUpdate(critic.loss, critic.penalties, d_ok, batch)
+        self._finish_step(real, [update], g_loss, g_ok, batch)
 
     def _alternating_step(self, real, conditions):
         """`n_critic` discriminator updates, then one generator update."""
@@ -592,12 +593,12 @@ class TapeGAN(GANInputs, TapeModel):
             z = self.sample_latent(m, k)
             with tf.GradientTape() as tape:
                 fake = self._generate(z, cond_k, training=True)
-                d_loss, d_total, penalties, _ = self._discriminator_loss(
-                    real_k, fake, cond_k, k
-                )
-                d_scaled = self.scale_loss(d_total, self.d_optimizer)
-            ok = self.update(tape, d_scaled, d_total, d_vars, self.d_optimizer)
-            d_losses.append((d_loss, penalties, ok, m))
+                critic = self._discriminator_loss(real_k, fake, cond_k, k)
+                d_scaled = self.scale_loss(critic.total, self.d_optimizer)
+            ok = self.update(
+                tape, d_scaled, critic.total, d_vars, self.d_optimizer
+            )
+            d_losses.append(_CriticUpdate(critic.loss, critic.penalties, ok, m))
         cond_g = conditions
         if conditions is not None and not self.full_batch_critic:
             cond_g = conditions[0 : m * n : n]
@@ -617,25 +618,26 @@ class TapeGAN(GANInputs, TapeModel):
         return g_loss, total, self.scale_loss(total, self.g_optimizer)
 
     def _finish_step(self, real, d_losses, g_loss, g_ok, g_size):
-        """EMA update and the step's logs. `d_losses` holds
-        `(d_loss, penalties, verdict, images)` per discriminator update."""
-        if self.ema_generator is not None:
-            self._update_ema(g_ok)
-        for d_loss, penalties, ok, size in d_losses:
-            self.track_mean(self.d_loss_tracker, d_loss, size, ok)
-            for name, value in penalties.items():
+        """EMA update and the step's logs. `d_losses` holds a
+        `_CriticUpdate` per discriminator update."""
+        self.follow_emas("generator", g_ok)
+        for update in d_losses:
+            self.track_mean(
+                self.d_loss_tracker, update.loss, update.size, update.verdict
+            )
+            for name, value in update.penalties.items():
                 tracker = (
                     self.gp_tracker
                     if name == "gradient_penalty"
                     else self.r1_tracker
                 )
-                self.track_mean(tracker, value, size, ok)
+                self.track_mean(tracker, value, update.size, update.verdict)
         self.track_mean(self.g_loss_tracker, g_loss, g_size, g_ok)
         both = None
         if self.skip_nonfinite:
-            both = tf.logical_and(d_losses[-1][2], g_ok)
-            self.count_nonfinite([ok for _, _, ok, _ in d_losses] + [g_ok])
-        mean_d = tf.add_n([d for d, _, _, _ in d_losses]) / len(d_losses)
+            both = tf.logical_and(d_losses[-1].verdict, g_ok)
+            self.count_nonfinite([u.verdict for u in d_losses] + [g_ok])
+        mean_d = tf.add_n([u.loss for u in d_losses]) / len(d_losses)
         self.track_loss(mean_d + g_loss, real, both)
 
     def evaluation_latent(self, images):
@@ -750,17 +752,33 @@ class TapeGAN(GANInputs, TapeModel):
         return np.asarray(keras.ops.convert_to_numpy(out), dtype="float32")
 
 
-def _wrap(optimizer, model):
-    """Wraps an optimizer for loss scaling under mixed_float16."""
+#: The names of TapeGAN's two optimizers.
+OPTIMIZER_NAMES = ("discriminator", "generator")
+
+
+def _two_optimizers(optimizer, d_optimizer, g_optimizer):
+    """`{"discriminator": ..., "generator": ...}` from `compile()`'s
+    `optimizer` dict, or from `d_optimizer` and `g_optimizer` ("adam"
+    for one left out)."""
     if optimizer is None:
+        return {
+            "discriminator": "adam" if d_optimizer is None else d_optimizer,
+            "generator": "adam" if g_optimizer is None else g_optimizer,
+        }
+    if not isinstance(optimizer, dict):
         raise ValueError(
-            "TapeGAN needs two optimizers. Received: None. Pass "
-            "d_optimizer= and g_optimizer= (names or instances)."
+            "TapeGAN has two optimizers: pass d_optimizer= and "
+            "g_optimizer=, or optimizer={'discriminator': ..., "
+            f"'generator': ...}}. Received: optimizer={optimizer!r}."
         )
-    if model.dtype_policy.name == "mixed_float16" and not isinstance(
-        optimizer, keras.optimizers.LossScaleOptimizer
-    ):
-        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    return optimizer
-
-
+    if d_optimizer is not None or g_optimizer is not None:
+        raise ValueError(
+            "Pass TapeGAN's optimizers once: optimizer={...} or "
+            "d_optimizer= and g_optimizer=. Received: both."
+        )
+    if set(optimizer) != set(OPTIMIZER_NAMES):
+        raise ValueError(
+            "TapeGAN's optimizers are named 'discriminator' and "
+            f"'generator'. Received: optimizer with keys {sorted(optimizer)}."
+        )
+    return {name: optimizer[name] for name in OPTIMIZER_NAMES}
