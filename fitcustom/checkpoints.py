@@ -557,16 +557,22 @@ class BackupAndRestore(_compat.KerasBackupAndRestore):
             except OSError as e:
                 self._failed_notice_save(number, code, what, e)
                 return
-        sys.stderr.write(
+        self._announce(
             f"BackupAndRestore: {number.name} received; the backup {what} "
             f"is in {self.backup_dir} ({time.monotonic() - received:.2f} s "
             "after the notice). "
             + (
-                f"Exiting with status {code}; run the same command to resume.\n"
+                f"Exiting with status {code}; run the same command to resume."
                 if self.exit_on_preemption
-                else "Training stops; fit() with this callback resumes.\n"
-            )
+                else "Training stops; fit() with this callback resumes."
+            ),
+            code,
         )
+
+    def _announce(self, line, code):
+        """The one line on stderr of a notice; then the exit, with
+        `exit_on_preemption`."""
+        sys.stderr.write(line + "\n")
         sys.stderr.flush()
         if self.exit_on_preemption:
             raise SystemExit(code)
@@ -586,18 +592,11 @@ class BackupAndRestore(_compat.KerasBackupAndRestore):
             f"{what} could not be written to {self.backup_dir} "
             f"({type(error).__name__}: {error}); {kept}."
         )
-        sys.stderr.write(
-            line
-            + (
-                f" Exiting with status {code}.\n"
-                if self.exit_on_preemption
-                else "\n"
-            )
-        )
-        sys.stderr.flush()
+        message = line
         if self.exit_on_preemption:
-            raise SystemExit(code)
-        raise OSError(error.errno, line) from error
+            line += f" Exiting with status {code}."
+        self._announce(line, code)
+        raise OSError(error.errno, message) from error
 
     def _sibling_callbacks(self):
         """The other callbacks of the running `fit()` (known to fitcustom

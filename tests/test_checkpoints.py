@@ -476,14 +476,18 @@ class _FirstBatch(keras.callbacks.Callback):
         super().__init__()
         self.first = self.epoch = self.start = None
 
+    def _steps(self):
+        optimizer = self.model.optimizer or self.model.optimizers["generator"]
+        return int(optimizer.iterations.numpy())
+
     def on_train_begin(self, logs=None):  # after the backup's restore
-        self.start = int(self.model.optimizer.iterations.numpy())
+        self.start = self._steps()
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
 
     def on_train_batch_end(self, batch, logs=None):
-        steps = int(self.model.optimizer.iterations.numpy())
+        steps = self._steps()
         if self.first is None and steps > self.start:
             self.first = (self.epoch, batch, steps)
 
@@ -492,18 +496,34 @@ class _FirstBatch(keras.callbacks.Callback):
 BATCHES, EPOCHS = 8, 8
 
 
-def _noticed_run(backup_dir, extra=(), exit_on_preemption=False):
-    """A Dropout model (its masks must resume too) for EPOCHS epochs of
-    BATCHES batches beside the backup; returns (model, history, the
-    backup callback)."""
+def _noticed_run(backup_dir, extra=(), exit_on_preemption=False, kind="mlp"):
+    """A Dropout model (its masks must resume too), or a GAN with an EMA
+    generator (`kind="gan"`), for EPOCHS epochs of BATCHES batches beside
+    the backup; returns (model, history, the backup callback)."""
     rng = np.random.default_rng(2)
     x = rng.normal(size=(8 * BATCHES, 4)).astype("float32")
     y = x @ rng.normal(size=(4, 2)).astype("float32")
     keras.utils.set_random_seed(0)
-    inputs = keras.Input((4,))
-    h = keras.layers.Dropout(0.2)(keras.layers.Dense(8)(inputs))
-    model = fitcustom.TapeModel(inputs, keras.layers.Dense(2)(h))
-    model.compile(optimizer="adam", loss="mse")
+    if kind == "gan":
+        generator = keras.Sequential(
+            [keras.Input((3,)), keras.layers.Dense(4, activation="tanh")]
+        )
+        discriminator = keras.Sequential(
+            [keras.Input((4,)), keras.layers.Dense(4), keras.layers.Dense(1)]
+        )
+        model = fitcustom.TapeGAN(
+            generator=generator,
+            discriminator=discriminator,
+            latent_dim=3,
+            ema_decay=0.9,
+        )
+        model.compile()
+        x, y = np.tanh(x), None
+    else:
+        inputs = keras.Input((4,))
+        h = keras.layers.Dropout(0.2)(keras.layers.Dense(8)(inputs))
+        model = fitcustom.TapeModel(inputs, keras.layers.Dense(2)(h))
+        model.compile(optimizer="adam", loss="mse")
     backup = fitcustom.BackupAndRestore(
         backup_dir, exit_on_preemption=exit_on_preemption
     )
@@ -527,16 +547,18 @@ def _saved_step(backup_dir):
     threading.current_thread() is not threading.main_thread(),
     reason="signal handlers are set in the main thread only",
 )
+@pytest.mark.parametrize("kind", ["mlp", "gan"])
 def test_notices_at_ten_random_moments_each_save_at_the_running_step(
-    tmp_path,
+    tmp_path, kind
 ):
     """A notice inside an epoch's backup write, then nine after random
     batches, each in a fit() of its own that resumes the backup of the one
     before. Each saves at the end of the step that was running when it
     came (the one in the write: after the next epoch's first batch), each
     resume trains first the step saved, and the chain ends with the
-    uninterrupted weights and logs (shuffling, Dropout)."""
-    straight, straight_logs, _ = _noticed_run(tmp_path / "straight")
+    uninterrupted weights (the EMA generator's too) and logs (shuffling,
+    Dropout, the GAN's noise)."""
+    straight, straight_logs, _ = _noticed_run(tmp_path / "straight", kind=kind)
     rng = np.random.default_rng(26)
     backup_dir = tmp_path / "backup"
     previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
@@ -553,7 +575,7 @@ def test_notices_at_ten_random_moments_each_save_at_the_running_step(
 
         checkpoints._before_replace = hook
         try:
-            _, _, backup = _noticed_run(backup_dir, extra=[first])
+            _, _, backup = _noticed_run(backup_dir, extra=[first], kind=kind)
         finally:
             checkpoints._before_replace = None
         assert backup.preempted_by == "SIGUSR1"
@@ -565,7 +587,9 @@ def test_notices_at_ten_random_moments_each_save_at_the_running_step(
             step = done + int(rng.integers(0, 3))
             first = _FirstBatch()
             notice = _Notice(signal.SIGUSR1, *divmod(step, BATCHES))
-            _, _, backup = _noticed_run(backup_dir, extra=[first, notice])
+            _, _, backup = _noticed_run(
+                backup_dir, extra=[first, notice], kind=kind
+            )
             assert backup.preempted_by == "SIGUSR1", step
             assert first.first == (*divmod(done, BATCHES), done + 1)
             done = _saved_step(backup_dir)
@@ -574,7 +598,7 @@ def test_notices_at_ten_random_moments_each_save_at_the_running_step(
     finally:
         signal.signal(signal.SIGUSR1, previous)
     first = _FirstBatch()
-    resumed, logs, _ = _noticed_run(backup_dir, extra=[first])
+    resumed, logs, _ = _noticed_run(backup_dir, extra=[first], kind=kind)
     assert first.first == (*divmod(done, BATCHES), done + 1)
     assert done < BATCHES * EPOCHS - 2
     assert_weights_close(straight.get_weights(), resumed.get_weights(), atol=0)

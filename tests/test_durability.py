@@ -48,7 +48,7 @@ KILLS = {
     ("gan", "2"): [
         "batch:0:3",
         "checkpoint:1:renamed",
-        "backup:5:partial",
+        "backup:3:partial",
     ],
 }
 

@@ -28,7 +28,7 @@ from small_models import build
 import fitcustom
 from fitcustom import checkpoints
 
-EPOCHS = 6
+EPOCHS = 4
 BATCH = 16
 
 
