@@ -189,3 +189,55 @@ def check_bad_input(task, cases):
         with pytest.raises(ValueError, match=match):
             model.fit(x, y, **arguments)
         assert_weights_close(before, weights_of(model), atol=0)
+
+
+class _Interrupt(keras.callbacks.Callback):
+    """Stops `fit()` after batch `at` of the first epoch, as a kill would:
+    nothing of the run is saved by the interruption itself."""
+
+    def __init__(self, at):
+        super().__init__()
+        self.at = at
+
+    def on_train_batch_end(self, batch, logs=None):
+        if batch == self.at:
+            raise KeyboardInterrupt
+
+
+def check_backup_resume(
+    task, tmp_path, at=2, epochs=2, save_freq=2, callback=None
+):
+    """Interrupts a `fit()` with a backup callback after batch `at` of
+    its first epoch (the last backup: after batch `save_freq * k - 1`),
+    then runs the same `fit()` again on a fresh build.
+
+    Returns:
+        `(weight_diff, log_diff, steps)`: the largest distance of the
+        resumed run's weights and (relative) last logs from a run that
+        never stopped, and both runs' optimizer steps.
+    """
+    make = callback or fitcustom.BackupAndRestore
+    whole = task.build()
+    initial = weights_of(whole)
+    expected = task.fit(whole, epochs=epochs)
+    folder = str(tmp_path / "backup")
+    model = task.build()
+    model.set_weights(initial)
+    with pytest.raises(KeyboardInterrupt):
+        task.fit(
+            model,
+            epochs=epochs,
+            callbacks=[make(folder, save_freq=save_freq), _Interrupt(at)],
+        )
+    resumed = task.build()
+    resumed.set_weights(initial)
+    history = task.fit(
+        resumed, epochs=epochs, callbacks=[make(folder, save_freq=save_freq)]
+    )
+    steps = (optimizer_steps(resumed), optimizer_steps(whole))
+    log_diff = max(
+        abs(history[k][-1] - expected[k][-1]) / max(abs(expected[k][-1]), 1e-8)
+        for k in expected
+    )
+    weight_diff = max_abs_diff(weights_of(resumed), weights_of(whole))
+    return weight_diff, log_diff, steps

@@ -24,11 +24,22 @@ class TwoPlayers(fitcustom.TapeModel):
 
     config_models = ("left", "right")
 
-    def __init__(self, left, right, ema_decay=0.5, twice=False, **kwargs):
+    def __init__(
+        self,
+        left,
+        right,
+        ema_decay=0.5,
+        twice=False,
+        match_weight=None,
+        by_hand=False,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.left = left
         self.right = right
         self.twice = twice
+        self.match_weight = match_weight
+        self.by_hand = by_hand
         self.ema_right = self.track_ema(self.right, ema_decay, "right")
 
     def call(self, x, training=False):
@@ -46,7 +57,14 @@ class TwoPlayers(fitcustom.TapeModel):
             if self.twice:  # the mistake: dividing by the replicas again
                 match = match / distribute.num_replicas()
             self.minimize(tape, {"fit": fit}, optimizer="left")
-            self.minimize(tape, {"match": match}, optimizer="right")
+            weights = None
+            if self.match_weight and self.by_hand:
+                match = match * self.match_weight
+            elif self.match_weight:
+                weights = {"match": self.match_weight}
+            self.minimize(
+                tape, {"match": match}, optimizer="right", loss_weights=weights
+            )
 
     def test_step(self, data):
         x, y, _ = self.unpack_data(data)
@@ -55,12 +73,12 @@ class TwoPlayers(fitcustom.TapeModel):
         self.log_mean("output_mean", self(x))
 
 
-def two_players(twice=False, decay=0.5):
+def two_players(twice=False, decay=0.5, **kwargs):
     a = keras.Input((6,))
     left = keras.Model(a, keras.layers.Dense(4, activation="tanh")(a))
     b = keras.Input((4,))
     right = keras.Model(b, keras.layers.Dense(4)(keras.layers.Dense(8)(b)))
-    model = TwoPlayers(left, right, ema_decay=decay, twice=twice)
+    model = TwoPlayers(left, right, ema_decay=decay, twice=twice, **kwargs)
     model.compile(
         optimizer={
             "left": keras.optimizers.SGD(0.1),
@@ -115,6 +133,38 @@ def test_loss_log_is_the_sum_of_the_minimised_terms():
     total = np.add(logs["fit"], logs["match"])
     np.testing.assert_allclose(logs["loss"], total, rtol=1e-6)
     assert min(logs["loss"]) > 0.01
+
+
+def test_a_weighted_term_is_minimised_weighted_and_logged_unweighted():
+    x, y = data()
+    runs = {}
+    for kind in ("loss_weights", "by_hand", "unweighted"):
+        keras.utils.set_random_seed(3)  # the same initial weights
+        model = two_players(
+            match_weight=None if kind == "unweighted" else 4.0,
+            by_hand=kind == "by_hand",
+        )
+        logs = model.fit(
+            x, y, batch_size=16, epochs=2, shuffle=False, verbose=0
+        ).history
+        runs[kind] = (model.get_weights(), logs)
+    (weights, logs), (hand, hand_logs) = runs["loss_weights"], runs["by_hand"]
+    for u, v in zip(weights, hand):
+        np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-7)
+    # Logged unweighted: a quarter of the term multiplied by hand.
+    np.testing.assert_allclose(
+        logs["match"], np.divide(hand_logs["match"], 4.0), rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        logs["loss"], np.add(logs["fit"], np.multiply(4.0, logs["match"])),
+        rtol=1e-6,
+    )
+    np.testing.assert_allclose(logs["loss"], hand_logs["loss"], rtol=1e-6)
+    # Control: without the weight the update is another one.
+    far = max(
+        np.abs(u - v).max() for u, v in zip(weights, runs["unweighted"][0])
+    )
+    assert far > 1e-3
 
 
 def test_terms_and_logged_values_reach_the_validation_logs():
@@ -326,9 +376,15 @@ def test_contrasting_per_replica_fails_the_comparison(two_replicas):
 
 class BadStep(fitcustom.TapeModel):
     def __init__(
-        self, make_terms, optimizer_name="main", variables=None, **kwargs
+        self,
+        make_terms,
+        optimizer_name="main",
+        variables=None,
+        loss_weights=None,
+        **kwargs,
     ):
         super().__init__(**kwargs)
+        self.term_weights = loss_weights
         self.net = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
         self.other = keras.Sequential(
             [keras.Input((3,)), keras.layers.Dense(2)]
@@ -355,6 +411,7 @@ class BadStep(fitcustom.TapeModel):
                 terms,
                 variables=variables,
                 optimizer=self.optimizer_name,
+                loss_weights=self.term_weights,
             )
 
 
@@ -377,6 +434,20 @@ BAD_STEPS = {
     "integer term": (
         dict(make_terms=lambda p: {"a": tf.cast(p[:, 0] > 0, tf.int32)}),
         "takes float values.*'a' of dtype int32",
+    ),
+    "weight of a term not there": (
+        dict(
+            make_terms=lambda p: {"a": tf.reduce_sum(p, 1)},
+            loss_weights={"b": 2.0},
+        ),
+        "names a term the update does not have: 'b'.*\\['a'\\]",
+    ),
+    "weight not a number": (
+        dict(
+            make_terms=lambda p: {"a": tf.reduce_sum(p, 1)},
+            loss_weights={"a": "big"},
+        ),
+        "loss_weights\\['a'\\]",
     ),
     "variables of another network": (
         dict(

@@ -7,6 +7,7 @@ replica's images only fail the replica comparison (the control)."""
 import keras
 import numpy as np
 from task_harness import Task
+from task_harness import check_backup_resume
 from task_harness import check_continue_in_fresh_process
 
 import fitcustom
@@ -119,6 +120,14 @@ def test_contrastive_continues_after_loading_in_a_fresh_process(tmp_path):
     assert {"contrastive_loss", "probe_loss", "probe_accuracy"} <= set(
         result["logs"]
     )
+
+
+def test_contrastive_resumes_both_optimizers_exactly_after_an_interruption(
+    tmp_path,
+):
+    weights, logs, steps = check_backup_resume(CONTRASTIVE_TASK, tmp_path)
+    assert weights <= 1e-6 and logs <= 1e-5, (weights, logs)
+    assert steps == ([8, 8], [8, 8])
 
 
 def test_contrastive_under_mixed_precision_takes_float32_sized_updates():

@@ -7,7 +7,9 @@ import json
 
 import keras
 import numpy as np
+import pytest
 from task_harness import Task
+from task_harness import check_backup_resume
 from task_harness import check_continue_in_fresh_process
 
 import fitcustom
@@ -90,6 +92,26 @@ def test_diffusion_continues_after_loading_in_a_fresh_process(tmp_path):
         "test_example_diffusion", "DIFFUSION_TASK", tmp_path
     )
     assert result["steps"] == [8]
+
+
+def test_diffusion_resumes_its_ema_network_exactly_after_an_interruption(
+    tmp_path,
+):
+    # Interrupted after 3 of 4 batches; the backup holds 2.
+    weights, logs, steps = check_backup_resume(
+        DIFFUSION_TASK, tmp_path / "ours"
+    )
+    assert weights <= 1e-6 and logs <= 1e-5, (weights, logs)
+    assert steps == ([8], [8])
+    # Control: Keras' own callback trains the interrupted epoch's first
+    # batches again.
+    with pytest.warns(UserWarning, match="from its first batch"):
+        weights, _, steps = check_backup_resume(
+            DIFFUSION_TASK,
+            tmp_path / "keras",
+            callback=keras.callbacks.BackupAndRestore,
+        )
+    assert weights > 1e-4 and steps == ([10], [8]), (weights, steps)
 
 
 def test_diffusion_under_mixed_precision_takes_float32_sized_updates():

@@ -162,11 +162,14 @@ def test_simultaneous_step_equals_a_hand_written_dcgan_loop(mode):
     )
     print(f"parity {mode}: generator {g_diff:.2g}, discriminator {d_diff:.2g}")
     # Measured (generator / discriminator, float32): eager 0 / 0, graph
-    # 5.7e-7 / 7.5e-9, steps_per_execution 1.1e-6 / 1.5e-8 (its multi-step
-    # graph is optimized as one program, fused differently from the
-    # loop's per-step graph), jit 2.9e-6 / 1.5e-8 (XLA; earlier 4.2e-6).
-    # A wrong step is off by the size of an update (> 1e-3).
-    atol = {"eager": 1e-6, "jit": 2e-5}.get(mode, 2e-6)
+    # 3.4e-6 / 1.5e-8, steps_per_execution 1.5e-6 / 1.5e-8, jit 5.6e-6 /
+    # 1.5e-8. Graph programs are optimized differently from the loop's
+    # (each update of TapeGAN's is applied before the next gradient, the
+    # loop's two after both), and Adam's first steps turn a rounding
+    # difference of a tiny gradient into one of the update size: with SGD
+    # the same comparison gives 1.5e-8 / 1.5e-8 in graph mode, as before
+    # that change. A wrong step is off by the size of an update (> 1e-3).
+    atol = {"eager": 1e-6, "jit": 2e-5}.get(mode, 5e-6)
     assert g_diff <= atol and d_diff <= atol
     moved = max(
         np.abs(a - b).max()
@@ -383,12 +386,17 @@ def test_every_loss_family_trains_and_logs(loss, options, extra):
     ).history
     assert sorted(history) == sorted(["d_loss", "g_loss", "loss"] + extra)
     assert all(np.isfinite(v).all() for v in history.values())
-    np.testing.assert_allclose(
-        history["loss"],
-        np.asarray(history["d_loss"]) + np.asarray(history["g_loss"]),
-        rtol=1e-4,
-        atol=1e-4,
-    )
+    # `loss` is what the two updates minimised: the penalties weighted.
+    args = gan.compile_arguments
+    weights = {
+        "gradient_penalty": args.get("gp_weight"),
+        "r1_penalty": 0.5 * (args.get("r1_gamma") or 0.0),
+    }
+    minimised = np.asarray(history["d_loss"]) + np.asarray(history["g_loss"])
+    for name in extra:
+        minimised = minimised + weights[name] * np.asarray(history[name])
+        assert weights[name] > 0 and np.min(history[name]) > 0
+    np.testing.assert_allclose(history["loss"], minimised, rtol=1e-4, atol=1e-4)
 
 
 def test_evaluate_changes_nothing_and_generate_is_seeded():
@@ -603,6 +611,8 @@ def test_a_step_of_ones_own_on_tapegan_moves_its_ema_generator():
     images = real_images(48)
     history = gan.fit(images, batch_size=16, epochs=1, verbose=0).history
     assert {"critic", "adversarial", "matching", "loss"} <= set(history)
+    # TapeGAN's own logs are not there as constants of a step not taken.
+    assert not {"d_loss", "g_loss"} & set(history)
     terms = ("critic", "adversarial", "matching")
     np.testing.assert_allclose(
         history["loss"][0], sum(history[k][0] for k in terms), rtol=1e-5

@@ -23,12 +23,14 @@ from fitcustom.engine import step_context
 
 
 class _Reduced(typing.NamedTuple):
-    """An update's loss: each term's per-replica value and batch size
-    (keyed by name, or by a (kind, optimizer) pair for the unnamed loss
-    and the regularization), and their sum."""
+    """An update's loss: each term's per-replica value (unweighted, as
+    logged) and batch size, keyed by name or by a (kind, optimizer) pair
+    for the unnamed loss and the regularization; each term as it enters
+    the loss (weighted); and their sum."""
 
     values: dict
     sizes: dict
+    weighted: dict
     total: tf.Tensor
 
 
@@ -132,6 +134,7 @@ class CustomSteps:
         variables=None,
         optimizer: str | None = None,
         sample_weight=None,
+        loss_weights: Mapping[str, float] | None = None,
     ) -> tf.Tensor:
         """One update of a hand-written step, done the way `fit()` does it.
 
@@ -163,6 +166,10 @@ class CustomSteps:
             optimizer: The name given to `compile(optimizer={...})`, or
                 `None` for the model's optimizer.
             sample_weight: Optional weights, one per sample.
+            loss_weights: Optional `{name: factor}` for named terms: the
+                update minimises `factor * term` (e.g. a gradient
+                penalty's weight) and the log keeps the term unweighted,
+                as `compile(loss_weights=...)` does for outputs.
 
         Returns:
             The minimised loss (this replica's batch mean, as logged).
@@ -187,7 +194,7 @@ class CustomSteps:
                 "tf.GradientTape() as tape: ...; self.minimize(tape, "
                 "terms)` (use persistent=True for several updates)."
             )
-        reduced = self._loss_of(terms, sample_weight, optimizer)
+        reduced = self._loss_of(terms, sample_weight, optimizer, loss_weights)
         loss = reduced.total
         scaled = self.scale_loss(loss, opt)
         with tape.stop_recording():
@@ -199,7 +206,9 @@ class CustomSteps:
             self._record(reduced, finite)
         return distribute.unscale_loss_for_replicas(loss)
 
-    def log_loss(self, terms, sample_weight=None, optimizer=None):
+    def log_loss(
+        self, terms, sample_weight=None, optimizer=None, loss_weights=None
+    ):
         """Logs loss terms as `minimize` does, without an update: for
         `test_step` (logged as `val_NAME` and `val_loss` in `fit()`), or
         for a loss that a step reports but does not minimise.
@@ -209,11 +218,12 @@ class CustomSteps:
             sample_weight: As in `minimize`.
             optimizer: The regularization losses added are those
                 `minimize(optimizer=...)` adds. Defaults to `None`.
+            loss_weights: As in `minimize`.
 
         Returns:
             The loss (this replica's batch mean, as logged).
         """
-        reduced = self._loss_of(terms, sample_weight, optimizer)
+        reduced = self._loss_of(terms, sample_weight, optimizer, loss_weights)
         self._record(reduced, None)
         return distribute.unscale_loss_for_replicas(reduced.total)
 
@@ -312,16 +322,17 @@ class CustomSteps:
             )
         return variables
 
-    def _loss_of(self, terms, sample_weight, optimizer):
+    def _loss_of(self, terms, sample_weight, optimizer, loss_weights=None):
         """The terms reduced (`_Reduced`): each term's per-replica mean
-        (divided by the replica count) and batch size, and their sum with
-        the regularization losses of what `optimizer` trains."""
+        (divided by the replica count) and batch size, and their weighted
+        sum with the regularization losses of what `optimizer` trains."""
         if not isinstance(terms, dict):
             terms = {("loss", optimizer): terms}
         if not terms:
             raise ValueError(
                 "A loss needs at least one term. Received: terms={}."
             )
+        factors = _loss_weights(loss_weights, terms)
         weights = sample_weight
         if weights is not None:
             weights = tf.convert_to_tensor(weights)
@@ -362,7 +373,12 @@ class CustomSteps:
                 tf.add_n([tf.cast(v, tf.float32) for v in losses])
             )
             sizes[key] = next(iter(sizes.values()))
-        return _Reduced(values, sizes, tf.add_n(list(values.values())))
+        weighted = {
+            key: value * factors[key] if key in factors else value
+            for key, value in values.items()
+        }
+        total = tf.add_n(list(weighted.values()))
+        return _Reduced(values, sizes, weighted, total)
 
     def _layer_losses(self, optimizer):
         """The regularization losses (`add_loss`, weight regularizers) of
@@ -377,7 +393,7 @@ class CustomSteps:
         context = self._require_context("minimize() / log_loss()")
         context.verdicts.append(finite)
         for key, value in reduced.values.items():
-            context.add(key, value)
+            context.add(key, reduced.weighted[key])
             if isinstance(key, str):  # a named term: logged
                 context.logged.add(key)
                 self.track_mean(
@@ -449,27 +465,9 @@ class CustomSteps:
         `loss` log becomes their sum, and the logs are the metrics'."""
 
         def run(data):
-            context = step_context.StepContext(data)
-            stack = step_context.stack()
-            stack.append(context)
-            try:
-                logs = step(data)
-            finally:
-                stack.pop()
+            context, logs = self._run_in_context(step, data, data)
             if not context.used:
                 return logs
-            loss = context.loss()
-            if loss is not None:
-                verdicts = [v for v in context.verdicts if v is not None]
-                finite = None
-                if verdicts:
-                    finite = tf.reduce_all(tf.stack(verdicts))
-                self.track_mean(
-                    _compat.loss_tracker(self),
-                    loss,
-                    context.batch_size,
-                    finite,
-                )
             # The values this step logs (a training term that a test step
             # does not log is no `val_` 0.0).
             others = set(self.__dict__.get("_log_trackers", {})) - (
@@ -485,6 +483,36 @@ class CustomSteps:
             return results
 
         return run
+
+    def _note_logged(self, names):
+        """Marks `names` as logged by the running step (by a part of it
+        run in a context of its own)."""
+        context = self._require_context("a step")
+        context.logged.update(names)
+
+    def _run_in_context(self, fn, data, *args):
+        """`(context, fn(*args))`, with `fn` run in a step context of its
+        own whose batch is `data`; what it minimised is logged as `loss`
+        before returning. The whole step runs so; so does a part of it
+        under a `tf.cond` (`distribute.run_if`), whose values cannot
+        leave the branch."""
+        context = step_context.StepContext(data)
+        stack = step_context.stack()
+        stack.append(context)
+        try:
+            out = fn(*args)
+        finally:
+            stack.pop()
+        loss = context.loss() if context.used else None
+        if loss is not None:
+            verdicts = [v for v in context.verdicts if v is not None]
+            finite = None
+            if verdicts:
+                finite = tf.reduce_all(tf.stack(verdicts))
+            self.track_mean(
+                _compat.loss_tracker(self), loss, context.batch_size, finite
+            )
+        return context, out
 
     # ------------------------------------------------------------------
     # EMA networks
@@ -592,6 +620,29 @@ class CustomSteps:
             for w, e in zip(ema.source.weights, ema.copy.weights)
         ]
         distribute.assign_add_everywhere(ema.copy.weights, deltas)
+
+
+def _loss_weights(loss_weights, terms):
+    """`loss_weights` checked against the named terms: `{name: float}`."""
+    if loss_weights is None:
+        return {}
+    if not isinstance(loss_weights, Mapping):
+        raise ValueError(
+            "`loss_weights` maps names of terms to factors, e.g. "
+            "{'gradient_penalty': 10.0}. Received: "
+            f"{type(loss_weights).__name__} {loss_weights!r}."
+        )
+    named = sorted(k for k in terms if isinstance(k, str))
+    factors = {}
+    for name, factor in loss_weights.items():
+        if name not in named:
+            raise ValueError(
+                f"`loss_weights` names a term the update does not have: "
+                f"{name!r}. Received terms: {named or 'one unnamed loss'}. "
+                "Expected the names of the terms dict."
+            )
+        factors[name] = _args.number(f"loss_weights[{name!r}]", factor)
+    return factors
 
 
 def _per_sample(values):

@@ -17,24 +17,13 @@ from fitcustom.tasks.gan.inputs import GANInputs
 
 
 class _CriticLoss(typing.NamedTuple):
-    """One discriminator update's loss: the family's loss (`d_loss`), the
-    total minimised (with the regularization and the penalties), the
-    penalties by name, and the scores of the fake images."""
+    """One discriminator update's loss: its terms per image (`d_loss`,
+    and the penalties by name), the penalties' weights, and the scores of
+    the fake images."""
 
-    loss: tf.Tensor
-    total: tf.Tensor
-    penalties: dict
+    terms: dict
+    weights: dict
     fake_logits: tf.Tensor
-
-
-class _CriticUpdate(typing.NamedTuple):
-    """What one discriminator update logs: its loss, penalties, the
-    guard's verdict (`None` without `skip_nonfinite`) and images."""
-
-    loss: tf.Tensor
-    penalties: dict
-    verdict: tf.Tensor | None
-    size: tf.Tensor
 
 
 # What a stateless draw is for; folded into the step's seed with the index
@@ -220,10 +209,6 @@ class TapeGAN(GANInputs, TapeModel):
                     "clone_model can copy (functional or Sequential). "
                     f"Received: {type(generator).__name__}: {e}"
                 ) from e
-        self.d_loss_tracker = keras.metrics.Mean(name="d_loss")
-        self.g_loss_tracker = keras.metrics.Mean(name="g_loss")
-        self.gp_tracker = keras.metrics.Mean(name="gradient_penalty")
-        self.r1_tracker = keras.metrics.Mean(name="r1_penalty")
         self.d_optimizer = None
         self.g_optimizer = None
         self.gan_loss = gan_losses.get("non_saturating")
@@ -245,15 +230,6 @@ class TapeGAN(GANInputs, TapeModel):
         """The discriminator's scores for `inputs` (images, or
         `[images, labels]` for a conditional GAN)."""
         return self.discriminator(inputs, training=training)
-
-    @property
-    def metrics(self):
-        hidden = []
-        if not self.compile_arguments.get("gp_weight"):
-            hidden.append(self.gp_tracker)
-        if not self.compile_arguments.get("r1_gamma"):
-            hidden.append(self.r1_tracker)
-        return [m for m in super().metrics if not any(m is h for h in hidden)]
 
     # ------------------------------------------------------------------
     # compile and building
@@ -493,44 +469,50 @@ class TapeGAN(GANInputs, TapeModel):
             fake = fake + noise * u[1]
         return real, fake
 
-    def _extra_losses(self, net):
-        if not net.losses:
-            return 0.0
-        return distribute.scale_loss_for_replicas(tf.add_n(net.losses))
-
-    def _discriminator_loss(self, real, fake, conditions, index):
+    def _critic_loss(self, real, fake, conditions, index):
+        """The terms of one discriminator update (`_CriticLoss`)."""
         args = self.compile_arguments
         batch = tf.shape(real)[0]
         real_logits, fake_logits = self._discriminate_both(
             real, fake, conditions
         )
         real_t, fake_t = self._targets(batch, index)
-        d_loss = distribute.mean_loss(
-            self.gan_loss.discriminator(
+        terms = {
+            "d_loss": self.gan_loss.discriminator(
                 real_logits, fake_logits, real_t, fake_t
             )
-        )
-        total = d_loss + self._extra_losses(self.discriminator)
-        penalties = {}
+        }
+        weights = {}
         if args.get("gp_weight"):
-            gp = distribute.mean_loss(
-                gan_losses.gradient_penalty(
-                    self.discriminator,
-                    real,
-                    fake,
-                    self.interpolation_weights(batch, index),
-                    conditions,
-                )
+            terms["gradient_penalty"] = gan_losses.gradient_penalty(
+                self.discriminator,
+                real,
+                fake,
+                self.interpolation_weights(batch, index),
+                conditions,
             )
-            penalties["gradient_penalty"] = gp
-            total = total + args["gp_weight"] * gp
+            weights["gradient_penalty"] = args["gp_weight"]
         if args.get("r1_gamma"):
-            r1 = distribute.mean_loss(
-                gan_losses.r1_penalty(self.discriminator, real, conditions)
+            terms["r1_penalty"] = gan_losses.r1_penalty(
+                self.discriminator, real, conditions
             )
-            penalties["r1_penalty"] = r1
-            total = total + 0.5 * args["r1_gamma"] * r1
-        return _CriticLoss(d_loss, total, penalties, fake_logits)
+            weights["r1_penalty"] = 0.5 * args["r1_gamma"]
+        return _CriticLoss(terms, weights, fake_logits)
+
+    def _logged(self):
+        """The names this model's steps log."""
+        names = ["d_loss", "g_loss"]
+        if self.compile_arguments.get("gp_weight"):
+            names.append("gradient_penalty")
+        if self.compile_arguments.get("r1_gamma"):
+            names.append("r1_penalty")
+        return names
+
+    def _build_named_optimizers(self):
+        super()._build_named_optimizers()
+        # Created before the step (a step part under a condition runs in
+        # threads of its own on several replicas).
+        self.create_logs(self._logged())
 
     # ------------------------------------------------------------------
     # Steps
@@ -551,26 +533,28 @@ class TapeGAN(GANInputs, TapeModel):
             # into BatchNormalization's statistics and the optimizers
             # would still move the weights by their momentum.
             full = distribute.all_true(tf.shape(real)[0] >= self.n_critic)
-            run_if(full, self._alternating_step, real, conditions)
+            run_if(full, self._guarded_step, real, conditions)
+            self._note_logged(self._logged())
         return self.get_metrics_result()
+
+    def _guarded_step(self, real, conditions):
+        # Values made under a condition stay in its branch: the step's
+        # `loss` log is added there.
+        self._run_in_context(
+            self._alternating_step, real, real, conditions
+        )
 
     def _simultaneous_step(self, real, conditions):
         """Both networks updated from one forward pass."""
-        batch = tf.shape(real)[0]
-        z = self.sample_latent(batch, 0)
+        z = self.sample_latent(tf.shape(real)[0], 0)
         with tf.GradientTape() as d_tape, tf.GradientTape() as g_tape:
             fake = self._generate(z, conditions, training=True)
-            critic = self._discriminator_loss(real, fake, conditions, 0)
-            d_scaled = self.scale_loss(critic.total, self.d_optimizer)
-            g_loss, g_total, g_scaled = self._generator_loss(critic.fake_logits)
-        d_vars = self.discriminator.trainable_weights
-        g_vars = self.generator.trainable_weights
-        d_ok = self.update(
-            d_tape, d_scaled, critic.total, d_vars, self.d_optimizer
-        )
-        g_ok = self.update(g_tape, g_scaled, g_total, g_vars, self.g_optimizer)
-        update = _CriticUpdate(critic.loss, critic.penalties, d_ok, batch)
-        self._finish_step(real, [update], g_loss, g_ok, batch)
+            critic = self._critic_loss(real, fake, conditions, 0)
+            g_terms = {"g_loss": self.gan_loss.generator(critic.fake_logits)}
+            with g_tape.stop_recording():
+                self._update_discriminator(d_tape, critic)
+            with d_tape.stop_recording():
+                self.minimize(g_tape, g_terms, optimizer="generator")
 
     def _alternating_step(self, real, conditions):
         """`n_critic` discriminator updates, then one generator update."""
@@ -578,9 +562,6 @@ class TapeGAN(GANInputs, TapeModel):
         m = tf.shape(real)[0] // n
         if self.full_batch_critic:
             m = tf.shape(real)[0]
-        d_vars = self.discriminator.trainable_weights
-        g_vars = self.generator.trainable_weights
-        d_losses = []
         for k in range(n):
             # Strided slices: update k uses images k, k + n, k + 2n... of
             # the batch, so N replicas (each with a contiguous part of the
@@ -593,12 +574,8 @@ class TapeGAN(GANInputs, TapeModel):
             z = self.sample_latent(m, k)
             with tf.GradientTape() as tape:
                 fake = self._generate(z, cond_k, training=True)
-                critic = self._discriminator_loss(real_k, fake, cond_k, k)
-                d_scaled = self.scale_loss(critic.total, self.d_optimizer)
-            ok = self.update(
-                tape, d_scaled, critic.total, d_vars, self.d_optimizer
-            )
-            d_losses.append(_CriticUpdate(critic.loss, critic.penalties, ok, m))
+                critic = self._critic_loss(real_k, fake, cond_k, k)
+                self._update_discriminator(tape, critic)
         cond_g = conditions
         if conditions is not None and not self.full_batch_critic:
             cond_g = conditions[0 : m * n : n]
@@ -606,39 +583,18 @@ class TapeGAN(GANInputs, TapeModel):
         with tf.GradientTape() as tape:
             fake = self._generate(z, cond_g, training=True)
             fake_logits = self._discriminate(fake, cond_g, True)
-            g_loss, g_total, g_scaled = self._generator_loss(fake_logits)
-        g_ok = self.update(tape, g_scaled, g_total, g_vars, self.g_optimizer)
-        self._finish_step(real, d_losses, g_loss, g_ok, m)
+            terms = {"g_loss": self.gan_loss.generator(fake_logits)}
+            self.minimize(tape, terms, optimizer="generator")
 
-    def _generator_loss(self, fake_logits):
-        """`(g_loss, total, scaled)`: the adversarial loss, plus the
-        generator's own losses, then loss-scaled (inside the tape)."""
-        g_loss = distribute.mean_loss(self.gan_loss.generator(fake_logits))
-        total = g_loss + self._extra_losses(self.generator)
-        return g_loss, total, self.scale_loss(total, self.g_optimizer)
-
-    def _finish_step(self, real, d_losses, g_loss, g_ok, g_size):
-        """EMA update and the step's logs. `d_losses` holds a
-        `_CriticUpdate` per discriminator update."""
-        self.follow_emas("generator", g_ok)
-        for update in d_losses:
-            self.track_mean(
-                self.d_loss_tracker, update.loss, update.size, update.verdict
-            )
-            for name, value in update.penalties.items():
-                tracker = (
-                    self.gp_tracker
-                    if name == "gradient_penalty"
-                    else self.r1_tracker
-                )
-                self.track_mean(tracker, value, update.size, update.verdict)
-        self.track_mean(self.g_loss_tracker, g_loss, g_size, g_ok)
-        both = None
-        if self.skip_nonfinite:
-            both = tf.logical_and(d_losses[-1].verdict, g_ok)
-            self.count_nonfinite([u.verdict for u in d_losses] + [g_ok])
-        mean_d = tf.add_n([u.loss for u in d_losses]) / len(d_losses)
-        self.track_loss(mean_d + g_loss, real, both)
+    def _update_discriminator(self, tape, critic):
+        """`minimize` of a discriminator update: its penalties weighted,
+        logged unweighted."""
+        self.minimize(
+            tape,
+            critic.terms,
+            optimizer="discriminator",
+            loss_weights=critic.weights,
+        )
 
     def evaluation_latent(self, images):
         """The latent vectors `evaluate()` pairs with real images: one per
@@ -679,7 +635,8 @@ class TapeGAN(GANInputs, TapeModel):
         updating nothing. Each image is paired with latent vectors keyed to
         its content (`evaluation_latent`), so evaluations agree for any
         batch size; no label noise, and the penalties (training
-        regularisers) are not computed."""
+        regularisers) are not computed: `loss` is `d_loss + g_loss` plus
+        the networks' regularization losses."""
         real, conditions, _ = self.unpack_data(data)
         batch = tf.shape(real)[0]
         z = self.evaluation_latent(real)
@@ -689,19 +646,13 @@ class TapeGAN(GANInputs, TapeModel):
         real_t = tf.fill(
             [batch, 1], 1.0 - self.compile_arguments.get("label_smoothing", 0.0)
         )
-        d_loss = distribute.mean_loss(
-            self.gan_loss.discriminator(
-                real_logits, fake_logits, real_t, tf.zeros([batch, 1])
-            )
+        d_loss = self.gan_loss.discriminator(
+            real_logits, fake_logits, real_t, tf.zeros([batch, 1])
         )
-        g_loss = distribute.mean_loss(self.gan_loss.generator(fake_logits))
-        self.track_mean(self.d_loss_tracker, d_loss, batch, None)
-        self.track_mean(self.g_loss_tracker, g_loss, batch, None)
-        self.track_loss(d_loss + g_loss, real)
-        names = {"loss", "d_loss", "g_loss"}
-        return {
-            k: v for k, v in self.get_metrics_result().items() if k in names
-        }
+        self.log_loss({"d_loss": d_loss}, optimizer="discriminator")
+        g_loss = self.gan_loss.generator(fake_logits)
+        self.log_loss({"g_loss": g_loss}, optimizer="generator")
+        return {}
 
     # ------------------------------------------------------------------
     # Sampling
