@@ -67,21 +67,56 @@ def prod(shape):
     return result
 
 
+#: Layers that move values without changing them: a label passed
+#: through them still holds class ids.
+_RESHAPING = (
+    keras.layers.Reshape,
+    keras.layers.Flatten,
+    keras.layers.Permute,
+    keras.layers.RepeatVector,
+    keras.layers.Identity,
+)
+
+
 def embedding_sizes(model):
-    """`input_dim` of each Embedding that takes the model's label input
-    (its second input) directly."""
+    """`input_dim` of each Embedding that reads the model's label input
+    (its second input), directly or through layers that only reshape it
+    (`Reshape`, `Flatten`, `Permute`, `RepeatVector`, `Identity`)."""
     inputs = getattr(model, "inputs", None) or []
     if len(inputs) < 2:
         return []
-    labels = inputs[1]
+    carrying = {id(inputs[1])}  # tensors holding the labels' values
     sizes = []
+    # `operations` are in the graph's order: a layer after its inputs.
     for operation in getattr(model, "operations", []):
-        if not isinstance(operation, keras.layers.Embedding):
+        embedding = isinstance(operation, keras.layers.Embedding)
+        if not (embedding or isinstance(operation, _RESHAPING)):
             continue
-        for tensors in _compat.call_inputs(operation):
-            if any(t is labels for t in tensors):
+        for tensors, outputs in _compat.call_links(operation):
+            if not any(id(t) in carrying for t in tensors):
+                continue
+            if embedding:
                 sizes.append(int(operation.input_dim))
+            else:
+                carrying.update(id(t) for t in outputs)
     return sizes
+
+
+def final_activation(network) -> str:
+    """The name of the activation that makes a functional network's
+    output, looking through layers that only reshape (`Reshape`,
+    `Flatten`, ...): `"tanh"` for `Dense(64, activation="tanh")` followed
+    by `Reshape((8, 8, 1))`; `""` when it cannot tell."""
+    operation = _compat.output_operation(network)
+    for _ in range(100):  # a chain of reshapes, never a cycle
+        if not isinstance(operation, _RESHAPING):
+            break
+        links = _compat.call_links(operation)
+        if len(links) != 1 or len(links[0][0]) != 1:
+            return ""
+        operation = _compat.producer(links[0][0][0])
+    activation = getattr(operation, "activation", None)
+    return getattr(activation, "__name__", "") or ""
 
 
 def input_shape(model):

@@ -84,6 +84,22 @@ FIT_CASES = {
         dict(validation_data=(np.ones((8, 5), "float32"),)),
         "validation_data has no targets",
     ),
+    # Keras warns "ran out of data" and returns an empty history.
+    "zero_samples": (
+        dict(x=np.ones((0, 5), "float32"), y=np.zeros(0, "int64")),
+        r"empty.*0 samples \(shape \(0, 5\)\)",
+    ),
+    "empty_dataset": (
+        dict(
+            x=tf.data.Dataset.from_tensor_slices(
+                (np.ones((4, 5), "float32"), np.zeros(4, "int64"))
+            )
+            .batch(2)
+            .take(0),
+            y=None,
+        ),
+        "dataset is empty.*0 batches",
+    ),
 }
 
 

@@ -433,6 +433,33 @@ def _stopping_run(backup, extra=(), **backup_kwargs):
     threading.current_thread() is not threading.main_thread(),
     reason="signal handlers are set in the main thread only",
 )
+def test_outside_fit_a_notice_reaches_the_handler_that_was_there(tmp_path):
+    seen = []
+    previous = signal.signal(signal.SIGUSR1, lambda n, _: seen.append(n))
+    try:
+        # Control: during fit() the backup takes the notice, not the
+        # program's handler.
+        _, _, backup = _stopping_run(
+            tmp_path / "during",
+            extra=[_Notice(signal.SIGUSR1, 1, 1)],
+            exit_on_preemption=False,
+        )
+        assert backup.preempted_by == "SIGUSR1" and seen == []
+        # After fit() returned: the program's handler, and no backup.
+        model, _, backup = _stopping_run(tmp_path / "after")
+        assert backup.preempted_by is None
+        os.kill(os.getpid(), signal.SIGUSR1)
+        model.predict(np.ones((4, 4), "float32"), verbose=0)  # runs on
+        assert seen == [signal.SIGUSR1]
+        assert fitcustom.BackupAndRestore.progress(tmp_path / "after") is None
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
+@pytest.mark.skipif(
+    threading.current_thread() is not threading.main_thread(),
+    reason="signal handlers are set in the main thread only",
+)
 def test_a_notice_stops_fit_with_a_backup_and_the_rerun_resumes(tmp_path):
     straight, straight_stopping, _ = _stopping_run(tmp_path / "straight")
     assert 0 < straight_stopping.stopped_epoch < 5

@@ -1,6 +1,8 @@
 """TapeGAN refuses (or warns about) the inputs people get wrong, before any
 weight changes."""
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -73,6 +75,22 @@ def test_images_in_0_255_for_a_tanh_generator_warn():
     images = ((real_images(32) + 1) * 127.5).astype("uint8")
     with pytest.warns(UserWarning, match=r"up to 2\d\d.*127\.5 - 1"):
         gan.fit(images, batch_size=16, verbose=0)
+
+
+def test_a_tanh_generator_behind_a_reshape_warns_too():
+    z = keras.Input((LATENT,))
+    h = keras.layers.Dense(64, activation="tanh")(z)
+    generator = keras.Model(z, keras.layers.Reshape((8, 8, 1))(h))
+    keras.utils.set_random_seed(0)
+    gan = fitcustom.TapeGAN(generator, make_discriminator(), LATENT)
+    gan.compile()
+    images = ((real_images(32) + 1) * 127.5).astype("float32")
+    with pytest.warns(UserWarning, match=r"ends in tanh.*up to 2\d\d"):
+        gan.fit(images, batch_size=16, verbose=0)
+    # Control: the same images in [-1, 1] do not warn.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        gan.fit(real_images(32), batch_size=16, verbose=0)
 
 
 def test_labels_for_an_unconditional_gan_are_refused():
@@ -169,6 +187,39 @@ def test_short_last_batch_of_arrays_warns():
         UserWarning, match=r"last batch.*2 image\(s\).*n_critic=3"
     ):
         _short_last_batch_run(real_images(26), batch_size=12)
+
+
+def _reshaped_label_gan():
+    """A conditional GAN whose label Embedding sits behind a Reshape."""
+    z, label = keras.Input((LATENT,)), keras.Input((), dtype="int32")
+    code = keras.layers.Flatten()(
+        keras.layers.Embedding(10, 4)(keras.layers.Reshape((1,))(label))
+    )
+    h = keras.layers.Dense(64, activation="tanh")(
+        keras.layers.Concatenate()([z, code])
+    )
+    generator = keras.Model([z, label], keras.layers.Reshape((8, 8, 1))(h))
+    images, d_label = keras.Input((8, 8, 1)), keras.Input((), dtype="int32")
+    d_code = keras.layers.Flatten()(
+        keras.layers.Embedding(10, 4)(keras.layers.Reshape((1,))(d_label))
+    )
+    both = keras.layers.Concatenate()(
+        [keras.layers.Flatten()(images), d_code]
+    )
+    discriminator = keras.Model([images, d_label], keras.layers.Dense(1)(both))
+    keras.utils.set_random_seed(0)
+    gan = fitcustom.TapeGAN(generator, discriminator, latent_dim=LATENT)
+    gan.compile()
+    return gan
+
+
+def test_labels_reaching_the_embedding_through_a_reshape_are_checked():
+    gan = _reshaped_label_gan()
+    images, labels = real_images(32), np.arange(32) % 10
+    _refused(gan, r"\[0, 9\].*input_dim=10.*from 5 to 14", images, labels + 5)
+    with pytest.raises(ValueError, match=r"from 3 to 12"):
+        gan.generate(2, labels=np.array([3, 12]))
+    gan.fit(images, labels, batch_size=16, verbose=0)  # in range: trains
 
 
 def test_conditional_labels_outside_the_embedding_are_refused():

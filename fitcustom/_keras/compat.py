@@ -399,7 +399,13 @@ def output_operation(network):
     outputs = getattr(network, "outputs", None)
     if not outputs:
         return None
-    history = getattr(outputs[0], "_keras_history", None)
+    return producer(outputs[0])
+
+
+def producer(tensor):
+    """The operation that made a symbolic tensor (`None` for an input or
+    a tensor without history). Reads `KerasTensor._keras_history`."""
+    history = getattr(tensor, "_keras_history", None)
     return None if history is None else history.operation
 
 
@@ -479,10 +485,13 @@ def created_under_strategy(model):
     return model._distribute_strategy is not None
 
 
-def call_inputs(layer):
-    """The input tensors of each call of `layer` in a functional graph
-    (the private `Operation._inbound_nodes`)."""
-    return [node.input_tensors for node in getattr(layer, "_inbound_nodes", [])]
+def call_links(layer):
+    """`(input_tensors, output_tensors)` of each call of `layer` in a
+    functional graph (the private `Operation._inbound_nodes`)."""
+    return [
+        (node.input_tensors, node.output_tensors)
+        for node in getattr(layer, "_inbound_nodes", [])
+    ]
 
 
 def call_takes_training(model):

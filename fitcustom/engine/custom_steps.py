@@ -198,7 +198,7 @@ class CustomSteps:
         loss = reduced.total
         scaled = self.scale_loss(loss, opt)
         with tape.stop_recording():
-            # The guarded update that TapeGAN's steps make too.
+            # The guarded update (`update`, also a piece of its own).
             finite = self.update(tape, scaled, loss, variables, opt)
             if finite is not None:
                 self.count_nonfinite([finite])

@@ -47,11 +47,12 @@ class TapeModel(CompileMixin, FitMixin, StepPieces, CustomSteps, keras.Model):
     `loss_and_gradients` (forward pass under the tape to scaled gradients)
     and `update_and_report` (transforms, guarded update, logs) group these
     for steps that take more than one gradient, like SAM in
-    `TapeClassifier`. `update(tape, scaled_loss, loss, variables,
-    optimizer)` (gradients, guard, transforms, optimizer) and
-    `track_mean(tracker, value, batch_size)` (a loss logged as `fit()`
-    logs its loss) serve steps with several networks and optimizers, like
-    `TapeGAN`'s.
+    `TapeClassifier`. `minimize(tape, terms, optimizer=...)` (one whole
+    update: reduction over the global batch, loss scale, guard,
+    transforms, optimizer, logs) serves steps with several networks and
+    optimizers, like `TapeGAN`'s; it calls `update(tape, scaled_loss,
+    loss, variables, optimizer)` (gradients, guard, transforms,
+    optimizer).
 
     It can be built three ways, like `keras.Model`: functionally
     (`TapeModel(inputs, outputs)`), by subclassing with a `call()`, or by

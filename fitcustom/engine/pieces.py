@@ -301,9 +301,14 @@ class StepPieces:
         finite = None
         if self._skip_nonfinite:
             finite = self.check_finite(loss, grads, optimizer)
+        self._transform_and_apply(grads, variables, optimizer, finite)
+        return finite
+
+    def _transform_and_apply(self, grads, variables, optimizer, finite):
+        """The end of every update: `transform_gradients`, then
+        `apply_gradients` under the guard's verdict."""
         grads = self.transform_gradients(grads, variables, optimizer)
         self.apply_gradients(grads, variables, optimizer, finite)
-        return finite
 
     def scale_loss(
         self,
@@ -543,9 +548,7 @@ class StepPieces:
         guard's verdict (`None` without `skip_nonfinite`). Returns the
         step's logs; a skipped step leaves loss and metrics as they were.
         """
-        variables = self.step_weights()
-        grads = self.transform_gradients(grads, variables)
-        self.apply_gradients(grads, variables, finite=finite)
+        self._transform_and_apply(grads, self.step_weights(), None, finite)
         if finite is None:
             return self.compute_metrics(x, y, y_pred, sample_weight)
         self.track_loss(loss, x, finite)

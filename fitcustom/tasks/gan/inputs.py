@@ -12,7 +12,6 @@ import tensorflow as tf
 
 from fitcustom import checks
 from fitcustom import networks
-from fitcustom._keras import compat as _compat
 
 
 class GANInputs:
@@ -122,11 +121,8 @@ class GANInputs:
         images = np.asarray(images)
         if images.size == 0 or images.dtype.kind not in "biuf":
             return
-        operation = _compat.output_operation(self.generator)
-        activation = getattr(operation, "activation", None)
-        name = getattr(activation, "__name__", "")
         high = float(images.max())
-        if name == "tanh" and high > 1.5:
+        if networks.final_activation(self.generator) == "tanh" and high > 1.5:
             warnings.warn(
                 "The generator ends in tanh (values in [-1, 1]) but the "
                 f"real images go up to {high:g}: the discriminator tells "

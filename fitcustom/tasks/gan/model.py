@@ -439,13 +439,13 @@ class TapeGAN(GANInputs, TapeModel):
         inputs = images if conditions is None else [images, conditions]
         return self.discriminator(inputs, training=training)
 
-    def _discriminate_both(self, real, fake, conditions):
-        """`(real_logits, fake_logits)` of a training update: two calls, or
+    def _discriminate_both(self, real, fake, conditions, training=True):
+        """`(real_logits, fake_logits)`: two calls, or in a training update
         one on `concat([fake, real])` (`joint_discriminator_call`)."""
-        if not self.joint_discriminator_call:
+        if not (self.joint_discriminator_call and training):
             return (
-                self._discriminate(real, conditions, training=True),
-                self._discriminate(fake, conditions, training=True),
+                self._discriminate(real, conditions, training=training),
+                self._discriminate(fake, conditions, training=training),
             )
         images = tf.concat([tf.cast(fake, real.dtype), real], axis=0)
         both = None
@@ -455,12 +455,13 @@ class TapeGAN(GANInputs, TapeModel):
         n = tf.shape(fake)[0]
         return logits[n:], logits[:n]
 
-    def _targets(self, batch_size, index):
+    def _targets(self, batch_size, index, noisy=True):
+        """`(real, fake)` targets: smoothed, and in training noisy."""
         args = self.compile_arguments
         real = tf.fill([batch_size, 1], 1.0 - args.get("label_smoothing", 0))
         fake = tf.zeros([batch_size, 1])
         noise = args.get("label_noise", 0.0)
-        if noise:
+        if noise and noisy:
             seed = self._seed(_TARGETS, index)
             u = tf.random.stateless_uniform([2, batch_size, 1], seed)
             # Towards the other class, so targets stay in [0, 1] (above 1
@@ -469,14 +470,17 @@ class TapeGAN(GANInputs, TapeModel):
             fake = fake + noise * u[1]
         return real, fake
 
-    def _critic_loss(self, real, fake, conditions, index):
-        """The terms of one discriminator update (`_CriticLoss`)."""
-        args = self.compile_arguments
+    def _critic_loss(self, real, fake, conditions, index, training=True):
+        """The terms of one discriminator update (`_CriticLoss`); with
+        `training=False` (`evaluate()`) the networks run in inference
+        mode, the targets have no label noise and the penalties (training
+        regularisers) are left out."""
+        args = self.compile_arguments if training else {}
         batch = tf.shape(real)[0]
         real_logits, fake_logits = self._discriminate_both(
-            real, fake, conditions
+            real, fake, conditions, training
         )
-        real_t, fake_t = self._targets(batch, index)
+        real_t, fake_t = self._targets(batch, index, noisy=training)
         terms = {
             "d_loss": self.gan_loss.discriminator(
                 real_logits, fake_logits, real_t, fake_t
@@ -638,19 +642,11 @@ class TapeGAN(GANInputs, TapeModel):
         regularisers) are not computed: `loss` is `d_loss + g_loss` plus
         the networks' regularization losses."""
         real, conditions, _ = self.unpack_data(data)
-        batch = tf.shape(real)[0]
         z = self.evaluation_latent(real)
         fake = self._generate(z, conditions, training=False)
-        real_logits = self._discriminate(real, conditions, training=False)
-        fake_logits = self._discriminate(fake, conditions, training=False)
-        real_t = tf.fill(
-            [batch, 1], 1.0 - self.compile_arguments.get("label_smoothing", 0.0)
-        )
-        d_loss = self.gan_loss.discriminator(
-            real_logits, fake_logits, real_t, tf.zeros([batch, 1])
-        )
-        self.log_loss({"d_loss": d_loss}, optimizer="discriminator")
-        g_loss = self.gan_loss.generator(fake_logits)
+        critic = self._critic_loss(real, fake, conditions, 0, training=False)
+        self.log_loss(critic.terms, optimizer="discriminator")
+        g_loss = self.gan_loss.generator(critic.fake_logits)
         self.log_loss({"g_loss": g_loss}, optimizer="generator")
         return {}
 
