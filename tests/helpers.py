@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import forkserver
 import numpy as np
 
 
@@ -78,12 +79,20 @@ def start(command, cwd=None, merge_stderr=False, **env):
     environment. stdout and stderr are pipes of text (`merge_stderr`:
     stderr into stdout)."""
     command = [str(a) for a in command]
-    if command[0] == "python":
-        command[0] = sys.executable
     environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **env)
     environment["PYTHONPATH"] = os.pathsep.join(
         [str(ROOT), environment.get("PYTHONPATH", "")]
     )
+    if command[0] == "python" and command[1].endswith(".py"):
+        # A program of ours: forked from a process that has imported
+        # TensorFlow already (see forkserver.py), if it can be.
+        forked = forkserver.spawn(
+            command[1:], cwd, environment, merge_stderr=merge_stderr
+        )
+        if forked is not None:
+            return forked
+    if command[0] == "python":
+        command[0] = sys.executable
     return subprocess.Popen(
         command,
         cwd=cwd,

@@ -22,9 +22,6 @@ module (a fresh process imports them by name).
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import keras
@@ -33,7 +30,9 @@ import pytest
 from helpers import MODES
 from helpers import assert_history_close
 from helpers import assert_weights_close
+from helpers import finish
 from helpers import max_abs_diff
+from helpers import start
 
 import fitcustom
 
@@ -122,23 +121,13 @@ def check_mixed_precision(task, tolerance=0.05):
 
 
 def _run(module, task_name, mode, path, out):
-    proc = subprocess.run(
-        [sys.executable, str(CONTINUE), str(TESTS), module, task_name]
-        + [mode, str(path), str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        # The repository's root too: tests of the example programs
-        # import them from `scripts.examples`.
-        env=dict(
-            os.environ,
-            TF_CPP_MIN_LOG_LEVEL="3",
-            PYTHONPATH=os.pathsep.join(
-                [str(TESTS.parent), os.environ.get("PYTHONPATH", "")]
-            ),
-        ),
+    # The repository's root is on the path (`start`): tests of the
+    # example programs import them from `scripts.examples`.
+    proc = start(
+        ["python", CONTINUE, TESTS, module, task_name, mode, path, out]
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    code, _, err = finish(proc)
+    assert code == 0, err[-3000:]
 
 
 def check_continue_in_fresh_process(module, task_name, tmp_path):

@@ -122,8 +122,8 @@ def test_killed_at_many_moments_resumes_exactly(tmp_path):
     run's weights and last logs, bit for bit. The classifier's, the GAN's
     and (with 2-batch backups) a step of its own's (two named optimizers,
     an EMA copy, `normal_noise`) sequences run two at a time (one process
-    each at a time: most of a process's time is importing TensorFlow, on
-    one core)."""
+    each at a time; the processes are forked from one that has imported
+    TensorFlow, see `forkserver.py`)."""
     kinds = sorted({kind for kind, _ in KILLS})
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
         straight = {
