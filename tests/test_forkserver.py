@@ -48,8 +48,8 @@ def test_a_forked_program_runs_as_python_runs_it(program, tmp_path):
     assert forked == plain
     assert forked[0] == 3 and "to stderr" in forked[2]
     lines = forked[1].splitlines()
-    for line in ("args ['3']", f"cwd {tmp_path}", "env here", "executed True 1"):
-        assert line in lines
+    expected = ["args ['3']", f"cwd {tmp_path}", "env here", "executed True 1"]
+    assert all(line in lines for line in expected), lines
 
 
 @pytest.mark.parametrize("mode, code", [("0", 0), ("raise", 1)])
