@@ -180,7 +180,7 @@ def check_bad_input(task, cases):
         assert_weights_close(before, weights_of(model), atol=0)
 
 
-class _Interrupt(keras.callbacks.Callback):
+class Interrupt(keras.callbacks.Callback):
     """Stops `fit()` after batch `at` of the first epoch, as a kill would:
     nothing of the run is saved by the interruption itself."""
 
@@ -216,7 +216,7 @@ def check_backup_resume(
         task.fit(
             model,
             epochs=epochs,
-            callbacks=[make(folder, save_freq=save_freq), _Interrupt(at)],
+            callbacks=[make(folder, save_freq=save_freq), Interrupt(at)],
         )
     resumed = task.build()
     resumed.set_weights(initial)

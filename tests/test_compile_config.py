@@ -5,9 +5,9 @@ optimizer they run with."""
 import keras
 import numpy as np
 import pytest
-from test_gan import LATENT
-from test_gan import make_discriminator
-from test_gan import make_generator
+from gan_builders import LATENT
+from gan_builders import make_discriminator
+from gan_builders import make_generator
 
 import fitcustom
 from fitcustom import _args

@@ -10,6 +10,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from task_harness import Interrupt
 
 import fitcustom
 from fitcustom import distribute
@@ -229,16 +230,6 @@ def test_named_optimizers_are_saved_and_loaded(tmp_path):
         np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-7)
 
 
-class _StopAt(keras.callbacks.Callback):
-    def __init__(self, batch):
-        super().__init__()
-        self.at = batch
-
-    def on_train_batch_end(self, batch, logs=None):
-        if batch == self.at:
-            raise KeyboardInterrupt
-
-
 def test_backup_resumes_two_optimizers_and_the_ema_exactly(tmp_path):
     x, y = data()
     keras.utils.set_random_seed(3)
@@ -259,7 +250,7 @@ def test_backup_resumes_two_optimizers_and_the_ema_exactly(tmp_path):
             epochs=2,
             verbose=0,
             shuffle=False,
-            callbacks=[backup, _StopAt(4)],
+            callbacks=[backup, Interrupt(4)],
         )
     keras.utils.set_random_seed(3)
     resumed = two_players()

@@ -6,6 +6,7 @@ replica's images only fail the replica comparison (the control)."""
 
 import keras
 import numpy as np
+from helpers import max_abs_diff
 from task_harness import Task
 from task_harness import check_backup_resume
 from task_harness import check_continue_in_fresh_process
@@ -34,6 +35,40 @@ def _contrastive(**compile_kwargs):
     )
     return model
 
+
+@keras.saving.register_keras_serializable(package="fitcustom_tests")
+class ContrastiveWithEMA(contrastive_example.Contrastive):
+    """The example's step with an EMA copy of its encoder (as BYOL and
+    MoCo keep one), following the contrastive optimizer's updates."""
+
+    def __init__(self, encoder, projection, probe, **kwargs):
+        super().__init__(encoder, projection, probe, **kwargs)
+        self.ema_encoder = self.track_ema(
+            self.encoder, 0.5, optimizer="contrastive"
+        )
+
+
+def _contrastive_with_ema(**compile_kwargs):
+    keras.utils.set_random_seed(0)
+    plain = contrastive_example.build_contrastive(
+        width=16, features=8, projected=4
+    )
+    model = ContrastiveWithEMA(plain.encoder, plain.projection, plain.probe)
+    model.compile(
+        optimizer={
+            "contrastive": keras.optimizers.SGD(0.05),
+            "probe": keras.optimizers.SGD(0.1),
+        },
+        **compile_kwargs,
+    )
+    return model
+
+
+EMA_TASK = Task(
+    build=_contrastive_with_ema,
+    data=_contrastive_data,
+    fit_kwargs={"batch_size": 16, "shuffle": False},
+)
 
 CONTRASTIVE_TASK = Task(
     build=_contrastive,
@@ -122,12 +157,19 @@ def test_contrastive_continues_after_loading_in_a_fresh_process(tmp_path):
     )
 
 
-def test_contrastive_resumes_both_optimizers_exactly_after_an_interruption(
-    tmp_path,
-):
-    weights, logs, steps = check_backup_resume(CONTRASTIVE_TASK, tmp_path)
+def test_contrastive_resumes_two_optimizers_and_an_ema_exactly(tmp_path):
+    """Interrupted after 3 of 4 batches (the backup holds 2), the step
+    with two optimizers and an EMA copy resumes to the weights (EMA copy
+    included) of a run that never stopped."""
+    weights, logs, steps = check_backup_resume(EMA_TASK, tmp_path)
     assert weights <= 1e-6 and logs <= 1e-5, (weights, logs)
     assert steps == ([8, 8], [8, 8])
+    model = EMA_TASK.build()
+    EMA_TASK.fit(model, epochs=1)
+    far = max_abs_diff(
+        model.ema_encoder.get_weights(), model.encoder.get_weights()
+    )
+    assert far > 1e-4  # the copy lags: the comparison covers it
 
 
 def test_contrastive_under_mixed_precision_takes_float32_sized_updates():

@@ -7,10 +7,10 @@ import keras
 import matplotlib
 import numpy as np
 import pytest
+from gan_builders import make_discriminator
+from gan_builders import make_generator
+from gan_builders import real_images
 from matplotlib import image as mpimg
-from test_gan import make_discriminator
-from test_gan import make_generator
-from test_gan import real_images
 
 import fitcustom
 from fitcustom import datasets

@@ -7,11 +7,11 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from gan_builders import LATENT
+from gan_builders import make_discriminator
+from gan_builders import make_generator
+from gan_builders import real_images
 from helpers import strategy_scope
-from test_gan import LATENT
-from test_gan import make_discriminator
-from test_gan import make_generator
-from test_gan import real_images
 
 import fitcustom
 

@@ -7,13 +7,13 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from gan_builders import LATENT
+from gan_builders import FedGAN
+from gan_builders import make_discriminator
+from gan_builders import make_generator
+from gan_builders import real_images
 from helpers import assert_weights_close
 from helpers import max_abs_diff
-from test_gan import LATENT
-from test_gan import FedGAN
-from test_gan import make_discriminator
-from test_gan import make_generator
-from test_gan import real_images
 
 STEPS, BATCH = 3, 8
 

@@ -96,10 +96,10 @@ def _optimizer_state(model):
 
 
 def _gan():
-    from test_gan import LATENT
-    from test_gan import make_discriminator
-    from test_gan import make_generator
-    from test_gan import real_images
+    from gan_builders import LATENT
+    from gan_builders import make_discriminator
+    from gan_builders import make_generator
+    from gan_builders import real_images
 
     keras.utils.set_random_seed(0)
     gan = fitcustom.TapeGAN(
