@@ -91,9 +91,21 @@ def check_not_empty(x, what="x"):
     """Refuses zero samples (Keras only warns and returns an empty history).
 
     Args:
-        x: An array, or a nested structure of arrays.
+        x: An array, a nested structure of arrays, or a `tf.data.Dataset`
+            (refused when known to hold no batch).
         what: Its name in the message. Defaults to `"x"`.
     """
+    import tensorflow as tf
+
+    if isinstance(x, tf.data.Dataset):
+        if int(x.cardinality()) == 0:
+            raise ValueError(
+                "The dataset is empty. Received: a tf.data.Dataset of "
+                "cardinality 0 (0 batches). Expected at least one batch. "
+                "Check its filtering, take() or batch(drop_remainder=True) "
+                "with fewer samples than a batch."
+            )
+        return
     for array in _arrays(x):
         if len(array.shape) and array.shape[0] == 0:
             raise ValueError(
@@ -313,13 +325,7 @@ def check_dataset(dataset, input_shape=None, output_shape=None):
     """
     import tensorflow as tf
 
-    if int(dataset.cardinality()) == 0:
-        raise ValueError(
-            "The dataset is empty. Received: a tf.data.Dataset of "
-            "cardinality 0. Expected at least one batch. Check its "
-            "filtering, take() or batch(drop_remainder=True) with fewer "
-            "samples than a batch."
-        )
+    check_not_empty(dataset)
     spec = dataset.element_spec
     if not isinstance(spec, tuple) or not spec:
         spec = (spec,)

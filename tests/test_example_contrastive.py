@@ -21,11 +21,15 @@ def _contrastive_data():
     return x, rng.integers(0, 10, size=64)
 
 
-def _contrastive(**compile_kwargs):
+def _contrastive(cls=None, **compile_kwargs):
+    """The example's model at a tiny size, compiled; `cls` rebuilds it
+    from the same networks as a subclass of the example's class."""
     keras.utils.set_random_seed(0)
     model = contrastive_example.build_contrastive(
         width=16, features=8, projected=4
     )
+    if cls is not None:
+        model = cls(model.encoder, model.projection, model.probe)
     model.compile(
         optimizer={
             "contrastive": keras.optimizers.SGD(0.05),
@@ -49,19 +53,7 @@ class ContrastiveWithEMA(contrastive_example.Contrastive):
 
 
 def _contrastive_with_ema(**compile_kwargs):
-    keras.utils.set_random_seed(0)
-    plain = contrastive_example.build_contrastive(
-        width=16, features=8, projected=4
-    )
-    model = ContrastiveWithEMA(plain.encoder, plain.projection, plain.probe)
-    model.compile(
-        optimizer={
-            "contrastive": keras.optimizers.SGD(0.05),
-            "probe": keras.optimizers.SGD(0.1),
-        },
-        **compile_kwargs,
-    )
-    return model
+    return _contrastive(ContrastiveWithEMA, **compile_kwargs)
 
 
 EMA_TASK = Task(

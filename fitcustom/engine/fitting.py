@@ -291,12 +291,6 @@ class FitMixin:
         """
         checks.check_sample_weight(sample_weight, y)
         checks.check_not_empty(x)
-        if isinstance(x, tf.data.Dataset) and int(x.cardinality()) == 0:
-            raise ValueError(
-                "The dataset is empty. Received: a tf.data.Dataset of "
-                "cardinality 0 (0 batches). Expected at least one. Check "
-                "the filter(), take() or skip() that produced it."
-            )
         name = f"{type(self).__name__} {self.name!r}"
         # A step of your own reads its batch as it likes: the data need
         # not be what call() takes.

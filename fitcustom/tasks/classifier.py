@@ -394,7 +394,6 @@ class TapeClassifier(TapeModel):
         checks.check_numeric(x)
         if y is not None and not checks.is_array(y):
             y = np.asarray(y) if isinstance(y, (list, tuple)) else y
-        checks.check_not_empty(x)
         expected = self._input_shape()
         if expected is not None and checks.is_array(x):
             checks.check_input_shape(x.shape[1:], expected)
