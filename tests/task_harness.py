@@ -13,6 +13,8 @@ it the same way for every task model:
 - `check_continue_in_fresh_process`: save after one epoch, load in a
   fresh process, train on: the weights, every optimizer's step count and
   the logs are those of a run that never stopped, bit for bit;
+- `check_kill_and_resume`: SIGKILL in the middle of an epoch, the same
+  command again: bit for bit the run that was never killed;
 - `check_bad_input`: bad `fit()` input is refused with a clear message
   before any weight changes.
 
@@ -22,6 +24,7 @@ module (a fresh process imports them by name).
 
 import dataclasses
 import json
+import signal
 from pathlib import Path
 
 import keras
@@ -120,14 +123,30 @@ def check_mixed_precision(task, tolerance=0.05):
     return report
 
 
-def _run(module, task_name, mode, path, out):
+def _run(module, task_name, mode, path, out, *extra, expect=0):
     # The repository's root is on the path (`start`): tests of the
     # example programs import them from `scripts.examples`.
     proc = start(
         ["python", CONTINUE, TESTS, module, task_name, mode, path, out]
+        + [str(e) for e in extra]
     )
     code, _, err = finish(proc)
-    assert code == 0, err[-3000:]
+    assert code == expect, err[-3000:]
+
+
+def _same_run(expected_npz, actual_npz):
+    """The two runs' weights, optimizer steps and last logs, bit for bit."""
+    with np.load(expected_npz) as expected, np.load(actual_npz) as actual:
+        assert sorted(actual.files) == sorted(expected.files)
+        assert int(expected["weights"]) > 0
+        for key in expected.files:
+            np.testing.assert_array_equal(
+                actual[key], expected[key], err_msg=key
+            )
+        return {
+            "steps": [int(s) for s in actual["steps"]],
+            "logs": json.loads(str(actual["logs"])),
+        }
 
 
 def check_continue_in_fresh_process(module, task_name, tmp_path):
@@ -146,20 +165,33 @@ def check_continue_in_fresh_process(module, task_name, tmp_path):
     saved = tmp_path / "model.keras"
     _run(module, task_name, "save", saved, tmp_path / "uninterrupted.npz")
     _run(module, task_name, "continue", saved, tmp_path / "loaded.npz")
-    with (
-        np.load(tmp_path / "uninterrupted.npz") as expected,
-        np.load(tmp_path / "loaded.npz") as loaded,
-    ):
-        assert sorted(loaded.files) == sorted(expected.files)
-        assert int(expected["weights"]) > 0
-        for key in expected.files:
-            np.testing.assert_array_equal(
-                loaded[key], expected[key], err_msg=key
-            )
-        return {
-            "steps": [int(s) for s in loaded["steps"]],
-            "logs": json.loads(str(loaded["logs"])),
-        }
+    return _same_run(tmp_path / "uninterrupted.npz", tmp_path / "loaded.npz")
+
+
+def check_kill_and_resume(module, task_name, tmp_path, at):
+    """Two epochs with `fitcustom.BackupAndRestore(save_freq=2)`, the
+    process SIGKILLed after batch `at` of the first epoch; the same
+    command again ends with the weights, optimizer steps and last logs of
+    a run that was never killed (a fresh process too), bit for bit.
+
+    Returns:
+        The resumed run's `{"steps": ..., "logs": ...}`.
+    """
+    backup = tmp_path / "backup"
+    _run(module, task_name, "whole", backup, tmp_path / "whole.npz")
+    _run(
+        module,
+        task_name,
+        "kill",
+        backup,
+        tmp_path / "killed.npz",
+        at,
+        expect=-signal.SIGKILL,
+    )
+    assert not (tmp_path / "killed.npz").exists()
+    assert any(backup.iterdir()), "a backup was written before the kill"
+    _run(module, task_name, "resume", backup, tmp_path / "resumed.npz")
+    return _same_run(tmp_path / "whole.npz", tmp_path / "resumed.npz")
 
 
 def check_bad_input(task, cases):

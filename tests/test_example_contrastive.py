@@ -10,6 +10,7 @@ from helpers import max_abs_diff
 from task_harness import Task
 from task_harness import check_backup_resume
 from task_harness import check_continue_in_fresh_process
+from task_harness import check_kill_and_resume
 
 import fitcustom
 from scripts.examples import contrastive as contrastive_example
@@ -162,6 +163,18 @@ def test_contrastive_resumes_two_optimizers_and_an_ema_exactly(tmp_path):
         model.ema_encoder.get_weights(), model.encoder.get_weights()
     )
     assert far > 1e-4  # the copy lags: the comparison covers it
+
+
+def test_contrastive_with_an_ema_killed_mid_epoch_resumes_exactly(tmp_path):
+    """The same, with a real SIGKILL after batch 2 of 4 (the backup holds
+    2 batches) and the same command run again in a fresh process: bit for
+    bit the run that was never killed, both optimizers' step counts and
+    the EMA copy included."""
+    result = check_kill_and_resume(
+        "test_example_contrastive", "EMA_TASK", tmp_path, at=2
+    )
+    assert result["steps"] == [8, 8]
+    assert {"contrastive_loss", "probe_loss"} <= set(result["logs"])
 
 
 def test_contrastive_under_mixed_precision_takes_float32_sized_updates():
