@@ -9,6 +9,7 @@ import io
 import json
 import signal
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +105,90 @@ def test_a_notice_saves_at_the_step_and_the_rerun_resumes_exactly(
         np.testing.assert_array_equal(a, b)
     # EarlyStopping stopped at the same epoch with the same best (its
     # state was in the backup) and ModelCheckpoint kept its best.
+    assert _result(tmp_path) == _result(straight[kind])
+
+
+#: Batches in an epoch of the jobs.
+BATCHES = 6
+#: The time a job may take from the notice to its exit (Kubernetes'
+#: default grace period); measured here: under 1 s.
+GRACE = 30
+
+
+def _noticed(out, kind, at, **env):
+    """Runs the job, sends SIGTERM once it reports the global step `at`
+    (None: no notice); returns (exit code, steps reported, seconds from
+    the notice to the exit, stderr); the steps start with the steps
+    trained before the run."""
+    proc = start(["python", JOB, out, kind], **env)
+    seen = []
+    if at is not None:
+        seen = signal_at(
+            proc, f"at {at // BATCHES} {at % BATCHES}", signal.SIGTERM
+        )
+    sent = time.monotonic()
+    code, rest, err = finish(proc, timeout=GRACE if at is not None else None)
+    lines = [line.strip() for line in seen] + rest.splitlines()
+    steps = [e * BATCHES + b for e, b in _positions(lines)]
+    first = [int(t.split()[1]) for t in lines if t.startswith("iteration")]
+    return code, first + steps, time.monotonic() - sent, err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["classifier", "gan"])
+def test_notices_at_random_moments_each_exit_and_resume_at_their_step(
+    tmp_path, straight, kind
+):
+    """One notice in the backup write of epoch 0's end (its temporary file
+    complete, not yet in place), then four after random steps, each to a
+    fresh process running the same command: each process exits 143 by
+    itself within GRACE seconds, each rerun trains first the step after
+    the one its predecessor saved, and the last run ends bit for bit at
+    the uninterrupted run (the GAN's EMA generator included), its history
+    holding each epoch once."""
+    epochs = len(
+        json.loads((straight[kind] / "result.json").read_text())["history"][
+            "loss"
+        ]
+    )
+    # Notices after three steps of epoch 1 on (its first is saved by the
+    # notice in the write), not after the run's last step.
+    rng = np.random.default_rng(26 if kind == "classifier" else 27)
+    steps = np.arange(BATCHES + 1, epochs * BATCHES - 1)
+    moments = sorted(int(m) for m in rng.choice(steps, 3, replace=False))
+    code, steps, took, err = _noticed(
+        tmp_path, kind, None, NOTICE_IN_BACKUP="0"
+    )
+    # The notice came in the write: that backup is in place, and the step
+    # running next (epoch 1's first) is saved.
+    assert code == 143 and "SIGTERM received" in err, err[-3000:]
+    assert steps == [0] + list(range(BATCHES + 1)), steps
+    exits = []
+    for at in moments + [None]:
+        trained = steps[-1] + 1
+        code, steps, took, err = _noticed(tmp_path, kind, at)
+        # It trains first the step after the last one saved: the steps
+        # before were trained, none twice.
+        assert steps[0] == trained, (steps, trained)
+        if at is None:
+            assert code == 0, err[-3000:]
+            break
+        assert code == 143 and "SIGTERM received" in err, (
+            at,
+            steps,
+            err[-3000:],
+        )
+        # Saved at the step running when the notice came, or the next
+        # one if the notice came between two.
+        assert steps[-1] in (at, at + 1), (steps, at)
+        exits.append(round(took, 2))
+    print(f"{kind}: notices after steps {moments}; exits after {exits} s")
+    for a, b in zip(
+        h5_arrays(straight[kind] / "final.weights.h5"),
+        h5_arrays(tmp_path / "final.weights.h5"),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b)
     assert _result(tmp_path) == _result(straight[kind])
 
 

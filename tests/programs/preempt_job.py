@@ -4,17 +4,23 @@
 
 Trains a small TapeClassifier or TapeGAN for up to 8 epochs with
 `fitcustom.BackupAndRestore(OUT/backup)` at its default `save_freq`
-("epoch"), Keras' `EarlyStopping` (patience 1, restoring the best weights)
-and `fitcustom.ModelCheckpoint(save_best_only=True)`. After each batch it
-prints `at EPOCH BATCH` and pauses 50 ms, so that a test can send a
-signal in the middle of an epoch. `SIGNALS` ("none" or names joined by
-commas) is the callback's `preemption_signals` (default: its own). At the
-end it writes `OUT/final.weights.h5` and `OUT/result.json` (the history
-and the callbacks' state).
+("epoch"), Keras' `EarlyStopping` (patience 1, restoring the best
+weights) and `fitcustom.ModelCheckpoint(save_best_only=True)`. After
+each batch it prints `at EPOCH BATCH` and pauses 50 ms, so that a test
+can send a signal in the middle of an epoch (the batches a resumed epoch
+skips are reported too, as callbacks see them); before the first epoch
+it prints `iteration N`, the steps the (generator's) optimizer took
+before. `SIGNALS` ("none" or names joined by commas) is the callback's
+`preemption_signals` (default: its own). At the end it writes
+`OUT/final.weights.h5` and `OUT/result.json` (the history and the
+callbacks' state). With `NOTICE_IN_BACKUP=EPOCH` in the environment, the
+job sends itself SIGTERM while the backup of that epoch's end is being
+written (its temporary file complete, not yet in place).
 """
 
 import json
 import os
+import signal
 import sys
 import time
 
@@ -24,10 +30,16 @@ import tensorflow as tf
 from small_models import build
 
 import fitcustom
+from fitcustom import checkpoints
 
 
 class Position(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
+        if not hasattr(self, "epoch"):
+            # The steps trained before this run (a backup restored).
+            optimizer = getattr(self.model, "g_optimizer", None)
+            optimizer = optimizer or self.model.optimizer
+            print(f"iteration {int(optimizer.iterations)}", flush=True)
         self.epoch = epoch
 
     def on_train_batch_end(self, batch, logs=None):
@@ -45,6 +57,17 @@ def main(argv):
     tf.config.optimizer.set_experimental_options(
         {"disable_meta_optimizer": True}
     )
+    position = Position()
+    in_backup = os.environ.get("NOTICE_IN_BACKUP")
+    if in_backup is not None:
+
+        def notice_in_the_write(temp, target):
+            name = os.path.basename(target)
+            if "backup-" in name and position.epoch == int(in_backup):
+                checkpoints._before_replace = None
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        checkpoints._before_replace = notice_in_the_write
     keras.utils.set_random_seed(0)
     model, x, y = build(kind, n_critic=2, dropout=0.1)
     monitor = "g_loss" if kind == "gan" else "loss"
@@ -64,7 +87,7 @@ def main(argv):
         epochs=8,
         verbose=0,
         callbacks=[
-            Position(),
+            position,
             fitcustom.BackupAndRestore(os.path.join(out, "backup"), **kwargs),
             stopping,
             checkpoint,
