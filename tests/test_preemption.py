@@ -251,7 +251,7 @@ def test_notices_and_a_kill_during_a_two_worker_run_resume_exactly(
     # First a notice that reaches worker 0 only: worker 1 learns of it at
     # the next batch's agreement, and both save after the same batch (one
     # backup directory for both).
-    codes, log = _launch(tmp_path, "shared", {"NOTICE": "0:2:SIGTERM"})
+    codes, log = _launch(tmp_path, "shared", {"NOTICE": "0:0:2:SIGTERM"})
     assert codes == [143, 143], log[-4000:]
     assert log.count("SIGTERM received") == 2, log[-4000:]
     backup = tmp_path / "backup"
@@ -272,11 +272,50 @@ def test_notices_and_a_kill_during_a_two_worker_run_resume_exactly(
     assert epochs == 1 and done >= 2, log[-4000:]
     # Then worker 1 dies without notice in epoch 3 (its peer is killed by
     # the launcher): the run goes on from the backup of epoch 2's end.
-    codes, log = _launch(tmp_path, "shared", {"KILL": "2:1"})
+    codes, log = _launch(tmp_path, "shared", {"KILL": "1:2:1"})
     assert codes[1] == -signal.SIGKILL and codes[0] != 0, log[-4000:]
     assert fitcustom.BackupAndRestore.progress(backup) == (2, 0), log[-4000:]
     codes, log = _launch(tmp_path, "shared")  # and once more, to the end
     assert codes == [0, 0], log[-4000:]
+    for index in (0, 1):
+        assert_weights_close(
+            one_process, _worker_weights(tmp_path, index), atol=1e-6
+        )
+
+
+@pytest.mark.slow
+def test_a_notice_to_worker_1_and_a_kill_with_a_backup_per_worker(
+    tmp_path, one_process
+):
+    """One backup directory per worker. A notice to worker 1 at a random
+    step: worker 0 learns of it through the agreement and both save after
+    the same batch; then worker 0 dies without notice at a later random
+    step; the relaunches end at one process's weights."""
+    rng = np.random.default_rng(261)
+    batches = 4  # 64 samples, global batches of 16
+    noticed, killed = sorted(rng.choice(np.arange(1, 11), 2, replace=False))
+    at = f"{noticed // batches}:{noticed % batches}"
+    codes, log = _launch(tmp_path, "per_worker", {"NOTICE": f"1:{at}:SIGTERM"})
+    assert codes == [143, 143], log[-4000:]
+    assert log.count("SIGTERM received") == 2, log[-4000:]
+    backups = [tmp_path / "backup0", tmp_path / "backup1"]
+    progress = [fitcustom.BackupAndRestore.progress(b) for b in backups]
+    epoch, done = progress[0]
+    # Saved after the noticed batch, or the next one (when the notice came
+    # after this batch's agreement).
+    assert epoch * batches + done - 1 in (noticed, noticed + 1), (
+        progress,
+        noticed,
+    )
+    assert progress[1] == progress[0], progress
+    at = f"{killed // batches}:{killed % batches}"
+    codes, log = _launch(tmp_path, "per_worker", {"KILL": f"0:{at}"})
+    assert codes[0] == -signal.SIGKILL and codes[1] != 0, log[-4000:]
+    after_kill = [fitcustom.BackupAndRestore.progress(b) for b in backups]
+    assert after_kill[0] == after_kill[1], after_kill
+    codes, log = _launch(tmp_path, "per_worker")
+    assert codes == [0, 0], log[-4000:]
+    print(f"notice after step {noticed}, kill after step {killed}: {progress}")
     for index in (0, 1):
         assert_weights_close(
             one_process, _worker_weights(tmp_path, index), atol=1e-6

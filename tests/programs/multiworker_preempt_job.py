@@ -8,10 +8,10 @@ the classifier of `multiworker_common.py` for 3 epochs with
 `fitcustom.BackupAndRestore` in `OUT/backup` (BACKUP "shared") or
 `OUT/backupINDEX` ("per_worker"), printing `at EPOCH BATCH` after each
 batch (with a pause, so that a notice can arrive mid-epoch). With
-`NOTICE=EPOCH:BATCH:SIGNAL` in the environment, worker 0 sends itself
-`SIGNAL` after that batch (a notice that reaches one worker only); with
-`KILL=EPOCH:BATCH`, worker 1 SIGKILLs itself after that batch (no
-notice). Writes `OUT/weightsINDEX.npz` at the end.
+`NOTICE=WORKER:EPOCH:BATCH:SIGNAL` in the environment, worker `WORKER`
+sends itself `SIGNAL` after that batch (a notice that reaches one worker
+only); with `KILL=WORKER:EPOCH:BATCH`, that worker SIGKILLs itself after
+that batch (no notice). Writes `OUT/weightsINDEX.npz` at the end.
 """
 
 import json
@@ -34,10 +34,10 @@ from multiworker_common import make_model  # noqa: E402
 def main(out, backup):
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     index = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
-    notice = os.environ.get("NOTICE")
-    notice = notice.split(":") if notice and index == 0 else None
-    kill = os.environ.get("KILL")
-    kill = tuple(map(int, kill.split(":"))) if kill and index == 1 else None
+    notice = os.environ.get("NOTICE", "").split(":")
+    notice = notice[1:] if notice[0] == str(index) else None
+    kill = os.environ.get("KILL", "").split(":")
+    kill = tuple(map(int, kill[1:])) if kill[0] == str(index) else None
 
     class Report(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
