@@ -200,8 +200,11 @@ def spawn(argv, cwd, env, merge_stderr=False):
         err_r, err_w = os.pipe()
     control = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     request = json.dumps(
-        {"argv": [str(a) for a in argv], "cwd": str(cwd or os.getcwd()),
-         "env": dict(env)}
+        {
+            "argv": [str(a) for a in argv],
+            "cwd": str(cwd or os.getcwd()),
+            "env": dict(env),
+        }
     ).encode()
     try:
         control.connect(server.path)

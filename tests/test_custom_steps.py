@@ -157,7 +157,8 @@ def test_a_weighted_term_is_minimised_weighted_and_logged_unweighted():
         logs["match"], np.divide(hand_logs["match"], 4.0), rtol=1e-6
     )
     np.testing.assert_allclose(
-        logs["loss"], np.add(logs["fit"], np.multiply(4.0, logs["match"])),
+        logs["loss"],
+        np.add(logs["fit"], np.multiply(4.0, logs["match"])),
         rtol=1e-6,
     )
     np.testing.assert_allclose(logs["loss"], hand_logs["loss"], rtol=1e-6)

@@ -203,9 +203,7 @@ def _reshaped_label_gan():
     d_code = keras.layers.Flatten()(
         keras.layers.Embedding(10, 4)(keras.layers.Reshape((1,))(d_label))
     )
-    both = keras.layers.Concatenate()(
-        [keras.layers.Flatten()(images), d_code]
-    )
+    both = keras.layers.Concatenate()([keras.layers.Flatten()(images), d_code])
     discriminator = keras.Model([images, d_label], keras.layers.Dense(1)(both))
     keras.utils.set_random_seed(0)
     gan = fitcustom.TapeGAN(generator, discriminator, latent_dim=LATENT)

@@ -90,9 +90,7 @@ def test_a_copy_predicts_and_trains_on_like_the_original(kind, how):
 
 def _optimizer_state(model):
     optimizers = [model.optimizer] + list(model.optimizers.values())
-    return [
-        v.numpy() for o in optimizers if o is not None for v in o.variables
-    ]
+    return [v.numpy() for o in optimizers if o is not None for v in o.variables]
 
 
 def _gan():
@@ -121,8 +119,10 @@ def _distiller():
 def test_a_copy_of_a_task_model_carries_every_optimizer(kind, how):
     model, x, y = _gan() if kind == "gan" else _distiller()
     model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
-    twin = pickle.loads(pickle.dumps(model)) if how == "pickle" else (
-        copy.deepcopy(model)
+    twin = (
+        pickle.loads(pickle.dumps(model))
+        if how == "pickle"
+        else (copy.deepcopy(model))
     )
     assert type(twin) is type(model)
     if kind == "gan":

@@ -73,7 +73,7 @@ def test_scale_by_layer_scales_freezes_and_passes_the_others():
     frozen = fitcustom.ScaleByLayer({"head": 0.0})(grads, variables, model)
     for v, s, f in zip(variables, scaled, frozen):
         backbone = v.path.startswith("backbone")
-        np.testing.assert_array_equal(s, np.full(v.shape, 0.5 ** backbone))
+        np.testing.assert_array_equal(s, np.full(v.shape, 0.5**backbone))
         np.testing.assert_array_equal(f, np.full(v.shape, float(backbone)))
 
 
