@@ -423,17 +423,20 @@ class BackupAndRestore(_compat.KerasBackupAndRestore):
         self._notice = None
         self._previous_handlers = {}
         self._pending_states = None
+        self._epoch_end = None
 
     def on_train_begin(self, logs=None):
         self._resume_at = None
         self._notice = None
         self.preempted_by = None
         self._pending_states = None
+        self._epoch_end = None
         self._remove_leftovers()
         self._restore()
         self._install_handlers()
 
     def on_train_end(self, logs=None):
+        self._write_epoch_end(last=True)
         self._remove_handlers()
         if self.preempted_by is not None:
             return  # the backup is what the next run resumes from
@@ -450,6 +453,7 @@ class BackupAndRestore(_compat.KerasBackupAndRestore):
             super().on_train_end(logs)
 
     def on_epoch_begin(self, epoch, logs=None):
+        self._write_epoch_end()
         # Keras sets the epoch only at epoch end, so that a batch-level
         # backup written in the first epoch after a resume recorded epoch 0.
         self._epoch = epoch
@@ -468,9 +472,23 @@ class BackupAndRestore(_compat.KerasBackupAndRestore):
         self.start_batch_count()
         noticed = self._agreed_notice()
         if noticed:
-            self._preempt(epoch + 1, 0)
-        elif self.save_freq == "epoch":
-            self._save_at(epoch + 1, 0)
+            self.model.stop_training = True
+        if noticed or self.save_freq == "epoch":
+            # Written once every callback has ended the epoch (at the next
+            # epoch's start, or at the end of training): the callbacks
+            # after this one in the list (EarlyStopping, ModelCheckpoint)
+            # have counted the epoch in the state the backup keeps.
+            self._epoch_end = (epoch + 1, noticed)
+
+    def _write_epoch_end(self, last=False):
+        """The backup of the epoch that ended, with a notice: the exit."""
+        if self._epoch_end is None:
+            return
+        (epoch, noticed), self._epoch_end = self._epoch_end, None
+        if noticed:
+            self._preempt(epoch, 0)
+        elif not (last and self.delete_checkpoint):
+            self._save_at(epoch, 0)
 
     def on_train_batch_end(self, batch, logs=None):
         skipped = False
@@ -541,8 +559,6 @@ class BackupAndRestore(_compat.KerasBackupAndRestore):
         was: the line says so, and the exit status is the notice's all
         the same (the requeued job resumes from the last backup)."""
         number, received = self._notice
-        self._notice = None
-        self._remove_handlers()
         self.preempted_by = number.name
         self.model.stop_training = True
         code = 128 + number if self.exit_code is None else self.exit_code
@@ -551,12 +567,19 @@ class BackupAndRestore(_compat.KerasBackupAndRestore):
             if done
             else f"at the end of epoch {epoch}"
         )
-        if save:
-            try:
-                self._save_at(epoch, done)
-            except OSError as e:
-                self._failed_notice_save(number, code, what, e)
-                return
+        try:
+            # The handlers stay until the backup is in place: a second
+            # notice during the write only sets the flag again. (Ctrl-C
+            # interrupts the write; the last backup stays as it was.)
+            if save:
+                try:
+                    self._save_at(epoch, done)
+                except OSError as e:
+                    self._failed_notice_save(number, code, what, e)
+                    return
+        finally:
+            self._notice = None
+            self._remove_handlers()
         self._announce(
             f"BackupAndRestore: {number.name} received; the backup {what} "
             f"is in {self.backup_dir} ({time.monotonic() - received:.2f} s "

@@ -27,15 +27,16 @@ from scripts import launch_workers
 JOB = Path(__file__).parent / "programs" / "preempt_job.py"
 
 
-def _start(out, kind, signals=None):
-    return start(["python", JOB, out, kind] + ([signals] if signals else []))
+def _start(out, kind, signals=None, **env):
+    command = ["python", JOB, out, kind] + ([signals] if signals else [])
+    return start(command, **env)
 
 
-def _run(out, kind, notice=None, at=None, signals=None):
+def _run(out, kind, notice=None, at=None, signals=None, **env):
     """Runs the job; with `notice`, sends it once the job reports the
     batch `at` = (epoch, batch). Returns (exit code, stdout lines,
     stderr)."""
-    proc = _start(out, kind, signals)
+    proc = _start(out, kind, signals, **env)
     seen = []
     if notice is not None:
         seen = signal_at(proc, f"at {at[0]} {at[1]}", notice)
@@ -106,6 +107,48 @@ def test_a_notice_saves_at_the_step_and_the_rerun_resumes_exactly(
     # EarlyStopping stopped at the same epoch with the same best (its
     # state was in the backup) and ModelCheckpoint kept its best.
     assert _result(tmp_path) == _result(straight[kind])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("second", ["SIGTERM", "SIGINT"])
+def test_a_second_signal_during_the_notices_backup_write(
+    tmp_path, straight, second
+):
+    """A second SIGTERM while the notice's backup is written is only noted:
+    the write completes and the job exits 143 as for one notice. Ctrl-C
+    (SIGINT) then interrupts the write: the job ends at once, the last
+    backup (epoch 0's end) is kept whole and no partial file is left.
+    Either way the same command resumes and ends bit for bit at the
+    uninterrupted run."""
+    code, _, err = _run(
+        tmp_path, "classifier", signal.SIGTERM, (1, 2), SECOND=second
+    )
+    backup = tmp_path / "backup"
+    progress = fitcustom.BackupAndRestore.progress(backup)
+    if second == "SIGTERM":
+        assert code == 143 and "SIGTERM received" in err, err[-3000:]
+        assert progress[0] == 1 and progress[1] >= 3, progress
+    else:
+        assert code not in (0, 143) and "KeyboardInterrupt" in err, (
+            code,
+            err[-3000:],
+        )
+        assert progress == (1, 0), progress
+    leftovers = [
+        p.name
+        for p in backup.iterdir()
+        if p.name.startswith(fitcustom.checkpoints.TEMP_PREFIX)
+    ]
+    assert leftovers == []
+    code, _, err = _run(tmp_path, "classifier")
+    assert code == 0, err[-3000:]
+    for a, b in zip(
+        h5_arrays(straight["classifier"] / "final.weights.h5"),
+        h5_arrays(tmp_path / "final.weights.h5"),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b)
+    assert _result(tmp_path) == _result(straight["classifier"])
 
 
 #: Batches in an epoch of the jobs.

@@ -58,10 +58,18 @@ class KillAfterBatch(keras.callbacks.Callback):
 def kill_in_write(which, epoch, how):
     """Arms the write hook for the write of `which` ("backup" or
     "checkpoint") at the end of `epoch`."""
-    marker = "backup-" if which == "backup" else "checkpoint.keras"
 
     def hook(temp, target):
-        if marker not in os.path.basename(target) or Position.epoch != epoch:
+        name = os.path.basename(target)
+        if which == "backup":
+            # The file name says where training is: a backup in epoch E
+            # (batch-level) or at its end (written at the next epoch's
+            # start, once every callback has ended the epoch).
+            in_epoch = f"-epoch{epoch:06d}-done" in name
+            at_end = f"-epoch{epoch + 1:06d}-done{0:09d}." in name
+            if not (at_end or (in_epoch and f"done{0:09d}." not in name)):
+                return
+        elif "checkpoint.keras" not in name or Position.epoch != epoch:
             return
         if how == "partial":
             with open(temp, "r+b") as f:

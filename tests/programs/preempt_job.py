@@ -15,7 +15,9 @@ before. `SIGNALS` ("none" or names joined by commas) is the callback's
 `OUT/final.weights.h5` and `OUT/result.json` (the history and the
 callbacks' state). With `NOTICE_IN_BACKUP=EPOCH` in the environment, the
 job sends itself SIGTERM while the backup of that epoch's end is being
-written (its temporary file complete, not yet in place).
+written (its temporary file complete, not yet in place). With
+`SECOND=SIGNAL`, it sends itself that signal while the backup of a
+notice is being written (a second notice, or Ctrl-C for SIGINT).
 """
 
 import json
@@ -62,12 +64,23 @@ def main(argv):
     if in_backup is not None:
 
         def notice_in_the_write(temp, target):
-            name = os.path.basename(target)
-            if "backup-" in name and position.epoch == int(in_backup):
+            # The backup of that epoch's end: its file name says so.
+            end = f"-epoch{int(in_backup) + 1:06d}-done{0:09d}."
+            if end in os.path.basename(target):
                 checkpoints._before_replace = None
                 os.kill(os.getpid(), signal.SIGTERM)
 
         checkpoints._before_replace = notice_in_the_write
+    backup = fitcustom.BackupAndRestore(os.path.join(out, "backup"), **kwargs)
+    second = os.environ.get("SECOND")
+    if second is not None:
+
+        def second_signal_in_the_write(temp, target):
+            if backup.preempted_by is not None:
+                checkpoints._before_replace = None
+                os.kill(os.getpid(), signal.Signals[second])
+
+        checkpoints._before_replace = second_signal_in_the_write
     keras.utils.set_random_seed(0)
     model, x, y = build(kind, n_critic=2, dropout=0.1)
     monitor = "g_loss" if kind == "gan" else "loss"
@@ -88,7 +101,7 @@ def main(argv):
         verbose=0,
         callbacks=[
             position,
-            fitcustom.BackupAndRestore(os.path.join(out, "backup"), **kwargs),
+            backup,
             stopping,
             checkpoint,
         ],
