@@ -5,9 +5,12 @@ The public API is what this module exports. The package's layout:
 - `engine/`: `TapeModel`, the step engine (one mixin per concern);
 - `tasks/`: the task models on it (`classifier`, `distiller`, `gan/`);
 - `_keras/`: the only place that touches Keras internals;
-- `checkpoints`, `datasets`, `architectures`, `testing`;
+- `checkpoints` (with `preemption` and `callback_states`), `datasets`,
+  `architectures`, `testing`;
 - the ground floor, importing nothing else of fitcustom's but `_keras`:
   `_args`, `checks`, `distribute`, `networks`, `_version`.
+
+May import: every module (it exports the public names).
 """
 
 from fitcustom import architectures as architectures

@@ -3,6 +3,8 @@
 Each check raises `ValueError` in one wording: what the argument must be,
 then `Received: name=value.`, and returns the value in its plain Python
 type (a NumPy integer becomes an `int`).
+
+May import: nothing of fitcustom's (the ground floor).
 """
 
 import numbers

@@ -3,6 +3,8 @@ building blocks.
 
 Used by the scripts, the benchmark and the tests, so that all of them
 train the same networks.
+
+May import: Keras only (nothing of fitcustom's).
 """
 
 import keras

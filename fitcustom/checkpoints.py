@@ -38,22 +38,22 @@ model.fit(
 )
 fitcustom.checkpoints.save_model(model, "/tmp/fitcustom_doc_model.keras")
 ```
+
+May import: the ground floor, `_keras`, `callback_states` and `preemption`.
 """
 
 import contextlib
 import os
 import re
 import shutil
-import signal
-import sys
-import threading
-import time
 import uuid
 import warnings
 
 import keras
 
+from fitcustom import callback_states
 from fitcustom import distribute
+from fitcustom import preemption
 from fitcustom._keras import compat as _compat
 
 #: Prefix of the temporary files written before the rename. Leftovers of a
@@ -248,64 +248,6 @@ class ModelCheckpoint(_compat.KerasModelCheckpoint):
 
 _BACKUP_NAME = re.compile(r"^backup-(\d+)-epoch(\d+)-done(\d+)\.weights\.h5$")
 _RESUME_GROUP = "fitcustom_resume"
-_CALLBACKS_GROUP = "callbacks"
-
-#: What a callback needs to go on where it stopped, by class: attributes
-#: saved in the backup and set again on resuming (an `EarlyStopping`
-#: that forgot its `wait` and `best` would stop later than the
-#: uninterrupted run, or never).
-_CALLBACK_STATE = {
-    keras.callbacks.EarlyStopping: (
-        "wait",
-        "stopped_epoch",
-        "best",
-        "best_epoch",
-        "best_weights",
-    ),
-    keras.callbacks.ModelCheckpoint: (
-        "best",
-        "_batches_seen_since_last_saving",
-        "_last_batch_seen",
-    ),
-    keras.callbacks.ReduceLROnPlateau: ("wait", "cooldown_counter", "best"),
-}
-
-
-def _state_names(callback):
-    for cls, names in _CALLBACK_STATE.items():
-        if isinstance(callback, cls):
-            return names
-    return ()
-
-
-def _signal_numbers(signals):
-    """`signals` (names such as "SIGTERM", numbers, or None) as a tuple
-    of `signal.Signals`."""
-    if signals is None:
-        return ()
-    if isinstance(signals, (str, int)):
-        signals = (signals,)
-    found = []
-    for item in signals:
-        try:
-            found.append(
-                signal.Signals[item.upper()]
-                if isinstance(item, str)
-                else signal.Signals(item)
-            )
-        except (KeyError, ValueError):
-            raise ValueError(
-                "preemption_signals takes signal names or numbers, e.g. "
-                f'("SIGTERM", "SIGUSR1"). Received: {item!r}, which is not '
-                "a signal of this system."
-            ) from None
-    if signal.SIGKILL in found:
-        raise ValueError(
-            "SIGKILL cannot be caught, so it cannot trigger a backup: "
-            "remove it from preemption_signals (a SIGKILL costs the steps "
-            "since the last backup; see save_freq)."
-        )
-    return tuple(found)
 
 
 def _list_backups(backup_dir):
@@ -322,7 +264,9 @@ def _list_backups(backup_dir):
     return sorted(found)
 
 
-class BackupAndRestore(_compat.KerasBackupAndRestore):
+class BackupAndRestore(
+    preemption.PreemptionHandling, _compat.KerasBackupAndRestore
+):
     """Keras' `BackupAndRestore`: a backup that survives any kill, and a
     resume at the exact batch where training stopped.
 
@@ -406,7 +350,7 @@ class BackupAndRestore(_compat.KerasBackupAndRestore):
             double_checkpoint=double_checkpoint,
             delete_checkpoint=delete_checkpoint,
         )
-        self.preemption_signals = _signal_numbers(preemption_signals)
+        self.preemption_signals = preemption.signal_numbers(preemption_signals)
         if exit_code is not None and (
             isinstance(exit_code, bool)
             or not isinstance(exit_code, int)
@@ -460,7 +404,7 @@ class BackupAndRestore(_compat.KerasBackupAndRestore):
         if self._pending_states is not None:
             # After every callback's on_train_begin (EarlyStopping and
             # ReduceLROnPlateau reset themselves there).
-            _set_callback_states(
+            callback_states.set_states(
                 self._sibling_callbacks(), *self._pending_states
             )
             self._pending_states = None
@@ -504,122 +448,6 @@ class BackupAndRestore(_compat.KerasBackupAndRestore):
         if skipped or not self.should_save_on_batch(batch):
             return
         self._save_at(self._epoch, batch + 1)
-
-    # ------------------------------------------------------------------
-    # Preemption
-    # ------------------------------------------------------------------
-
-    def _install_handlers(self):
-        if not self.preemption_signals:
-            return
-        if threading.current_thread() is not threading.main_thread():
-            warnings.warn(
-                "BackupAndRestore can only handle preemption signals "
-                "("
-                + ", ".join(s.name for s in self.preemption_signals)
-                + ") when fit() runs in the main thread; here it does not, "
-                "so a notice stops the process without a backup.",
-                stacklevel=2,
-            )
-            return
-        for number in self.preemption_signals:
-            self._previous_handlers[number] = signal.signal(
-                number, self._on_signal
-            )
-
-    def _remove_handlers(self):
-        handlers, self._previous_handlers = self._previous_handlers, {}
-        for number, previous in handlers.items():
-            signal.signal(
-                number, signal.SIG_DFL if previous is None else previous
-            )
-
-    def _agreed_notice(self):
-        """Whether this worker or any other got a notice. Every worker of
-        a multi-worker cluster asks at the same batches (a collective),
-        so all save at the same step and stop together."""
-        if not self.preemption_signals:
-            return False
-        mine = 0 if self._notice is None else int(self._notice[0])
-        strategy = self.model.distribute_strategy
-        agreed = distribute.first_flag_of_any_worker(mine, strategy)
-        if agreed and self._notice is None:  # another worker's notice
-            self._notice = (signal.Signals(agreed), time.monotonic())
-        return bool(agreed)
-
-    def _on_signal(self, number, frame):
-        # Only a flag: the backup is written between steps, never here.
-        if self._notice is None:
-            self._notice = (signal.Signals(number), time.monotonic())
-
-    def _preempt(self, epoch, done, save=True):
-        """Saves the backup at the step (`save`), then stops training,
-        with a line on stderr, and exits (`exit_on_preemption`). A backup
-        that cannot be written (a full disk) leaves the last one as it
-        was: the line says so, and the exit status is the notice's all
-        the same (the requeued job resumes from the last backup)."""
-        number, received = self._notice
-        self.preempted_by = number.name
-        self.model.stop_training = True
-        code = 128 + number if self.exit_code is None else self.exit_code
-        what = (
-            f"after {done} batches of epoch {epoch + 1}"
-            if done
-            else f"at the end of epoch {epoch}"
-        )
-        try:
-            # The handlers stay until the backup is in place: a second
-            # notice during the write only sets the flag again. (Ctrl-C
-            # interrupts the write; the last backup stays as it was.)
-            if save:
-                try:
-                    self._save_at(epoch, done)
-                except OSError as e:
-                    self._failed_notice_save(number, code, what, e)
-                    return
-        finally:
-            self._notice = None
-            self._remove_handlers()
-        self._announce(
-            f"BackupAndRestore: {number.name} received; the backup {what} "
-            f"is in {self.backup_dir} ({time.monotonic() - received:.2f} s "
-            "after the notice). "
-            + (
-                f"Exiting with status {code}; run the same command to resume."
-                if self.exit_on_preemption
-                else "Training stops; fit() with this callback resumes."
-            ),
-            code,
-        )
-
-    def _announce(self, line, code):
-        """The one line on stderr of a notice; then the exit, with
-        `exit_on_preemption`."""
-        sys.stderr.write(line + "\n")
-        sys.stderr.flush()
-        if self.exit_on_preemption:
-            raise SystemExit(code)
-
-    def _failed_notice_save(self, number, code, what, error):
-        last = self.progress(self.backup_dir)
-        kept = (
-            "no earlier backup exists"
-            if last is None
-            else f"the last backup (epoch {last[0] + 1}, {last[1]} batches "
-            "done) is kept as it was"
-            if last[1]
-            else f"the last backup (end of epoch {last[0]}) is kept as it was"
-        )
-        line = (
-            f"BackupAndRestore: {number.name} received, but the backup "
-            f"{what} could not be written to {self.backup_dir} "
-            f"({type(error).__name__}: {error}); {kept}."
-        )
-        message = line
-        if self.exit_on_preemption:
-            line += f" Exiting with status {code}."
-        self._announce(line, code)
-        raise OSError(error.errno, message) from error
 
     def _sibling_callbacks(self):
         """The other callbacks of the running `fit()` (known to fitcustom
@@ -695,7 +523,7 @@ class BackupAndRestore(_compat.KerasBackupAndRestore):
                 for i in range(len(group))
                 if f"metric_{i}" in group
             ]
-            self._pending_states = _read_callback_states(f)
+            self._pending_states = callback_states.read_states(f)
             logged = [str(n) for n in group.attrs.get("logged", [])]
         if logged:
             # Values a step logs (made at their first use): made now, so
@@ -759,7 +587,7 @@ class BackupAndRestore(_compat.KerasBackupAndRestore):
                     group.attrs["logged"] = logged
                 for i, variable in enumerate(self.model.metrics_variables):
                     group[f"metric_{i}"] = keras.ops.convert_to_numpy(variable)
-                _write_callback_states(f, self._sibling_callbacks())
+                callback_states.write_states(f, self._sibling_callbacks())
         for *_, stale in old:
             with contextlib.suppress(OSError):
                 os.remove(stale)
@@ -785,60 +613,3 @@ class BackupAndRestore(_compat.KerasBackupAndRestore):
 def _unless_gone(function, path, exc_info):
     if not issubclass(exc_info[0], FileNotFoundError):
         raise exc_info[1]
-
-
-def _callback_keys(callbacks):
-    """`(key, callback, names)` of the callbacks whose state a backup
-    keeps; the key is the class name and its occurrence in the list."""
-    seen = {}
-    for callback in callbacks:
-        names = _state_names(callback)
-        if names:
-            cls = type(callback).__name__
-            seen[cls] = seen.get(cls, -1) + 1
-            yield f"{cls}_{seen[cls]}", callback, names
-
-
-def _write_callback_states(f, callbacks):
-    import numpy as np
-
-    root = f.create_group(_CALLBACKS_GROUP)
-    for key, callback, names in _callback_keys(callbacks):
-        group = root.create_group(key)
-        for name in names:
-            value = getattr(callback, name, None)
-            if value is None:
-                continue
-            if name == "best_weights":
-                weights = group.create_group(name)
-                for i, array in enumerate(value):
-                    weights[str(i)] = np.asarray(array)
-            else:
-                group.attrs[name] = np.asarray(value)
-
-
-def _read_callback_states(f):
-    """`{key: {name: value}}` from a backup (empty for one without)."""
-    root = f.get(_CALLBACKS_GROUP)
-    if root is None:
-        return None
-    states = {}
-    for key, group in root.items():
-        state = {n: v[()].item() for n, v in group.attrs.items()}
-        if "best_weights" in group:
-            weights = group["best_weights"]
-            state["best_weights"] = [
-                weights[str(i)][()] for i in range(len(weights))
-            ]
-        states[key] = state
-    return (states,)
-
-
-def _set_callback_states(callbacks, states):
-    for key, callback, names in _callback_keys(callbacks):
-        state = states.get(key)
-        if state is None:
-            continue
-        for name in names:
-            if name in state:
-                setattr(callback, name, state[name])

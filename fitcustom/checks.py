@@ -24,6 +24,8 @@ try:
 except ValueError as e:
     print(e)  # Labels must be class ids in [0, 3). Received: ...
 ```
+
+May import: nothing of fitcustom's (the ground floor).
 """
 
 import keras

@@ -2,6 +2,8 @@
 
 `load_digits` is the embedded default: scikit-learn's bundled 8x8 digits,
 real and offline.
+
+May import: the ground floor (`_args`).
 """
 
 import numpy as np

@@ -33,6 +33,8 @@ report = fitcustom.testing.check_replicas(make_model, x, y, batch_size=8)
 print(report)
 report.assert_ok()
 ```
+
+May import: nothing of fitcustom's (it checks the models it is given).
 """
 
 import dataclasses

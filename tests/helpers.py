@@ -11,6 +11,14 @@ import forkserver
 import numpy as np
 
 
+def labelled_images(n, shape=(8, 8, 1), seed=0):
+    """`(x, y)`: `n` images of `shape` in [0, 1) and class ids 0-9."""
+    rng = np.random.default_rng(seed)
+    x = rng.random((n, *shape), dtype=np.float32)
+    y = rng.integers(0, 10, size=n).astype("int32")
+    return x, y
+
+
 def max_abs_diff(weights_a, weights_b):
     """Largest absolute difference between two lists of weight arrays."""
     assert len(weights_a) == len(weights_b), (len(weights_a), len(weights_b))

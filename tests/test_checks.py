@@ -8,16 +8,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from helpers import assert_weights_close
+from helpers import labelled_images
 
 import fitcustom
 from fitcustom import checks
-
-
-def images(n, shape=(8, 8, 1), seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.random((n, *shape), dtype=np.float32)
-    y = rng.integers(0, 10, size=n).astype("int32")
-    return x, y
 
 
 def functional():
@@ -53,7 +47,7 @@ BUILDERS = {"functional": functional, "subclassed": subclassed}
 
 
 def bad(case):
-    x, y = images(20)
+    x, y = labelled_images(20)
     sample_weight = None
     if case == "label_out_of_range":
         y[3] = 10
@@ -122,7 +116,7 @@ def test_bad_validation_data_is_refused_before_training():
     model = functional()
     model.compile()
     before = model.get_weights()
-    x, y = images(20)
+    x, y = labelled_images(20)
     xv, yv, _ = bad("label_out_of_range")
     with pytest.raises(ValueError, match=BAD["label_out_of_range"]):
         model.fit(x, y, validation_data=(xv, yv), verbose=0)
@@ -133,7 +127,7 @@ def test_good_input_passes_in_every_format():
     """Every label format the checks accept trains, and the four spellings
     of the same class ids give the same numbers (the loss follows the
     format); soft targets give others."""
-    x, y = images(20)
+    x, y = labelled_images(20)
     soft = np.full((20, 10), 0.1, "float32")
     formats = {
         "class ids": y,
@@ -203,7 +197,7 @@ def test_tf_data_spec_is_checked(make, match):
     model = functional()
     model.compile()
     before = model.get_weights()
-    x, y = images(8)
+    x, y = labelled_images(8)
     with pytest.raises(ValueError, match=match):
         model.fit(make(x, y), verbose=0)
     assert_weights_close(before, model.get_weights(), atol=0)

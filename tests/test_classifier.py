@@ -10,6 +10,7 @@ import tensorflow as tf
 from helpers import MODES
 from helpers import assert_history_close
 from helpers import assert_weights_close
+from helpers import labelled_images
 
 import fitcustom
 from fitcustom import architectures
@@ -30,13 +31,6 @@ def pair(body, shape):
     return reference, ours
 
 
-def images(n, shape, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.random((n, *shape), dtype=np.float32)
-    y = rng.integers(0, 10, size=n).astype("int32")
-    return x, y
-
-
 CASES = [
     pytest.param(mlp, (28, 28), mode, id=f"mlp-{mode}") for mode in MODES
 ] + [pytest.param(vgg_like, (28, 28, 1), "graph", id="vgg_like_cnn-graph")]
@@ -45,8 +39,8 @@ CASES = [
 @pytest.mark.parametrize("body, shape, mode", CASES)
 def test_defaults_train_like_builtin(body, shape, mode):
     """compile() defaults == Adam + sparse CE from logits + accuracy."""
-    x, y = images(96, shape)
-    xv, yv = images(24, shape, seed=1)
+    x, y = labelled_images(96, shape)
+    xv, yv = labelled_images(24, shape, seed=1)
     reference, ours = pair(body, shape)
     reference.compile(
         optimizer="adam",
@@ -73,7 +67,7 @@ def test_defaults_train_like_builtin(body, shape, mode):
 
 
 def test_explicit_arguments_win_over_defaults():
-    x, y = images(64, (28, 28))
+    x, y = labelled_images(64, (28, 28))
     reference, ours = pair(mlp, (28, 28))
     for model in (reference, ours):
         model.compile(
@@ -103,7 +97,7 @@ def test_functional_keyword_construction_and_network_wrap():
 
 
 def test_predict_returns_probabilities_and_classes():
-    x, _ = images(16, (28, 28))
+    x, _ = labelled_images(16, (28, 28))
     reference, ours = pair(mlp, (28, 28))
     logits = reference.predict(x, verbose=0)
     probabilities = ours.predict(x, verbose=0)
@@ -171,7 +165,7 @@ def test_single_logit_is_binary_with_accuracy_on_logits():
 
 
 def test_one_hot_labels_and_label_smoothing_for_both_formats():
-    x, y = images(64, (28, 28))
+    x, y = labelled_images(64, (28, 28))
     one_hot = keras.utils.to_categorical(y, 10)
     _, sparse_model = pair(mlp, (28, 28))
     _, onehot_model = pair(mlp, (28, 28))
@@ -224,7 +218,7 @@ def test_classifier_loss_with_unknown_label_rank():
 
 
 def test_backbone_head_and_layer_scaling():
-    x, y = images(64, (28, 28))
+    x, y = labelled_images(64, (28, 28))
     keras.utils.set_random_seed(0)
     backbone = keras.Sequential(
         [
@@ -366,7 +360,7 @@ def _hand_sam(model, x, y, rho, lr, steps, batch):
 
 @pytest.mark.parametrize("mode", list(MODES), ids=list(MODES))
 def test_sam_equals_hand_written_sam_loop(mode):
-    x, y = images(48, (28, 28))
+    x, y = labelled_images(48, (28, 28))
     reference, ours = pair(mlp_bn, (28, 28))
     _hand_sam(reference, x, y, rho=0.05, lr=0.1, steps=3, batch=16)
     ours.compile(
@@ -390,7 +384,7 @@ def test_sam_equals_hand_written_sam_loop(mode):
 
 def test_sam_skips_a_nan_batch_without_corrupting_weights():
     """The first pass's NaN gradient must not become the perturbation."""
-    x, y = images(48, (28, 28))
+    x, y = labelled_images(48, (28, 28))
     x[20, 3, 3] = np.nan  # in the second batch of 16
     _, ours = pair(mlp, (28, 28))
     ours.compile(sam_rho=0.05, skip_nonfinite=True, check_inputs=False)
@@ -406,7 +400,7 @@ def test_sam_survives_loss_scale_overflow():
     """Under mixed precision an overflowing first gradient (inf) must not
     move the weights: the optimizer skips the step and lowers its scale."""
     keras.config.set_dtype_policy("mixed_float16")
-    x, y = images(64, (28, 28))
+    x, y = labelled_images(64, (28, 28))
     _, ours = pair(mlp, (28, 28))
     before = ours.get_weights()
     optimizer = keras.optimizers.LossScaleOptimizer(
@@ -421,7 +415,7 @@ def test_sam_survives_loss_scale_overflow():
 
 
 def test_sam_two_replicas_match_one_device(two_replicas):
-    x, y = images(32, (28, 28))
+    x, y = labelled_images(32, (28, 28))
     _, single = pair(mlp, (28, 28))
     init = single.get_weights()
     with two_replicas.scope():
@@ -502,7 +496,7 @@ def build_resumable(**compile_kwargs):
 
 RESUMABLE = task_harness.Task(
     build_resumable,
-    lambda: images(64, (28, 28)),
+    lambda: labelled_images(64, (28, 28)),
     dict(batch_size=16, shuffle=False),
 )
 
@@ -530,7 +524,7 @@ def test_subclass_with_call_trains_like_builtin():
         def call(self, inputs, training=None):
             return self.out(self.hidden(self.flatten(inputs)))
 
-    x, y = images(48, (28, 28))
+    x, y = labelled_images(48, (28, 28))
     ours = Net()
     ours(x[:1])
     keras.utils.set_random_seed(0)

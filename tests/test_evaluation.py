@@ -342,7 +342,7 @@ def test_bad_input_is_refused(case):
 # Feature extraction
 
 
-def images(n=100, seed=0):
+def rgb_images(n=100, seed=0):
     rng = np.random.default_rng(seed)
     return rng.normal(size=(n, 8, 8, 3)).astype("float32")
 
@@ -362,7 +362,7 @@ def extractor():
 
 
 def test_extract_features_does_not_depend_on_the_batch_size():
-    model, x = extractor(), images()
+    model, x = extractor(), rgb_images()
     expected = model(x, training=False).numpy().reshape(100, -1)
     small = evaluation.extract_features(model, x, batch_size=7)
     large = evaluation.extract_features(model, x, batch_size=64)
@@ -372,7 +372,7 @@ def test_extract_features_does_not_depend_on_the_batch_size():
 
 
 def test_extract_features_from_a_dataset():
-    model, x = extractor(), images()
+    model, x = extractor(), rgb_images()
     dataset = tf.data.Dataset.from_tensor_slices(x).batch(13)
     from_dataset = evaluation.extract_features(model, dataset)
     from_array = evaluation.extract_features(model, x, batch_size=64)
@@ -380,7 +380,7 @@ def test_extract_features_from_a_dataset():
 
 
 def test_extract_features_with_a_layer_and_a_plain_function():
-    x = images(20)
+    x = rgb_images(20)
     layer = keras.layers.Conv2D(2, 3)  # built inside the tf.function
     features = evaluation.extract_features(layer, x, batch_size=6)
     expected = layer(x).numpy().reshape(20, -1)

@@ -3,6 +3,10 @@
 Everything here depends on private details of the installed Keras and is
 checked against the versions fitcustom was tested with. Each helper says which
 private attribute it reads and why there is no public way.
+
+May import: Keras and TensorFlow; of fitcustom's only the package itself,
+inside `unpickle_model` (to find its classes when a pickled model is
+loaded).
 """
 
 import re
@@ -212,6 +216,17 @@ def sublayers(model):
     top level, and nested sub-models' layers are needed by name.
     """
     return list(model._flatten_layers(include_self=False))
+
+
+class BuildHook:
+    """Keras' trainer calls its private `_maybe_symbolic_build(iterator,
+    data_batch)` before the first step of `fit()`, `evaluate()` and
+    `predict()` (keras/src/backend/tensorflow/trainer.py); in a model
+    with this mixin it calls `_build_before_first_step(iterator,
+    data_batch)` there instead."""
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        self._build_before_first_step(iterator, data_batch)
 
 
 def first_batch(iterator):

@@ -7,6 +7,8 @@ same from the same pieces, with two changes measured to make a custom
 step as fast as the built-in one (see `_one_step_function` and
 `_multi_step_function`), and a fix for multi-worker logs. Keras' own
 function stays the fallback for what these do not handle.
+
+May import: `_keras.compat`.
 """
 
 import tensorflow as tf

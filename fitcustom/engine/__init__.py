@@ -2,6 +2,8 @@
 
 `model` assembles `TapeModel` from one mixin per concern: `compiling`,
 `fitting`, `pieces`; `transforms` holds the gradient transforms.
+
+May import: the engine's own modules.
 """
 
 from fitcustom.engine.model import TapeModel as TapeModel

@@ -3,7 +3,8 @@
 its first batch, its step functions and mid-epoch resume (a mixin of
 `TapeModel`), and the callback that stops on non-finite weights.
 
-May import: the ground floor, `_keras`.
+May import: the ground floor, `_keras`; `checkpoints` inside a function (to
+name `fitcustom.BackupAndRestore` when Keras' own is passed).
 """
 
 import contextlib
@@ -19,11 +20,11 @@ from fitcustom._keras import compat as _compat
 from fitcustom._keras import step_functions
 
 
-class FitMixin:
+class FitMixin(_compat.BuildHook):
     """`fit()` / `evaluate()` and what runs before their first step
     (part of `fitcustom.TapeModel`)."""
 
-    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+    def _build_before_first_step(self, iterator=None, data_batch=None):
         # Keras builds symbolically only under a strategy, and under a
         # multi-worker one it fails (it all-reduces the data batch). Build
         # here in every case, from this replica's part of the first batch,

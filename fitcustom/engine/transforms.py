@@ -11,6 +11,8 @@ summed across replicas, so that one and several replicas take the same step.
 This is where they differ from the optimizer's own `clipnorm` /
 `global_clipnorm`, which Keras applies to each replica's gradients before the
 all-reduce.
+
+May import: the ground floor and `_keras`.
 """
 
 import warnings

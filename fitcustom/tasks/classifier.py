@@ -1,4 +1,7 @@
-"""`TapeClassifier`: a classifier on the step engine."""
+"""`TapeClassifier`: a classifier on the step engine.
+
+May import: the engine, the ground floor and `_keras`.
+"""
 
 import keras
 import numpy as np

@@ -1,4 +1,7 @@
-"""`TapeDistiller`: a student trained on labels and on a teacher's outputs."""
+"""`TapeDistiller`: a student trained on labels and on a teacher's outputs.
+
+May import: the engine and the ground floor.
+"""
 
 import keras
 import tensorflow as tf

@@ -2,4 +2,6 @@
 penalties), `evaluation` (FID, KID, precision/recall on feature arrays),
 `quality` (`GANQuality`, scores during `fit()`) and `callbacks`
 (`SampleGrid`).
+
+May import: nothing (its modules are imported by name).
 """

@@ -1,4 +1,7 @@
-"""Callbacks: sample grids of a `TapeGAN` during training."""
+"""Callbacks: sample grids of a `TapeGAN` during training.
+
+May import: the ground floor.
+"""
 
 import os
 

@@ -35,6 +35,8 @@ fid = evaluation.frechet_distance(real, fake)  # mean term 8 * 0.5**2 = 2
 assert baseline < fid
 precision, recall = evaluation.precision_recall(real, fake, k=3)
 ```
+
+May import: the ground floor.
 """
 
 import contextlib

@@ -29,6 +29,8 @@ fake = np.array([[-3.0], [0.2]], "float32")  # D(G(z))
 d = loss.discriminator(real, fake)  # relu(1 - real) + relu(1 + fake)
 np.testing.assert_allclose(d.numpy(), [0.0, 0.5 + 1.2], rtol=1e-6)
 ```
+
+May import: Keras and TensorFlow only.
 """
 
 import tensorflow as tf

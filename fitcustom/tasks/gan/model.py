@@ -1,4 +1,7 @@
-"""`TapeGAN`: a generator and a discriminator trained adversarially by fit()."""
+"""`TapeGAN`: a generator and a discriminator trained adversarially by fit().
+
+May import: the engine, the GAN's own modules and the ground floor.
+"""
 
 import typing
 

@@ -17,6 +17,9 @@ that `History`, `CSVLogger`, `TensorBoard`, `EarlyStopping` and
 A score is comparable only with another one from the same extractor file
 and the same sample counts; `GANQuality.baseline` holds the same metrics
 between two disjoint real samples of those sizes, the best value reachable.
+
+May import: `checkpoints`, `datasets`, the GAN's `evaluation` and the ground
+floor.
 """
 
 import os
