@@ -4,6 +4,8 @@ They follow the conventions of Keras' built-in `fit()`: a per-replica loss is
 the mean over the replica's batch divided by the number of replicas, so that
 the optimizer's SUM all-reduce of the gradients yields the gradient of the
 global mean.
+
+May import: nothing of fitcustom's (the ground floor).
 """
 
 import weakref
@@ -249,7 +251,7 @@ def run_if(condition, fn, *args):
 
 def all_gather(value, axis=0):
     """`value` of every replica, concatenated along `axis` in replica
-    order (this replica's own rows at `replica_id() * local size`).
+    order (this replica's own rows are `local_rows(its size)`).
 
     For losses over the whole batch, such as a contrastive loss whose
     negatives are every other sample of the global batch: each replica
@@ -265,7 +267,9 @@ def all_gather(value, axis=0):
         axis: The batch axis. Defaults to 0.
 
     Returns:
-        The gathered tensor (`num_replicas()` times as many rows).
+        The gathered tensor: the global batch's rows along `axis` (a last
+        batch that the replicas do not divide evenly, e.g. 67 samples as
+        34 and 33, is gathered whole).
     """
     ctx = tf.distribute.get_replica_context()
     if ctx is None or ctx.num_replicas_in_sync == 1:
@@ -273,15 +277,26 @@ def all_gather(value, axis=0):
     return ctx.all_gather(value, axis=axis)
 
 
-def local_rows(local_batch_size):
-    """The positions of this replica's samples in `all_gather`'s output:
-    `replica_id() * local_batch_size + range(local_batch_size)` (int32).
-
-    Assumes every replica holds the same number of samples, as
-    `MirroredStrategy` splits a batch that the replicas divide evenly.
-    """
+def _global_rows(local_batch_size):
+    """`(rows, total)`: this replica's positions in the global batch and
+    the global batch's size, from every replica's size (a collective)."""
     size = tf.cast(local_batch_size, tf.int32)
-    return replica_id() * size + tf.range(size)
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None or ctx.num_replicas_in_sync == 1:
+        return tf.range(size), size
+    sizes = ctx.all_gather(tf.reshape(size, [1]), axis=0)
+    offset = tf.reduce_sum(sizes[: replica_id()])
+    return offset + tf.range(size), tf.reduce_sum(sizes)
+
+
+def local_rows(local_batch_size):
+    """The positions of this replica's samples in the global batch, that
+    is in `all_gather`'s output (int32): the sizes of the replicas before
+    this one, plus `range(local_batch_size)`. Right for a batch that the
+    replicas do not divide evenly too (every replica must call it: it
+    gathers their sizes).
+    """
+    return _global_rows(local_batch_size)[0]
 
 
 def normal_per_sample(shape, seed):
@@ -302,12 +317,12 @@ def normal_per_sample(shape, seed):
         float32 tensor of `shape`.
     """
     shape = tf.convert_to_tensor(shape, tf.int32)
-    n = num_replicas()
-    if n == 1:
+    if num_replicas() == 1:
         return tf.random.stateless_normal(shape, seed)
-    global_shape = tf.concat([shape[:1] * n, shape[1:]], axis=0)
+    rows, total = _global_rows(shape[0])
+    global_shape = tf.concat([tf.reshape(total, [1]), shape[1:]], axis=0)
     noise = tf.random.stateless_normal(global_shape, seed)
-    return tf.gather(noise, local_rows(shape[0]))
+    return tf.gather(noise, rows)
 
 
 def num_workers(strategy=None) -> int:

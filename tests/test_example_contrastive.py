@@ -4,8 +4,11 @@ replicas what it trains on one device and continues exactly after a save
 and a load in a fresh process; negatives from one
 replica's images only fail the replica comparison (the control)."""
 
+import functools
+
 import keras
 import numpy as np
+import tensorflow as tf
 from helpers import max_abs_diff
 from task_harness import Task
 from task_harness import check_backup_resume
@@ -16,10 +19,10 @@ import fitcustom
 from scripts.examples import contrastive as contrastive_example
 
 
-def _contrastive_data():
+def _contrastive_data(n=64):
     rng = np.random.default_rng(1)
-    x = rng.uniform(size=(64, 8, 8, 1)).astype("float32")
-    return x, rng.integers(0, 10, size=64)
+    x = rng.uniform(size=(n, 8, 8, 1)).astype("float32")
+    return x, rng.integers(0, 10, size=n)
 
 
 def _contrastive(cls=None, **compile_kwargs):
@@ -75,7 +78,57 @@ class ContrastPerReplica(contrastive_example.Contrastive):
     """The control: negatives from this replica's images only."""
 
     def gather(self, projections):
-        return projections
+        return projections, tf.range(tf.shape(projections)[0])
+
+
+@keras.saving.register_keras_serializable(package="fitcustom_tests")
+class RowsOfAnEvenSplit(contrastive_example.Contrastive):
+    """The control of an uneven split: this replica's rows taken as
+    `replica * local size`, right only when the replicas hold as many
+    samples each."""
+
+    def gather(self, projections):
+        n = tf.shape(projections)[0]
+        rows = fitcustom.distribute.replica_id() * n + tf.range(n)
+        return fitcustom.distribute.all_gather(projections), rows
+
+
+def _gathered_on_two_replicas(cls, strategy):
+    """What `cls.gather` gives each replica for a last batch of 9 split 5
+    and 4: the gathered rows, and the positions it names as its own."""
+    model = _contrastive(cls)
+    projections = np.arange(9 * 2, dtype="float32").reshape(9, 2)
+    parts = tf.constant(projections[:5]), tf.constant(projections[5:])
+
+    def run():  # eager: each replica takes its part
+        mine = parts[int(fitcustom.distribute.replica_id())]
+        gathered, rows = model.gather(mine)
+        return tf.gather(gathered, rows), mine
+
+    own, mine = (
+        strategy.experimental_local_results(r) for r in strategy.run(run)
+    )
+    return own, mine
+
+
+def test_contrastive_rows_of_a_batch_split_unevenly(two_replicas):
+    """A last batch of 9 on 2 replicas is split 5 and 4 (57 samples in
+    batches of 16): the rows the example names as a replica's own in the
+    gathered projections are its own samples, so each image meets its
+    twin. Rows that assume an even split (`replica * local size`) name
+    another replica's samples (the control).
+
+    Over such a batch the update follows Keras' reduction (each replica's
+    mean over its own samples, divided by the number of replicas: (mean
+    of 5 + mean of 4) / 2), as built-in fit() does; the replica tests use
+    batches the replicas divide evenly."""
+    own, mine = _gathered_on_two_replicas(
+        contrastive_example.Contrastive, two_replicas
+    )
+    for a, b in zip(own, mine, strict=True):
+        np.testing.assert_array_equal(a, b)
+    own, mine = _gathered_on_two_replicas(RowsOfAnEvenSplit, two_replicas)
+    assert not np.array_equal(own[1], mine[1])
 
 
 def test_contrastive_program_runs_and_writes_its_outputs(tmp_path):
@@ -114,21 +167,9 @@ def test_contrastive_on_two_replicas_trains_what_one_device_trains(
 
 
 def test_contrasting_per_replica_fails_the_comparison(two_replicas):
-    def build():
-        base = _contrastive()
-        keras.utils.set_random_seed(0)
-        model = ContrastPerReplica(base.encoder, base.projection, base.probe)
-        model.compile(
-            optimizer={
-                "contrastive": keras.optimizers.SGD(0.05),
-                "probe": keras.optimizers.SGD(0.1),
-            }
-        )
-        return model
-
     x, y = _contrastive_data()
     report = fitcustom.testing.check_replicas(
-        build,
+        functools.partial(_contrastive, ContrastPerReplica),
         x,
         y,
         strategy=two_replicas,

@@ -105,6 +105,30 @@ def test_vae_noise_is_the_same_for_a_sample_on_any_number_of_replicas(
     np.testing.assert_array_equal(np.concatenate(parts), whole)
 
 
+def test_noise_and_rows_of_a_batch_split_unevenly(two_replicas):
+    """A last batch of 5 on 2 replicas (3 and 2 samples): each replica's
+    rows of the global batch, and their noise, are one device's. The
+    control: the rows of an even split (`replica * local size`) are not."""
+    seed = tf.constant([0, 1], tf.int64)
+    whole = distribute.normal_per_sample([5, 3], seed)
+    sizes = tf.constant([3, 2])
+
+    def per_replica():
+        size = sizes[distribute.replica_id()]
+        rows = distribute.local_rows(size)
+        noise = distribute.normal_per_sample(tf.stack([size, 3]), seed)
+        return rows, noise, distribute.replica_id() * size + tf.range(size)
+
+    results = two_replicas.run(per_replica)
+    rows, noise, even = (
+        np.concatenate(two_replicas.experimental_local_results(r))
+        for r in results
+    )
+    np.testing.assert_array_equal(rows, np.arange(5))
+    np.testing.assert_array_equal(noise, whole)
+    assert list(even) != list(range(5))
+
+
 def test_vae_continues_after_loading_in_a_fresh_process(tmp_path):
     result = check_continue_in_fresh_process(
         "test_example_vae", "VAE_TASK", tmp_path

@@ -96,22 +96,18 @@ class Contrastive(fitcustom.TapeModel):
         return view * contrast + 0.1 * pixels
 
     def gather(self, projections):
-        """Every replica's projections (the global batch's): a view's
-        negatives are all the others."""
-        return distribute.all_gather(projections)
+        """Every replica's projections (the global batch's: a view's
+        negatives are all the others) and where this replica's are in
+        them."""
+        rows = distribute.local_rows(tf.shape(projections)[0])
+        return distribute.all_gather(projections), rows
 
     def contrastive_loss(self, a, b):
         """NT-Xent, one value per image: each view against its twin
         (positive) and every other view of the global batch."""
         a = tf.math.l2_normalize(tf.cast(a, tf.float32), axis=1)
         b = tf.math.l2_normalize(tf.cast(b, tf.float32), axis=1)
-        all_a, all_b = self.gather(a), self.gather(b)
-        n = tf.shape(a)[0]
-        own = (
-            distribute.local_rows(n)
-            if all_a.shape[0] != a.shape[0]
-            else (tf.range(n))
-        )
+        (all_a, own), (all_b, _) = self.gather(a), self.gather(b)
         total = tf.shape(all_a)[0]
         self_mask = tf.one_hot(own, total) * 1e9
 
