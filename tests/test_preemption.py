@@ -50,6 +50,20 @@ def _result(out):
     return result, {k: v[-1] for k, v in history.items()}
 
 
+def _assert_same_end(straight, out):
+    """The run in `out` ended bit for bit where the uninterrupted one in
+    `straight` did (weights and optimizer step counters: no batch twice),
+    its EarlyStopping stopping at the same epoch with the same best (its
+    state was in the backup) and ModelCheckpoint keeping its best."""
+    for a, b in zip(
+        h5_arrays(straight / "final.weights.h5"),
+        h5_arrays(out / "final.weights.h5"),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b)
+    assert _result(out) == _result(straight)
+
+
 def _positions(lines):
     """The `(epoch, batch)` the job reported, in order."""
     return [
@@ -97,16 +111,7 @@ def test_a_notice_saves_at_the_step_and_the_rerun_resumes_exactly(
     code, lines, err = _run(tmp_path, kind)  # the same command again
     assert code == 0, err[-3000:]
     assert not (tmp_path / "backup").exists()
-    # Bit for bit, optimizer step counters included (no batch twice).
-    for a, b in zip(
-        h5_arrays(straight[kind] / "final.weights.h5"),
-        h5_arrays(tmp_path / "final.weights.h5"),
-        strict=True,
-    ):
-        np.testing.assert_array_equal(a, b)
-    # EarlyStopping stopped at the same epoch with the same best (its
-    # state was in the backup) and ModelCheckpoint kept its best.
-    assert _result(tmp_path) == _result(straight[kind])
+    _assert_same_end(straight[kind], tmp_path)
 
 
 @pytest.mark.slow
@@ -142,13 +147,7 @@ def test_a_second_signal_during_the_notices_backup_write(
     assert leftovers == []
     code, _, err = _run(tmp_path, "classifier")
     assert code == 0, err[-3000:]
-    for a, b in zip(
-        h5_arrays(straight["classifier"] / "final.weights.h5"),
-        h5_arrays(tmp_path / "final.weights.h5"),
-        strict=True,
-    ):
-        np.testing.assert_array_equal(a, b)
-    assert _result(tmp_path) == _result(straight["classifier"])
+    _assert_same_end(straight["classifier"], tmp_path)
 
 
 #: Batches in an epoch of the jobs.
@@ -226,13 +225,7 @@ def test_notices_at_random_moments_each_exit_and_resume_at_their_step(
         assert steps[-1] in (at, at + 1), (steps, at)
         exits.append(round(took, 2))
     print(f"{kind}: notices after steps {moments}; exits after {exits} s")
-    for a, b in zip(
-        h5_arrays(straight[kind] / "final.weights.h5"),
-        h5_arrays(tmp_path / "final.weights.h5"),
-        strict=True,
-    ):
-        np.testing.assert_array_equal(a, b)
-    assert _result(tmp_path) == _result(straight[kind])
+    _assert_same_end(straight[kind], tmp_path)
 
 
 @pytest.mark.slow
