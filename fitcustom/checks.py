@@ -28,6 +28,8 @@ except ValueError as e:
 May import: nothing of fitcustom's (the ground floor).
 """
 
+import re
+
 import keras
 import numpy as np
 
@@ -41,6 +43,59 @@ _OPT_OUT = (
 #: the output's range (`TapeModel.check_class_ids`); `fit()` and
 #: `evaluate()` turn it into a `ValueError`.
 CLASS_ID_MARKER = "fitcustom: class ids out of range"
+
+#: Starts the message of a training or test step stopped by a check of
+#: its own values (`step_check`): `fit()` and `evaluate()` turn it into
+#: the `ValueError` the check describes.
+STEP_CHECK_MARKER = "fitcustom: step check"
+
+_STEP_TEMPLATES: list[str] = []
+
+
+def step_check(condition, template: str, received, expected):
+    """An op that stops the running step unless `condition` holds, for
+    what is known only when the step runs (a batch size in a traced
+    step); `fit()` and `evaluate()` raise
+    `ValueError(template.format(received=..., expected=...))` for it.
+
+    Args:
+        condition: A scalar boolean tensor.
+        template: The error message, with `{received}` and `{expected}`
+            (integers) to fill in.
+        received: A scalar integer tensor: the value found.
+        expected: A scalar integer tensor: the value expected.
+
+    Returns:
+        The assertion: make what must not run before it (an update)
+        depend on it.
+    """
+    import tensorflow as tf
+
+    if template not in _STEP_TEMPLATES:
+        _STEP_TEMPLATES.append(template)
+    code = _STEP_TEMPLATES.index(template)
+    return tf.debugging.Assert(
+        condition,
+        [
+            STEP_CHECK_MARKER,
+            tf.constant(code, tf.int64),
+            tf.cast(received, tf.int64),
+            tf.cast(expected, tf.int64),
+        ],
+    )
+
+
+def step_check_message(error_message: str) -> str | None:
+    """The message of a failed `step_check` found in a TensorFlow error's
+    text (eager or graph), or `None`."""
+    if STEP_CHECK_MARKER not in error_message:
+        return None
+    rest = error_message.split(STEP_CHECK_MARKER, 1)[1]
+    numbers = re.findall(r"-?\d+", rest)
+    if len(numbers) < 3 or int(numbers[0]) >= len(_STEP_TEMPLATES):
+        return None
+    code, received, expected = map(int, numbers[:3])
+    return _STEP_TEMPLATES[code].format(received=received, expected=expected)
 
 
 def is_array(value) -> bool:

@@ -179,6 +179,17 @@ def read_csv_history(path):
     return history
 
 
+def final_values(history):
+    """Each log's value at its last epoch that has one (a metric computed
+    every few epochs, such as KID, leaves the others empty)."""
+    final = {}
+    for key, values in history.items():
+        kept = [v for v in values if v == v]  # not NaN
+        if kept:
+            final[key] = kept[-1]
+    return final
+
+
 def _remove(out, names):
     for name in names:
         path = os.path.join(out, name)

@@ -373,10 +373,12 @@ class BadStep(fitcustom.TapeModel):
         optimizer_name="main",
         variables=None,
         loss_weights=None,
+        minimize_kwargs=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.term_weights = loss_weights
+        self.minimize_kwargs = minimize_kwargs or {}
         self.net = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
         self.other = keras.Sequential(
             [keras.Input((3,)), keras.layers.Dense(2)]
@@ -404,6 +406,10 @@ class BadStep(fitcustom.TapeModel):
                 variables=variables,
                 optimizer=self.optimizer_name,
                 loss_weights=self.term_weights,
+                **{
+                    k: v(x) if callable(v) else v
+                    for k, v in self.minimize_kwargs.items()
+                },
             )
 
 
@@ -421,7 +427,28 @@ BAD_STEPS = {
     ),
     "other batch size": (
         dict(make_terms=lambda p: {"a": p[:, 0], "b": p[:4, 0]}),
-        "same batch size.*'a' with 8 and 'b' with 4",
+        "same batch size.*'b' with 4 values and 'a' with 8",
+    ),
+    "term without the batch axis": (
+        # A per-feature mean over the batch: 2 values, not 8.
+        dict(make_terms=lambda p: {"a": tf.reduce_mean(p, axis=0)}),
+        "'a' has 2 values on its first axis, which is no size of the "
+        "step's batch.*8 samples.*batch_size=N",
+    ),
+    "term of another size than batch_size": (
+        dict(
+            make_terms=lambda p: {"a": p[:, 0]},
+            minimize_kwargs={"batch_size": 4},
+        ),
+        "'a' has 8 values.*the update's batch_size is 4",
+    ),
+    "sample_weight of another size": (
+        dict(
+            make_terms=lambda p: {"a": p[:, 0]},
+            minimize_kwargs={"sample_weight": lambda x: tf.ones([3])},
+        ),
+        "`sample_weight` needs one weight per sample.*3 weights for terms "
+        "of 8 values",
     ),
     "integer term": (
         dict(make_terms=lambda p: {"a": tf.cast(p[:, 0] > 0, tf.int32)}),
@@ -450,17 +477,39 @@ BAD_STEPS = {
 }
 
 
+@pytest.mark.parametrize("data", ["arrays", "dataset", "eager"])
 @pytest.mark.parametrize("case", sorted(BAD_STEPS))
-def test_bad_minimize_is_refused_before_any_update(case):
+def test_bad_minimize_is_refused_before_any_update(case, data):
+    """The same error whether the trace knows the batch size (arrays of
+    one batch), only the running step does (a dataset whose last batch
+    is short: batch size None in the trace) or the step runs eagerly."""
     kwargs, message = BAD_STEPS[case]
     model = BadStep(**kwargs)
-    model.compile(optimizer={"main": "sgd"})
+    model.compile(optimizer={"main": "sgd"}, run_eagerly=data == "eager")
     before = model.get_weights()
     x = np.ones((8, 3), "float32")
+    if data == "dataset":
+        x = tf.data.Dataset.from_tensor_slices(np.ones((11, 3), "float32"))
+        x = x.batch(8)
+        assert x.element_spec.shape[0] is None
     with pytest.raises(ValueError, match=message):
-        model.fit(x, batch_size=8, epochs=1, verbose=0)
+        model.fit(x, batch_size=None if data == "dataset" else 8, verbose=0)
     for u, v in zip(before, model.get_weights()):
         np.testing.assert_array_equal(u, v)
+
+
+def test_terms_of_a_part_of_the_batch_with_their_batch_size():
+    # The control of the size checks: an update of half the batch that
+    # says so trains (and logs the half's mean).
+    model = BadStep(
+        make_terms=lambda p: {"a": tf.square(p[::2, 0])},
+        minimize_kwargs={"batch_size": lambda x: tf.shape(x)[0] // 2},
+    )
+    model.compile(optimizer={"main": "sgd"})
+    x = tf.data.Dataset.from_tensor_slices(np.ones((12, 3), "float32"))
+    logs = model.fit(x.batch(8), verbose=0).history
+    assert logs["a"][0] > 0
+    assert int(model.optimizers["main"].iterations) == 2
 
 
 def test_ema_of_a_network_outside_the_model_is_refused():
@@ -480,6 +529,19 @@ def test_log_mean_outside_a_step_is_refused():
     model = two_players()
     with pytest.raises(ValueError, match="outside fit"):
         model.log_mean("x", tf.ones([3]))
+
+
+def test_minimize_outside_a_step_is_refused_before_it_updates():
+    model = two_players()
+    x, _ = data(8)
+    model.left(x)
+    before = model.get_weights()
+    with tf.GradientTape() as tape:
+        out = model.left(x)
+        with pytest.raises(ValueError, match="outside fit"):
+            model.minimize(tape, {"a": tf.reduce_sum(out, 1)}, optimizer="left")
+    for u, v in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(u, v)
 
 
 def test_minimize_after_the_tape_block_is_refused():

@@ -77,8 +77,8 @@ CONTRASTIVE_TASK = Task(
 class ContrastPerReplica(contrastive_example.Contrastive):
     """The control: negatives from this replica's images only."""
 
-    def gather(self, projections):
-        return projections, tf.range(tf.shape(projections)[0])
+    def gather(self, *views):
+        return list(views), tf.range(tf.shape(views[0])[0])
 
 
 @keras.saving.register_keras_serializable(package="fitcustom_tests")
@@ -87,10 +87,10 @@ class RowsOfAnEvenSplit(contrastive_example.Contrastive):
     `replica * local size`, right only when the replicas hold as many
     samples each."""
 
-    def gather(self, projections):
-        n = tf.shape(projections)[0]
+    def gather(self, *views):
+        n = tf.shape(views[0])[0]
         rows = fitcustom.distribute.replica_id() * n + tf.range(n)
-        return fitcustom.distribute.all_gather(projections), rows
+        return [fitcustom.distribute.all_gather(v) for v in views], rows
 
 
 def _gathered_on_two_replicas(cls, strategy):
@@ -102,7 +102,7 @@ def _gathered_on_two_replicas(cls, strategy):
 
     def run():  # eager: each replica takes its part
         mine = parts[int(fitcustom.distribute.replica_id())]
-        gathered, rows = model.gather(mine)
+        (gathered,), rows = model.gather(mine)
         return tf.gather(gathered, rows), mine
 
     own, mine = (

@@ -49,7 +49,8 @@ def test_diffusion_program_runs_and_scores_its_samples(tmp_path):
     )
     for name in ("diffusion.keras", "history.csv", "curves.png", "samples.png"):
         assert (tmp_path / name).stat().st_size > 0, name
-    assert last["loss"] == last["noise_loss"]
+    # The loss is what the step minimised (never a silent 0.0).
+    assert last["loss"] == last["noise_loss"] > 0.01
     assert np.isfinite([last["kid"], last["fid"]]).all()
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["real_vs_real"]["fid"] < last["fid"]

@@ -10,6 +10,7 @@ import os
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 from task_harness import Task
 from task_harness import check_continue_in_fresh_process
@@ -60,6 +61,17 @@ def test_vae_program_runs_and_writes_its_outputs(tmp_path):
         last["loss"], last["reconstruction"] + last["kl"], rtol=1e-5
     )
     assert last["kl"] > 0 and last["val_loss"] > 0
+    assert not (tmp_path / "backup").exists()  # finished: no backup left
+    # A finished run is kept unless --overwrite replaces it.
+    with pytest.raises(SystemExit, match="holds a finished run"):
+        vae_example.main(["--output-dir", str(tmp_path), "--smoke"])
+    again = vae_example.main(
+        ["--output-dir", str(tmp_path), "--smoke", "--verbose", "0"]
+        + ["--overwrite"]
+    )
+    assert again == last  # the same seed, from scratch
+    rows = (tmp_path / "history.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 2  # the header and the new run's 2 epochs
 
 
 def test_vae_on_two_replicas_trains_what_one_device_trains(two_replicas):

@@ -218,6 +218,13 @@ def sublayers(model):
     return list(model._flatten_layers(include_self=False))
 
 
+def top_layers(model):
+    """The layers and sub-models held by `model` itself (not nested in
+    them): `model.layers` of a subclassed model, which a `TapeModel`
+    wrapping a network points at that network's."""
+    return list(model._flatten_layers(include_self=False, recursive=False))
+
+
 class BuildHook:
     """Keras' trainer calls its private `_maybe_symbolic_build(iterator,
     data_batch)` before the first step of `fit()`, `evaluate()` and

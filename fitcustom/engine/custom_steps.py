@@ -14,9 +14,11 @@ import typing
 from collections.abc import Mapping
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from fitcustom import _args
+from fitcustom import checks
 from fitcustom import distribute
 from fitcustom._keras import compat as _compat
 from fitcustom.engine import step_context
@@ -32,6 +34,7 @@ class _Reduced(typing.NamedTuple):
     sizes: dict
     weighted: dict
     total: tf.Tensor
+    checks: list
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +138,7 @@ class CustomSteps:
         optimizer: str | None = None,
         sample_weight=None,
         loss_weights: Mapping[str, float] | None = None,
+        batch_size=None,
     ) -> tf.Tensor:
         """One update of a hand-written step, done the way `fit()` does it.
 
@@ -170,9 +174,22 @@ class CustomSteps:
                 update minimises `factor * term` (e.g. a gradient
                 penalty's weight) and the log keeps the term unweighted,
                 as `compile(loss_weights=...)` does for outputs.
+            batch_size: The number of samples the terms are of (this
+                replica's), when an update uses a part of the batch or
+                samples of its own (a discriminator updated on each of
+                `n` slices, generated images). Defaults to the batch:
+                each term's first axis must be the first axis of one of
+                the batch's tensors (a term that lost its batch axis, a
+                mean over the batch, is refused).
 
         Returns:
             The minimised loss (this replica's batch mean, as logged).
+
+        Raises:
+            ValueError: A term is not one value per sample of the batch
+                (or of `batch_size`), terms or `sample_weight` differ in
+                size, a term is not a float: before any weight changes
+                (from `fit()` when only the running step can tell).
         """
         opt = self.get_optimizer(optimizer)
         variables = self._update_variables(variables, optimizer, opt)
@@ -194,12 +211,19 @@ class CustomSteps:
                 "tf.GradientTape() as tape: ...; self.minimize(tape, "
                 "terms)` (use persistent=True for several updates)."
             )
-        reduced = self._loss_of(terms, sample_weight, optimizer, loss_weights)
+        reduced = self._loss_of(
+            terms, sample_weight, optimizer, loss_weights, batch_size, variables
+        )
         loss = reduced.total
         scaled = self.scale_loss(loss, opt)
-        with tape.stop_recording():
+        context = self._require_context("minimize()")
+        with tape.stop_recording(), tf.control_dependencies(reduced.checks):
             # The guarded update (`update`, also a piece of its own).
-            finite = self.update(tape, scaled, loss, variables, opt)
+            context.minimizing = True
+            try:
+                finite = self.update(tape, scaled, loss, variables, opt)
+            finally:
+                context.minimizing = False
             if finite is not None:
                 self.count_nonfinite([finite])
             self.follow_emas(optimizer, finite)
@@ -207,7 +231,12 @@ class CustomSteps:
         return distribute.unscale_loss_for_replicas(loss)
 
     def log_loss(
-        self, terms, sample_weight=None, optimizer=None, loss_weights=None
+        self,
+        terms,
+        sample_weight=None,
+        optimizer=None,
+        loss_weights=None,
+        batch_size=None,
     ):
         """Logs loss terms as `minimize` does, without an update: for
         `test_step` (logged as `val_NAME` and `val_loss` in `fit()`), or
@@ -219,11 +248,18 @@ class CustomSteps:
             optimizer: The regularization losses added are those
                 `minimize(optimizer=...)` adds. Defaults to `None`.
             loss_weights: As in `minimize`.
+            batch_size: As in `minimize`.
 
         Returns:
             The loss (this replica's batch mean, as logged).
         """
-        reduced = self._loss_of(terms, sample_weight, optimizer, loss_weights)
+        reduced = self._loss_of(
+            terms, sample_weight, optimizer, loss_weights, batch_size
+        )
+        with tf.control_dependencies(reduced.checks):
+            reduced = reduced._replace(
+                values={k: tf.identity(v) for k, v in reduced.values.items()}
+            )
         self._record(reduced, None)
         return distribute.unscale_loss_for_replicas(reduced.total)
 
@@ -322,10 +358,19 @@ class CustomSteps:
             )
         return variables
 
-    def _loss_of(self, terms, sample_weight, optimizer, loss_weights=None):
+    def _loss_of(
+        self,
+        terms,
+        sample_weight,
+        optimizer,
+        loss_weights=None,
+        batch_size=None,
+        variables=None,
+    ):
         """The terms reduced (`_Reduced`): each term's per-replica mean
         (divided by the replica count) and batch size, and their weighted
-        sum with the regularization losses of what `optimizer` trains."""
+        sum with the regularization losses of what `optimizer` trains;
+        the terms' sizes checked against the batch (or `batch_size`)."""
         if not isinstance(terms, dict):
             terms = {("loss", optimizer): terms}
         if not terms:
@@ -341,7 +386,7 @@ class CustomSteps:
                     "`sample_weight` needs one weight per sample. "
                     f"Received: shape {tuple(weights.shape)}."
                 )
-        first = None
+        sizes_check = _SizeChecks(step_context.current(), batch_size)
         values, sizes = {}, {}
         for key, term in terms.items():
             label = key if isinstance(key, str) else "the loss"
@@ -355,18 +400,17 @@ class CustomSteps:
                     "MeanSquaredError(reduction=None)(y, y_pred), or raw "
                     "ops without the final mean."
                 )
-            size = term.shape[0]
-            if first is not None and size is not None and size != first[1]:
-                raise ValueError(
-                    "Every loss term needs the same batch size (its first "
-                    f"axis). Received: {first[0]!r} with {first[1]} and "
-                    f"{label!r} with {size} values."
-                )
-            if size is not None and first is None:
-                first = (label, size)
+            sizes_check.term(label, term)
+            if weights is not None and not values:
+                sizes_check.sample_weight(weights)
+            if sizes_check.checks:  # the reduction runs once they pass
+                with tf.control_dependencies(sizes_check.checks):
+                    term = tf.identity(term)
+                    if weights is not None:
+                        weights = tf.identity(weights)
             values[key] = distribute.mean_loss(_per_sample(term), weights)
             sizes[key] = tf.shape(term)[0]
-        losses = self._layer_losses(optimizer)
+        losses = self._layer_losses(optimizer, variables)
         if losses:
             key = ("regularization", optimizer)
             values[key] = distribute.scale_loss_for_replicas(
@@ -378,16 +422,28 @@ class CustomSteps:
             for key, value in values.items()
         }
         total = tf.add_n(list(weighted.values()))
-        return _Reduced(values, sizes, weighted, total)
+        return _Reduced(values, sizes, weighted, total, sizes_check.checks)
 
-    def _layer_losses(self, optimizer):
+    def _layer_losses(self, optimizer, variables=None):
         """The regularization losses (`add_loss`, weight regularizers) of
-        what an update trains: the model's for its own optimizer, the
-        sub-model's called like a named optimizer."""
+        what an update trains: the model's for its own optimizer; for a
+        named one, those of each sub-model held by the model whose
+        weights the update trains (`variables`, by default
+        `optimizer_variables(name)`), or of the sub-model called like
+        the optimizer."""
         if optimizer is None:
             return list(self.losses)
-        network = self._sub_model(optimizer)
-        return [] if network is None else list(network.losses)
+        if variables is None:
+            variables = self.optimizer_variables(optimizer)
+        if variables is None:
+            network = self._sub_model(optimizer)
+            return [] if network is None else list(network.losses)
+        trained = {id(v) for v in variables}
+        losses = []
+        for layer in _compat.top_layers(self):
+            if any(id(w) in trained for w in layer.trainable_weights):
+                losses.extend(layer.losses)
+        return losses
 
     def _record(self, reduced, finite):
         context = self._require_context("minimize() / log_loss()")
@@ -620,6 +676,118 @@ class CustomSteps:
             for w, e in zip(ema.source.weights, ema.copy.weights)
         ]
         distribute.assign_add_everywhere(ema.copy.weights, deltas)
+
+
+_PART_OF_THE_BATCH = (
+    " If the update is of a part of the batch or of samples of its own "
+    "(a discriminator updated on each of n slices, generated images), "
+    "pass minimize(..., batch_size=N)."
+)
+
+
+class _SizeChecks:
+    """The batch sizes of an update's terms: each term's first axis is
+    the first axis of one of the batch's tensors (or `batch_size`), and
+    all terms and `sample_weight` agree. Sizes a trace knows are checked
+    at once (a `ValueError`); the others by `checks.step_check` ops in
+    `checks`, which what reduces the terms depends on."""
+
+    def __init__(self, context, batch_size):
+        self.checks = []
+        self._first = None  # (label, term)
+        self._given = batch_size is not None
+        if self._given:
+            static = tf.get_static_value(batch_size)
+            if static is not None and (
+                np.ndim(static) or isinstance(static, bool) or static < 1
+            ):
+                raise ValueError(
+                    "`batch_size` is the number of samples the terms "
+                    f"are of. Received: batch_size={batch_size!r}. "
+                    "Expected a positive integer (or a scalar tensor)."
+                )
+            static = None if static is None else int(static)
+            self._batch = [(static, tf.cast(batch_size, tf.int32))]
+        elif context is not None and context._data is not None:
+            self._batch = [
+                _size(t)
+                for t in tf.nest.flatten(context._data)
+                if isinstance(t, tf.Tensor) and t.shape.rank
+            ]
+        else:
+            self._batch = []  # outside a step: nothing to compare with
+
+    def term(self, label, term):
+        label = label.replace("{", "{{").replace("}", "}}")
+        if self._first is not None:
+            self._same(
+                _size(term),
+                _size(self._first[1]),
+                f"Every loss term of an update needs the same batch size "
+                f"(its first axis). Received: {label!r} with {{received}} "
+                f"values and {self._first[0]!r} with {{expected}}.",
+            )
+            return
+        self._first = (label, term)
+        if not self._batch:
+            return
+        if self._given:
+            template = (
+                f"Loss term {label!r} has {{received}} values on its first "
+                "axis, but the update's batch_size is {expected}. "
+                "Expected: one value per sample of the update's batch."
+            )
+        else:
+            template = (
+                f"Loss term {label!r} has {{received}} values on its first "
+                "axis, which is no size of the step's batch (its first "
+                "axis: {expected} samples). Received: a term without the "
+                "batch axis (reduced over the batch, or of other "
+                "samples). Expected: one value per sample, the batch "
+                "first, e.g. keras.losses.MeanSquaredError(reduction="
+                "None)(y, y_pred)." + _PART_OF_THE_BATCH
+            )
+        static, size = _size(term)
+        known = [s for s, _ in self._batch if s is not None]
+        if static is not None and static in known:
+            return
+        if static is not None and len(known) == len(self._batch):
+            raise ValueError(
+                template.format(received=static, expected=known[0])
+            )
+        found = tf.reduce_any(
+            tf.equal(tf.stack([d for _, d in self._batch]), size)
+        )
+        self._add(found, template, size, self._batch[0][1])
+
+    def sample_weight(self, weights):
+        self._same(
+            _size(weights),
+            _size(self._first[1]),
+            "`sample_weight` needs one weight per sample of the terms. "
+            "Received: {received} weights for terms of {expected} "
+            f"values (the first: {self._first[0]!r}).",
+        )
+
+    def _same(self, received, expected, template):
+        (r_static, r), (e_static, e) = received, expected
+        if r_static is not None and e_static is not None:
+            if r_static != e_static:
+                raise ValueError(
+                    template.format(received=r_static, expected=e_static)
+                )
+            return
+        self._add(tf.equal(r, e), template, r, e)
+
+    def _add(self, condition, template, received, expected):
+        self.checks.append(
+            checks.step_check(condition, template, received, expected)
+        )
+
+
+def _size(t):
+    """A tensor's first axis: `(static size or None, size tensor)`."""
+    return t.shape[0], tf.shape(t, out_type=tf.int32)[0]
 
 
 def _loss_weights(loss_weights, terms):

@@ -198,7 +198,7 @@ class FitMixin(_compat.BuildHook):
             else callbacks or []
         )
         _warn_about_keras_backup(self.__dict__["_fit_callbacks"])
-        with _clear_class_id_errors(self, "fit"):
+        with _clear_step_errors(self, "fit"):
             return super().fit(
                 x=x,
                 y=y,
@@ -236,7 +236,7 @@ class FitMixin(_compat.BuildHook):
         checks.check_batch_size(batch_size)
         checks.check_not_endless(x, steps, "x")
         self.check_evaluate_data(x, y, sample_weight)
-        with _clear_class_id_errors(self, "evaluate"):
+        with _clear_step_errors(self, "evaluate"):
             return super().evaluate(
                 x=x,
                 y=y,
@@ -402,14 +402,18 @@ class FitMixin(_compat.BuildHook):
 
 
 @contextlib.contextmanager
-def _clear_class_id_errors(model, method):
+def _clear_step_errors(model, method):
     """Turns a step's failure on class ids outside the output's range
-    (`check_class_ids`, or TensorFlow's cross-entropy on a CPU) into a
-    `ValueError` that says what was received and how to fix it."""
+    (`check_class_ids`, or TensorFlow's cross-entropy on a CPU), or on a
+    `checks.step_check` (a loss term's batch size), into a `ValueError`
+    that says what was received and how to fix it."""
     try:
         yield
     except tf.errors.InvalidArgumentError as e:
         message = e.message or ""
+        text = checks.step_check_message(message)
+        if text is not None:
+            raise ValueError(text) from None
         found = None
         if checks.CLASS_ID_MARKER in message:
             numbers = re.findall(

@@ -294,6 +294,11 @@ class StepPieces:
         `apply_gradients`. For steps with several networks and optimizers
         (a GAN's discriminator and generator updates).
 
+        Called by a step of your own (not through `minimize`), it adds
+        `loss` (divided by the number of replicas, as `minimize`'s terms
+        are) to the step's `loss` log; several updates of one optimizer
+        in a step count with their mean.
+
         Returns:
             The guard's verdict (`None` without `skip_nonfinite`).
         """
@@ -302,6 +307,12 @@ class StepPieces:
         if self._skip_nonfinite:
             finite = self.check_finite(loss, grads, optimizer)
         self._transform_and_apply(grads, variables, optimizer, finite)
+        context = step_context.current()
+        if context is not None and not context.minimizing:
+            context.used = True
+            context.verdicts.append(finite)
+            key = ("update", id(optimizer or self.optimizer))
+            context.add(key, tf.cast(loss, tf.float32))
         return finite
 
     def _transform_and_apply(self, grads, variables, optimizer, finite):

@@ -32,6 +32,7 @@ class StepContext:
         self.logged = set()
         self.used = False
         self.terms = {}
+        self.minimizing = False  # in `minimize`, which records its terms
 
     @property
     def batch_size(self):

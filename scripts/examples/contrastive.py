@@ -12,7 +12,6 @@ final numbers (`summary.json`).
 Usage: python -m scripts.examples.contrastive --output-dir outputs/contrastive
 """
 
-import json
 import os
 
 import keras
@@ -23,9 +22,13 @@ from fitcustom import distribute
 from fitcustom.datasets import load_digits
 from scripts._common import add_example_arguments
 from scripts._common import add_run_arguments
+from scripts._common import final_values
+from scripts._common import finish_run
 from scripts._common import make_parser
 from scripts._common import prepare_output_dir
+from scripts._common import read_csv_history
 from scripts._common import save_curves
+from scripts._common import start_run
 
 
 def parse_args(argv):
@@ -95,19 +98,19 @@ class Contrastive(fitcustom.TapeModel):
         pixels = tf.reshape(noise[:, 3:], tf.shape(images))
         return view * contrast + 0.1 * pixels
 
-    def gather(self, projections):
-        """Every replica's projections (the global batch's: a view's
-        negatives are all the others) and where this replica's are in
-        them."""
-        rows = distribute.local_rows(tf.shape(projections)[0])
-        return distribute.all_gather(projections), rows
+    def gather(self, *views):
+        """Every replica's projections of each view (the global batch's: a
+        view's negatives are all the others) and where this replica's rows
+        are in them."""
+        rows = distribute.local_rows(tf.shape(views[0])[0])
+        return [distribute.all_gather(v) for v in views], rows
 
     def contrastive_loss(self, a, b):
         """NT-Xent, one value per image: each view against its twin
         (positive) and every other view of the global batch."""
         a = tf.math.l2_normalize(tf.cast(a, tf.float32), axis=1)
         b = tf.math.l2_normalize(tf.cast(b, tf.float32), axis=1)
-        (all_a, own), (all_b, _) = self.gather(a), self.gather(b)
+        (all_a, all_b), own = self.gather(a, b)
         total = tf.shape(all_a)[0]
         self_mask = tf.one_hot(own, total) * 1e9
 
@@ -169,9 +172,14 @@ def build_contrastive(width=128, features=64, projected=32, **kwargs):
     return Contrastive(encoder, projection, probe, **kwargs)
 
 
+#: What a run writes in --output-dir (removed by --overwrite).
+OUTPUTS = ["history.csv", "contrastive.keras", "curves.png"]
+
+
 def main(argv=None):
     args = parse_args(argv)
     prepare_output_dir(args.output_dir)
+    start_run(args.output_dir, args.overwrite, OUTPUTS)
     keras.utils.set_random_seed(args.seed)
     (x_train, y_train), (x_test, y_test) = load_digits()
     epochs = args.epochs
@@ -196,13 +204,18 @@ def main(argv=None):
         validation_data=(x_test, y_test),
         verbose=args.verbose,
         callbacks=[
-            keras.callbacks.CSVLogger(os.path.join(out, "history.csv")),
-            fitcustom.BackupAndRestore(os.path.join(out, "backup")),
+            keras.callbacks.CSVLogger(
+                os.path.join(out, "history.csv"), append=True
+            ),
+            fitcustom.BackupAndRestore(
+                os.path.join(out, "backup"), delete_checkpoint=False
+            ),
         ],
     )
     model.save(os.path.join(out, "contrastive.keras"))
+    history = read_csv_history(os.path.join(out, "history.csv"))
     save_curves(
-        history.history,
+        history,
         os.path.join(out, "curves.png"),
         ["contrastive_loss", "probe_accuracy", "probe_loss"],
         "Contrastive pretraining with a linear probe (digits)",
@@ -212,9 +225,8 @@ def main(argv=None):
             "probe_loss": "linear probe loss (cross-entropy)",
         },
     )
-    last = {k: float(v[-1]) for k, v in history.history.items()}
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump({"epochs": epochs, "final": last}, f, indent=2)
+    last = final_values(history)
+    finish_run(out, {"epochs": epochs, "final": last})
     print(
         f"linear probe accuracy on held-out digits "
         f"{last['val_probe_accuracy']:.3f} (training "

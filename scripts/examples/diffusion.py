@@ -12,7 +12,6 @@ generated digits next to real ones (`samples.png`), and the final numbers
 Usage: python -m scripts.examples.diffusion --output-dir outputs/diffusion
 """
 
-import json
 import math
 import os
 
@@ -24,11 +23,15 @@ import fitcustom
 from fitcustom.datasets import load_digits
 from scripts._common import add_example_arguments
 from scripts._common import add_run_arguments
+from scripts._common import final_values
+from scripts._common import finish_run
 from scripts._common import make_parser
 from scripts._common import positive_int
 from scripts._common import prepare_output_dir
+from scripts._common import read_csv_history
 from scripts._common import save_curves
 from scripts._common import save_image_rows
+from scripts._common import start_run
 
 #: The signal rate at diffusion time 1 and at time 0 (cosine schedule).
 MIN_SIGNAL, MAX_SIGNAL = 0.02, 0.98
@@ -161,9 +164,14 @@ def save_samples(model, real, path, steps, seed):
     )
 
 
+#: What a run writes in --output-dir (removed by --overwrite).
+OUTPUTS = ["history.csv", "diffusion.keras", "curves.png", "samples.png"]
+
+
 def main(argv=None):
     args = parse_args(argv)
     prepare_output_dir(args.output_dir)
+    start_run(args.output_dir, args.overwrite, OUTPUTS)
     keras.utils.set_random_seed(args.seed)
     (x_train, _), (x_test, _) = load_digits()
     x_train, x_test = x_train * 2.0 - 1.0, x_test * 2.0 - 1.0
@@ -188,13 +196,18 @@ def main(argv=None):
         verbose=args.verbose,
         callbacks=[
             quality,
-            keras.callbacks.CSVLogger(os.path.join(out, "history.csv")),
-            fitcustom.BackupAndRestore(os.path.join(out, "backup")),
+            keras.callbacks.CSVLogger(
+                os.path.join(out, "history.csv"), append=True
+            ),
+            fitcustom.BackupAndRestore(
+                os.path.join(out, "backup"), delete_checkpoint=False
+            ),
         ],
     )
     model.save(os.path.join(out, "diffusion.keras"))
+    history = read_csv_history(os.path.join(out, "history.csv"))
     save_curves(
-        history.history,
+        history,
         os.path.join(out, "curves.png"),
         ["noise_loss", "kid", "fid"],
         "Diffusion model on the digits",
@@ -207,19 +220,15 @@ def main(argv=None):
         args.sampling_steps,
         args.seed,
     )
-    last = {k: float(v[-1]) for k, v in history.history.items()}
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(
-            {
-                "epochs": epochs,
-                "final": last,
-                "real_vs_real": {
-                    k: float(v) for k, v in quality.baseline.items()
-                },
-            },
-            f,
-            indent=2,
-        )
+    last = final_values(history)
+    finish_run(
+        out,
+        {
+            "epochs": epochs,
+            "final": last,
+            "real_vs_real": {k: float(v) for k, v in quality.baseline.items()},
+        },
+    )
     print(
         f"KID {last['kid']:.2f} / FID {last['fid']:.2f} of generated "
         f"digits (real vs real: KID {quality.baseline['kid']:.2f} / FID "

@@ -14,7 +14,6 @@ the true transformation.
 Usage: python -m scripts.examples.translation --output-dir outputs/translation
 """
 
-import json
 import os
 
 import keras
@@ -25,10 +24,14 @@ import fitcustom
 from fitcustom.datasets import load_digits
 from scripts._common import add_example_arguments
 from scripts._common import add_run_arguments
+from scripts._common import final_values
+from scripts._common import finish_run
 from scripts._common import make_parser
 from scripts._common import prepare_output_dir
+from scripts._common import read_csv_history
 from scripts._common import save_curves
 from scripts._common import save_image_rows
+from scripts._common import start_run
 
 
 def parse_args(argv):
@@ -200,9 +203,14 @@ def save_picture(model, a, b, path):
     )
 
 
+#: What a run writes in --output-dir (removed by --overwrite).
+OUTPUTS = ["history.csv", "translation.keras", "curves.png", "translations.png"]
+
+
 def main(argv=None):
     args = parse_args(argv)
     prepare_output_dir(args.output_dir)
+    start_run(args.output_dir, args.overwrite, OUTPUTS)
     keras.utils.set_random_seed(args.seed)
     a_train, b_train, a_test, b_test = domains(args.seed)
     epochs = args.epochs
@@ -218,13 +226,18 @@ def main(argv=None):
         epochs=epochs,
         verbose=args.verbose,
         callbacks=[
-            keras.callbacks.CSVLogger(os.path.join(out, "history.csv")),
-            fitcustom.BackupAndRestore(os.path.join(out, "backup")),
+            keras.callbacks.CSVLogger(
+                os.path.join(out, "history.csv"), append=True
+            ),
+            fitcustom.BackupAndRestore(
+                os.path.join(out, "backup"), delete_checkpoint=False
+            ),
         ],
     )
     model.save(os.path.join(out, "translation.keras"))
+    history = read_csv_history(os.path.join(out, "history.csv"))
     save_curves(
-        history.history,
+        history,
         os.path.join(out, "curves.png"),
         ["cycle", "fool_b", "judge_b_loss", "identity_b"],
         "Unpaired translation: generator and discriminator terms",
@@ -246,18 +259,16 @@ def main(argv=None):
     unrelated = float(
         np.mean(np.abs(to_domain_b(a_test) - b_test[: len(a_test)]))
     )
-    last = {k: float(v[-1]) for k, v in history.history.items()}
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(
-            {
-                "epochs": epochs,
-                "final": last,
-                "translation_error": error,
-                "unrelated_b_error": unrelated,
-            },
-            f,
-            indent=2,
-        )
+    last = final_values(history)
+    finish_run(
+        out,
+        {
+            "epochs": epochs,
+            "final": last,
+            "translation_error": error,
+            "unrelated_b_error": unrelated,
+        },
+    )
     print(
         f"mean absolute error of held-out A-to-B translations against the "
         f"true transformation {error:.3f} (other B images: "

@@ -10,7 +10,6 @@ digits, their reconstructions and new digits decoded from random codes
 Usage: python -m scripts.examples.vae --output-dir outputs/vae
 """
 
-import json
 import os
 
 import keras
@@ -21,11 +20,15 @@ import fitcustom
 from fitcustom.datasets import load_digits
 from scripts._common import add_example_arguments
 from scripts._common import add_run_arguments
+from scripts._common import final_values
+from scripts._common import finish_run
 from scripts._common import make_parser
 from scripts._common import positive_int
 from scripts._common import prepare_output_dir
+from scripts._common import read_csv_history
 from scripts._common import save_curves
 from scripts._common import save_image_rows
+from scripts._common import start_run
 
 
 def parse_args(argv):
@@ -131,9 +134,14 @@ def save_picture(vae, images, path, latent_dim, seed):
     save_image_rows(rows, path, "Variational autoencoder on the 8x8 digits")
 
 
+#: What a run writes in --output-dir (removed by --overwrite).
+OUTPUTS = ["history.csv", "vae.keras", "curves.png", "digits.png"]
+
+
 def main(argv=None):
     args = parse_args(argv)
     prepare_output_dir(args.output_dir)
+    start_run(args.output_dir, args.overwrite, OUTPUTS)
 
     keras.utils.set_random_seed(args.seed)
     (x_train, _), (x_test, _) = load_digits()
@@ -150,13 +158,18 @@ def main(argv=None):
         validation_data=(x_test,),
         verbose=args.verbose,
         callbacks=[
-            keras.callbacks.CSVLogger(os.path.join(out, "history.csv")),
-            fitcustom.BackupAndRestore(os.path.join(out, "backup")),
+            keras.callbacks.CSVLogger(
+                os.path.join(out, "history.csv"), append=True
+            ),
+            fitcustom.BackupAndRestore(
+                os.path.join(out, "backup"), delete_checkpoint=False
+            ),
         ],
     )
     vae.save(os.path.join(out, "vae.keras"))
+    history = read_csv_history(os.path.join(out, "history.csv"))
     save_curves(
-        history.history,
+        history,
         os.path.join(out, "curves.png"),
         ["loss", "reconstruction", "kl"],
         "VAE loss per image (nats)",
@@ -173,9 +186,8 @@ def main(argv=None):
         args.latent_dim,
         args.seed,
     )
-    last = {k: float(v[-1]) for k, v in history.history.items()}
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump({"epochs": epochs, "final": last}, f, indent=2)
+    last = final_values(history)
+    finish_run(out, {"epochs": epochs, "final": last})
     print(
         f"held-out loss {last['val_loss']:.2f} per image "
         f"(reconstruction {last['val_reconstruction']:.2f}, "

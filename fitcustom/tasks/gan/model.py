@@ -547,9 +547,7 @@ class TapeGAN(GANInputs, TapeModel):
     def _guarded_step(self, real, conditions):
         # Values made under a condition stay in its branch: the step's
         # `loss` log is added there.
-        self._run_in_context(
-            self._alternating_step, real, real, conditions
-        )
+        self._run_in_context(self._alternating_step, real, real, conditions)
 
     def _simultaneous_step(self, real, conditions):
         """Both networks updated from one forward pass."""
@@ -582,7 +580,7 @@ class TapeGAN(GANInputs, TapeModel):
             with tf.GradientTape() as tape:
                 fake = self._generate(z, cond_k, training=True)
                 critic = self._critic_loss(real_k, fake, cond_k, k)
-                self._update_discriminator(tape, critic)
+                self._update_discriminator(tape, critic, batch_size=m)
         cond_g = conditions
         if conditions is not None and not self.full_batch_critic:
             cond_g = conditions[0 : m * n : n]
@@ -591,9 +589,9 @@ class TapeGAN(GANInputs, TapeModel):
             fake = self._generate(z, cond_g, training=True)
             fake_logits = self._discriminate(fake, cond_g, True)
             terms = {"g_loss": self.gan_loss.generator(fake_logits)}
-            self.minimize(tape, terms, optimizer="generator")
+            self.minimize(tape, terms, optimizer="generator", batch_size=m)
 
-    def _update_discriminator(self, tape, critic):
+    def _update_discriminator(self, tape, critic, batch_size=None):
         """`minimize` of a discriminator update: its penalties weighted,
         logged unweighted."""
         self.minimize(
@@ -601,6 +599,7 @@ class TapeGAN(GANInputs, TapeModel):
             critic.terms,
             optimizer="discriminator",
             loss_weights=critic.weights,
+            batch_size=batch_size,
         )
 
     def evaluation_latent(self, images):
