@@ -495,30 +495,6 @@ def test_a_notice_stops_fit_with_a_backup_and_the_rerun_resumes(tmp_path):
     assert stopping.stopped_epoch != straight_stopping.stopped_epoch
 
 
-class _FirstBatch(keras.callbacks.Callback):
-    """The first step a fit() trains: `(epoch, batch, optimizer steps
-    after it)` (a resumed epoch reports the batches it skips too)."""
-
-    def __init__(self):
-        super().__init__()
-        self.first = self.epoch = self.start = None
-
-    def _steps(self):
-        optimizer = self.model.optimizer or self.model.optimizers["generator"]
-        return int(optimizer.iterations.numpy())
-
-    def on_train_begin(self, logs=None):  # after the backup's restore
-        self.start = self._steps()
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epoch = epoch
-
-    def on_train_batch_end(self, batch, logs=None):
-        steps = self._steps()
-        if self.first is None and steps > self.start:
-            self.first = (self.epoch, batch, steps)
-
-
 #: The chained run of the random-moments test: 8 batches an epoch.
 BATCHES, EPOCHS = 8, 8
 
@@ -568,68 +544,6 @@ def _noticed_run(backup_dir, extra=(), exit_on_preemption=False, kind="mlp"):
 def _saved_step(backup_dir):
     epochs, batches = fitcustom.BackupAndRestore.progress(backup_dir)
     return BATCHES * epochs + batches
-
-
-@pytest.mark.skipif(
-    threading.current_thread() is not threading.main_thread(),
-    reason="signal handlers are set in the main thread only",
-)
-@pytest.mark.parametrize("kind", ["mlp", "gan"])
-def test_notices_at_ten_random_moments_each_save_at_the_running_step(
-    tmp_path, kind
-):
-    """A notice inside an epoch's backup write, then nine after random
-    batches, each in a fit() of its own that resumes the backup of the one
-    before. Each saves at the end of the step that was running when it
-    came (the one in the write: after the next epoch's first batch), each
-    resume trains first the step saved, and the chain ends with the
-    uninterrupted weights (the EMA generator's too) and logs (shuffling,
-    Dropout, the GAN's noise)."""
-    straight, straight_logs, _ = _noticed_run(tmp_path / "straight", kind=kind)
-    rng = np.random.default_rng(26)
-    backup_dir = tmp_path / "backup"
-    previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    done = 0
-    try:
-        # In the backup written at the end of epoch 1 (a step saved at
-        # the end of an epoch never trains again).
-        first = _FirstBatch()
-
-        def hook(temp, target):
-            if "backup-" in os.path.basename(target) and first.epoch == 1:
-                checkpoints._before_replace = None
-                os.kill(os.getpid(), signal.SIGUSR1)
-
-        checkpoints._before_replace = hook
-        try:
-            _, _, backup = _noticed_run(backup_dir, extra=[first], kind=kind)
-        finally:
-            checkpoints._before_replace = None
-        assert backup.preempted_by == "SIGUSR1"
-        done = _saved_step(backup_dir)
-        assert done == 2 * BATCHES + 1
-        for _ in range(9):
-            # After a random batch of the next 3 (the notice is seen at
-            # the end of the batch after it: the running step).
-            step = done + int(rng.integers(0, 3))
-            first = _FirstBatch()
-            notice = _Notice(signal.SIGUSR1, *divmod(step, BATCHES))
-            _, _, backup = _noticed_run(
-                backup_dir, extra=[first, notice], kind=kind
-            )
-            assert backup.preempted_by == "SIGUSR1", step
-            assert first.first == (*divmod(done, BATCHES), done + 1)
-            done = _saved_step(backup_dir)
-            last_of_epoch = step % BATCHES == BATCHES - 1
-            assert done == step + (1 if last_of_epoch else 2), step
-    finally:
-        signal.signal(signal.SIGUSR1, previous)
-    first = _FirstBatch()
-    resumed, logs, _ = _noticed_run(backup_dir, extra=[first], kind=kind)
-    assert first.first == (*divmod(done, BATCHES), done + 1)
-    assert done < BATCHES * EPOCHS - 2
-    assert_weights_close(straight.get_weights(), resumed.get_weights(), atol=0)
-    assert logs["loss"][-1] == straight_logs["loss"][-1]
 
 
 class _FullDisk(_Notice):

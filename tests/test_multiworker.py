@@ -28,7 +28,9 @@ COMMON = PROGRAMS / "multiworker_common.py"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["engine", "classifier", "gan"])
+# The classifier on two workers ends at one process's weights in
+# test_preemption's two-worker tests (interrupted and resumed, a superset).
+@pytest.mark.parametrize("kind", ["engine", "gan"])
 def test_two_workers_train_what_one_process_trains(tmp_path, monkeypatch, kind):
     log = io.StringIO()
     codes = launch_workers.launch(

@@ -54,7 +54,9 @@ def _assert_same_end(straight, out):
     """The run in `out` ended bit for bit where the uninterrupted one in
     `straight` did (weights and optimizer step counters: no batch twice),
     its EarlyStopping stopping at the same epoch with the same best (its
-    state was in the backup) and ModelCheckpoint keeping its best."""
+    state was in the backup) and ModelCheckpoint keeping its best; the
+    history the runs in `out` wrote one after the other (CSVLogger)
+    holds each epoch once, with the uninterrupted run's numbers."""
     for a, b in zip(
         h5_arrays(straight / "final.weights.h5"),
         h5_arrays(out / "final.weights.h5"),
@@ -62,6 +64,8 @@ def _assert_same_end(straight, out):
     ):
         np.testing.assert_array_equal(a, b)
     assert _result(out) == _result(straight)
+    chained = (out / "history.csv").read_text().splitlines()
+    assert chained == (straight / "history.csv").read_text().splitlines()
 
 
 def _positions(lines):
@@ -157,17 +161,23 @@ BATCHES = 6
 GRACE = 30
 
 
-def _noticed(out, kind, at, **env):
-    """Runs the job, sends SIGTERM once it reports the global step `at`
-    (None: no notice); returns (exit code, steps reported, seconds from
-    the notice to the exit, stderr); the steps start with the steps
-    trained before the run."""
+def _noticed(out, kind, at, delay=0.0, **env):
+    """Runs the job, sends SIGTERM `delay` seconds after it reports the
+    global step `at` (None: no notice); returns (exit code, steps
+    reported, seconds from the notice to the exit, stderr); the steps
+    start with the steps trained before the run."""
     proc = start(["python", JOB, out, kind], **env)
     seen = []
     if at is not None:
-        seen = signal_at(
-            proc, f"at {at // BATCHES} {at % BATCHES}", signal.SIGTERM
-        )
+        line = f"at {at // BATCHES} {at % BATCHES}"
+
+        def reached(text):
+            if text.strip() != line:
+                return False
+            time.sleep(delay)
+            return True
+
+        seen = signal_at(proc, reached, signal.SIGTERM)
     sent = time.monotonic()
     code, rest, err = finish(proc, timeout=GRACE if at is not None else None)
     lines = [line.strip() for line in seen] + rest.splitlines()
@@ -176,39 +186,58 @@ def _noticed(out, kind, at, **env):
     return code, first + steps, time.monotonic() - sent, err
 
 
+#: EarlyStopping's patience of the long runs: all 8 epochs (48 steps).
+LONG = {"PATIENCE": "8"}
+
+
+@pytest.fixture(scope="module")
+def straight_long(tmp_path_factory):
+    """Uninterrupted runs of both jobs through their 8 epochs."""
+    found = {}
+    for kind in ("classifier", "gan"):
+        out = tmp_path_factory.mktemp(f"long_{kind}")
+        code, _, err = finish(_start(out, kind, **LONG))
+        assert code == 0, err[-3000:]
+        found[kind] = out
+    return found
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["classifier", "gan"])
 def test_notices_at_random_moments_each_exit_and_resume_at_their_step(
-    tmp_path, straight, kind
+    tmp_path, straight_long, kind
 ):
-    """One notice in the backup write of epoch 0's end (its temporary file
-    complete, not yet in place), then four after random steps, each to a
-    fresh process running the same command: each process exits 143 by
-    itself within GRACE seconds, each rerun trains first the step after
-    the one its predecessor saved, and the last run ends bit for bit at
-    the uninterrupted run (the GAN's EMA generator included), its history
-    holding each epoch once."""
-    epochs = len(
-        json.loads((straight[kind] / "result.json").read_text())["history"][
-            "loss"
-        ]
-    )
-    # Notices after three steps of epoch 1 on (its first is saved by the
-    # notice in the write), not after the run's last step.
+    """Ten notices, each to a fresh process running the same command: one
+    in the backup write of epoch 0's end (its temporary file complete,
+    not yet in place), then nine after random steps, each at a random
+    time up to 0.1 s after the step's end (in the job's 50 ms pause
+    between steps, or in the next step). Each process exits 143 by itself
+    within GRACE seconds, each rerun trains first the step after the one
+    its predecessor saved, and the last run ends bit for bit at the
+    uninterrupted run (the GAN's EMA generator included), the history
+    the eleven processes wrote holding each epoch once."""
+    result = json.loads((straight_long[kind] / "result.json").read_text())
+    epochs = len(result["history"]["loss"])
+    assert epochs == 8
+    # Notices after steps of epoch 1 on (its first is saved by the notice
+    # in the write), at least 2 apart (a notice may be saved at the step
+    # after it), none after the run's last steps.
     rng = np.random.default_rng(26 if kind == "classifier" else 27)
-    steps = np.arange(BATCHES + 1, epochs * BATCHES - 1)
-    moments = sorted(int(m) for m in rng.choice(steps, 3, replace=False))
+    last = epochs * BATCHES - 3
+    picks = rng.choice(np.arange(BATCHES + 1, last - 2 * 8 + 1), 9, False)
+    moments = [int(p) + 2 * i for i, p in enumerate(sorted(picks))]
+    delays = rng.uniform(0.0, 0.1, size=len(moments))
     code, steps, took, err = _noticed(
-        tmp_path, kind, None, NOTICE_IN_BACKUP="0"
+        tmp_path, kind, None, NOTICE_IN_BACKUP="0", **LONG
     )
     # The notice came in the write: that backup is in place, and the step
     # running next (epoch 1's first) is saved.
     assert code == 143 and "SIGTERM received" in err, err[-3000:]
     assert steps == [0] + list(range(BATCHES + 1)), steps
     exits = []
-    for at in moments + [None]:
+    for at, delay in zip(moments + [None], list(delays) + [0.0]):
         trained = steps[-1] + 1
-        code, steps, took, err = _noticed(tmp_path, kind, at)
+        code, steps, took, err = _noticed(tmp_path, kind, at, delay, **LONG)
         # It trains first the step after the last one saved: the steps
         # before were trained, none twice.
         assert steps[0] == trained, (steps, trained)
@@ -224,8 +253,9 @@ def test_notices_at_random_moments_each_exit_and_resume_at_their_step(
         # one if the notice came between two.
         assert steps[-1] in (at, at + 1), (steps, at)
         exits.append(round(took, 2))
+    assert len(exits) == 9
     print(f"{kind}: notices after steps {moments}; exits after {exits} s")
-    _assert_same_end(straight[kind], tmp_path)
+    _assert_same_end(straight_long[kind], tmp_path)
 
 
 @pytest.mark.slow

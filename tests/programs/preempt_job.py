@@ -13,11 +13,15 @@ it prints `iteration N`, the steps the (generator's) optimizer took
 before. `SIGNALS` ("none" or names joined by commas) is the callback's
 `preemption_signals` (default: its own). At the end it writes
 `OUT/final.weights.h5` and `OUT/result.json` (the history and the
-callbacks' state). With `NOTICE_IN_BACKUP=EPOCH` in the environment, the
-job sends itself SIGTERM while the backup of that epoch's end is being
-written (its temporary file complete, not yet in place). With
+callbacks' state); Keras' `CSVLogger` appends each epoch's logs to
+`OUT/history.csv`, over the runs of one OUT. With
+`NOTICE_IN_BACKUP=EPOCH` in the environment, the job sends itself
+SIGTERM while the backup of that epoch's end is being written (its
+temporary file complete, not yet in place). With
 `SECOND=SIGNAL`, it sends itself that signal while the backup of a
 notice is being written (a second notice, or Ctrl-C for SIGINT).
+`PATIENCE=N` sets EarlyStopping's patience (default 1: the runs stop
+after epoch 1; with 8 they train all 8 epochs).
 """
 
 import json
@@ -85,7 +89,10 @@ def main(argv):
     model, x, y = build(kind, n_critic=2, dropout=0.1)
     monitor = "g_loss" if kind == "gan" else "loss"
     stopping = keras.callbacks.EarlyStopping(
-        monitor=monitor, mode="min", patience=1, restore_best_weights=True
+        monitor=monitor,
+        mode="min",
+        patience=int(os.environ.get("PATIENCE", "1")),
+        restore_best_weights=True,
     )
     checkpoint = fitcustom.ModelCheckpoint(
         os.path.join(out, "best.keras"),
@@ -101,6 +108,9 @@ def main(argv):
         verbose=0,
         callbacks=[
             position,
+            keras.callbacks.CSVLogger(
+                os.path.join(out, "history.csv"), append=True
+            ),
             backup,
             stopping,
             checkpoint,
