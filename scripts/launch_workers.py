@@ -71,7 +71,13 @@ GRACE = 60.0
 
 
 def launch(
-    command, workers=2, timeout=600.0, env=None, output=None, grace=GRACE
+    command,
+    workers=2,
+    timeout=600.0,
+    env=None,
+    output=None,
+    grace=GRACE,
+    spawn=None,
 ):
     """Runs `command` (argv list) as `workers` local workers.
 
@@ -85,6 +91,10 @@ def launch(
         grace: Seconds the other workers get to finish after one exits
             with a notice status (`NOTICE_STATUSES`), before they are
             killed.
+        spawn: Starts one worker: `spawn(command, env)` returns an object
+            that behaves as the `subprocess.Popen` the default makes (a
+            process leading its own session, stdout a text pipe with
+            stderr merged into it; `poll`, `wait`, `pid`, `returncode`).
 
     Returns:
         The list of worker exit codes (all 0 on success).
@@ -103,14 +113,7 @@ def launch(
         for index in range(workers):
             worker_env = dict(os.environ, **(env or {}))
             worker_env["TF_CONFIG"] = tf_config(ports, index)
-            proc = subprocess.Popen(
-                command,
-                env=worker_env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                start_new_session=True,
-            )
+            proc = (spawn or _popen)(command, worker_env)
             procs.append(proc)
             pump = threading.Thread(
                 target=_pump,
@@ -144,6 +147,17 @@ def launch(
         for pump in pumps:
             pump.join(timeout=5)
     return [p.returncode for p in procs]
+
+
+def _popen(command, env):
+    return subprocess.Popen(
+        command,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _forward_signals(procs):

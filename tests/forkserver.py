@@ -34,7 +34,10 @@ import traceback
 #: Environment variables read at import (by TensorFlow, Keras, Python):
 #: a command whose values differ from the server's runs unforked.
 _IMPORT_TIME = ("TF_", "KERAS_", "XLA_", "CUDA_", "OMP_", "MKL_", "PYTHON")
-_SKIP_COMPARE = {"PYTHONPATH"}  # added to the child's sys.path instead
+_SKIP_COMPARE = {
+    "PYTHONPATH",  # added to the child's sys.path instead
+    "TF_CONFIG",  # read when a strategy is made, not at import
+}
 
 _server = None
 _lock = threading.Lock()

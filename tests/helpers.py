@@ -80,6 +80,31 @@ MODES = {
 }
 
 
+def spawn_worker(command, env):
+    """`launch_workers.launch(spawn=...)` for the tests: a worker running
+    a program of ours is forked from the fork server (see forkserver.py),
+    in its own session, its stderr merged into its stdout."""
+    command = [str(a) for a in command]
+    if command[0] == sys.executable and command[1].endswith(".py"):
+        environment = dict(env)
+        environment["PYTHONPATH"] = os.pathsep.join(
+            [str(ROOT), environment.get("PYTHONPATH", "")]
+        )
+        forked = forkserver.spawn(
+            command[1:], None, environment, merge_stderr=True
+        )
+        if forked is not None:
+            return forked
+    return subprocess.Popen(
+        command,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
 def start(command, cwd=None, merge_stderr=False, **env):
     """Starts `command` (a list; a leading "python" is this Python) in
     its own process group (so that only it is killed), with TensorFlow's

@@ -3,6 +3,7 @@
 signals, a fresh TensorFlow), so the tests that run programs in fresh
 processes test what a user's command does."""
 
+import os
 import signal
 import subprocess
 import sys
@@ -85,3 +86,19 @@ def test_other_import_time_variables_start_python(program, tmp_path):
     proc = start(["python", program, "0"], TF_ENABLE_ONEDNN_OPTS="0")
     assert not isinstance(proc, forkserver.ForkedProcess)
     assert finish(proc, timeout=120)[0] == 0
+
+
+def test_a_worker_of_the_launcher_is_forked_with_its_tf_config(tmp_path):
+    """TF_CONFIG is read when a strategy is made, not at import: a
+    launcher's worker (`helpers.spawn_worker`) is forked and sees its own
+    TF_CONFIG."""
+    from helpers import spawn_worker
+
+    path = tmp_path / "worker.py"
+    path.write_text("import os\nprint(os.environ['TF_CONFIG'], flush=True)\n")
+    proc = spawn_worker(
+        [sys.executable, str(path)], dict(os.environ, TF_CONFIG='{"x": 1}')
+    )
+    assert isinstance(proc, forkserver.ForkedProcess)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and out.strip() == '{"x": 1}'

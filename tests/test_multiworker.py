@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from helpers import assert_history_close
 from helpers import assert_weights_close
+from helpers import spawn_worker
 
 from scripts import launch_workers
 
@@ -35,6 +36,7 @@ def test_two_workers_train_what_one_process_trains(tmp_path, monkeypatch, kind):
     log = io.StringIO()
     codes = launch_workers.launch(
         [sys.executable, str(JOB), str(tmp_path), kind],
+        spawn=spawn_worker,
         workers=2,
         timeout=300,
         env={"TF_CPP_MIN_LOG_LEVEL": "3"},
@@ -79,7 +81,10 @@ def test_failing_worker_stops_the_cluster(tmp_path):
     )
     log = io.StringIO()
     codes = launch_workers.launch(
-        [sys.executable, str(script)], workers=2, timeout=60, output=log
+        [sys.executable, str(script)],
+        workers=2,
+        timeout=60,
+        output=log,
     )
     assert codes[1] == 3 and codes[0] != 0  # the sleeper was killed
 

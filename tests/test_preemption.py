@@ -19,6 +19,7 @@ from helpers import assert_weights_close
 from helpers import finish
 from helpers import h5_arrays
 from helpers import signal_at
+from helpers import spawn_worker
 from helpers import start
 
 import fitcustom
@@ -302,6 +303,7 @@ def _launch(out, backup, env=None):
     log = io.StringIO()
     codes = launch_workers.launch(
         [sys.executable, str(MULTIWORKER_JOB), str(out), backup],
+        spawn=spawn_worker,
         workers=2,
         timeout=300,
         env={"TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})},

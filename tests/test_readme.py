@@ -1,11 +1,11 @@
 """Every Python snippet in README.md runs, in order, as a reader would."""
 
-import os
 import pathlib
 import re
-import subprocess
-import sys
 import textwrap
+
+from helpers import finish
+from helpers import start
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 
@@ -23,23 +23,16 @@ def test_readme_python_snippets_run(tmp_path):
         f"print('--- README block {i}', flush=True)\n{block}"
         for i, block in enumerate(blocks)
     )
-    # The digits feature extractor is kept under KERAS_HOME: here, not in
+    # A fresh process (forked from one that has imported TensorFlow, see
+    # forkserver.py), in a folder of its own; the digits feature extractor
+    # is kept under the test run's KERAS_HOME (tests/conftest.py), not in
     # the user's ~/.keras.
-    env = dict(
-        os.environ, TF_CPP_MIN_LOG_LEVEL="3", KERAS_HOME=str(tmp_path / "kh")
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    last = [ln for ln in proc.stdout.splitlines() if ln.startswith("---")]
-    assert proc.returncode == 0, (
-        f"README failed after {last[-1] if last else 'start'}:\n"
-        f"{proc.stderr[-3000:]}"
+    program = tmp_path / "readme_blocks.py"
+    program.write_text(script)
+    code, out, err = finish(start(["python", program], cwd=tmp_path), 600)
+    last = [ln for ln in out.splitlines() if ln.startswith("---")]
+    assert code == 0, (
+        f"README failed after {last[-1] if last else 'start'}:\n{err[-3000:]}"
     )
     assert len(last) == len(blocks)
 
