@@ -445,8 +445,8 @@ class GANQuality(keras.callbacks.Callback):
                             discriminator=discriminator, latent_dim=16)
     gan.compile(d_optimizer=keras.optimizers.Adam(2e-4, beta_1=0.5),
                 g_optimizer=keras.optimizers.Adam(2e-4, beta_1=0.5))
-    # Default cache: ~/.keras/fitcustom; here a folder of our own.
-    extractor = quality.digits_extractor(cache_dir="models")
+    # Trained once, then read from ~/.keras/fitcustom (or cache_dir=).
+    extractor = quality.digits_extractor()
     scores = quality.GANQuality(x_test * 2 - 1, extractor=extractor,
                                 every=2, verbose=0)
     history = gan.fit(x_train[:256] * 2 - 1, batch_size=64, epochs=2,
