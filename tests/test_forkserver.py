@@ -96,9 +96,10 @@ def test_a_worker_of_the_launcher_is_forked_with_its_tf_config(tmp_path):
 
     path = tmp_path / "worker.py"
     path.write_text("import os\nprint(os.environ['TF_CONFIG'], flush=True)\n")
-    proc = spawn_worker(
-        [sys.executable, str(path)], dict(os.environ, TF_CONFIG='{"x": 1}')
-    )
+    # As the launches of the tests: their TF_CPP_MIN_LOG_LEVEL is the one
+    # of helpers.start (read at import, compared).
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TF_CONFIG='{"x": 1}')
+    proc = spawn_worker([sys.executable, str(path)], env)
     assert isinstance(proc, forkserver.ForkedProcess)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0 and out.strip() == '{"x": 1}'

@@ -316,14 +316,24 @@ def _launch(out, backup, env=None):
 def test_notices_and_a_kill_during_a_two_worker_run_resume_exactly(
     tmp_path, one_process
 ):
-    # First a notice that reaches worker 0 only: worker 1 learns of it at
-    # the next batch's agreement, and both save after the same batch (one
-    # backup directory for both).
-    codes, log = _launch(tmp_path, "shared", {"NOTICE": "0:0:2:SIGTERM"})
+    # First a notice that reaches worker 1 only, after a random batch of
+    # epoch 0: worker 0 learns of it at the next batch's agreement, and
+    # both save after the same batch (one backup directory for both).
+    batches = 4  # 64 samples, global batches of 16
+    noticed = int(np.random.default_rng(262).integers(0, batches - 1))
+    notice = {"NOTICE": f"1:0:{noticed}:SIGTERM"}
+    codes, log = _launch(tmp_path, "shared", notice)
     assert codes == [143, 143], log[-4000:]
     assert log.count("SIGTERM received") == 2, log[-4000:]
     backup = tmp_path / "backup"
-    assert fitcustom.BackupAndRestore.progress(backup) == (0, 3), log[-4000:]
+    epochs, done = fitcustom.BackupAndRestore.progress(backup)
+    # Saved after the noticed batch, or the next one (when the notice came
+    # after this batch's agreement).
+    assert epochs * batches + done - 1 in (noticed, noticed + 1), (
+        (epochs, done),
+        noticed,
+        log[-4000:],
+    )
     # The same command, through the launcher's command line; a SIGTERM to
     # the launcher alone is passed on to both workers, and the launcher
     # exits with their status.
