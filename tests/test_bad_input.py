@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 import fitcustom
+from fitcustom import checks
 
 N = 32
 
@@ -297,6 +298,64 @@ def test_class_ids_out_of_range_in_a_dataset_stop_before_their_update(
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match=rf"label {bad} "):
         model.evaluate(_dataset(labels), verbose=0)
+
+
+def _two_heads(list_outputs=False):
+    """Class ids for two outputs of 3 and 5 classes, a loss each."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((5,))
+    h = keras.layers.Dense(8)(inputs)
+    kind = keras.layers.Dense(3, name="kind")(h)
+    size = keras.layers.Dense(5, name="size")(h)
+    sparse = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    if list_outputs:
+        model = fitcustom.TapeModel(inputs, [kind, size])
+        loss = [sparse, "sparse_categorical_crossentropy"]
+    else:
+        model = fitcustom.TapeModel(inputs, {"kind": kind, "size": size})
+        loss = {"kind": sparse, "size": "sparse_categorical_crossentropy"}
+    model.compile(optimizer="sgd", loss=loss)
+    return model
+
+
+@pytest.mark.parametrize("list_outputs", [False, True], ids=["dict", "list"])
+def test_class_ids_of_each_output_are_checked_before_the_update(list_outputs):
+    """Each output's labels against its own width, by the engine's check
+    (TensorFlow's cross-entropy also fails on a CPU, after its own
+    fashion; on a GPU it gives NaN)."""
+    x, _ = _data()
+    kinds = (np.arange(32) % 3).astype("int32")
+    sizes = (np.arange(32) % 5).astype("int32")
+    sizes[20] = 7  # the second batch's
+
+    def dataset(n):
+        y = [kinds[:n], sizes[:n]]
+        y = tuple(y) if list_outputs else {"kind": y[0], "size": y[1]}
+        return tf.data.Dataset.from_tensor_slices((x[:n], y)).batch(16)
+
+    model = _two_heads(list_outputs)
+    with pytest.raises(
+        ValueError, match=r"class id outside \[0, 5\).*label 7 "
+    ):
+        model.fit(dataset(32), epochs=1, verbose=0)
+    reference = _two_heads(list_outputs)
+    reference.fit(dataset(16), epochs=1, verbose=0)
+    for a, b in zip(reference.get_weights(), model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # The engine's own check (what guards a GPU, where the cross-entropy
+    # gives NaN): the bad id of the second output stops it, the control
+    # passes.
+    y_pred = model(x[:2])
+    for ids, ok in (([4, 0], True), ([4, 7], False)):
+        y = {"kind": tf.constant([0, 2]), "size": tf.constant(ids)}
+        if list_outputs:
+            y = [y["kind"], y["size"]]
+        if ok:
+            assert model.check_class_ids(y, y_pred, ["g"]) == ["g"]
+            continue
+        with pytest.raises(tf.errors.InvalidArgumentError) as e:
+            model.check_class_ids(y, y_pred, ["g"])
+        assert checks.CLASS_ID_MARKER in str(e.value)
 
 
 def test_class_ids_from_a_generator_are_checked():

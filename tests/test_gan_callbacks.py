@@ -66,6 +66,53 @@ def test_grids_at_chosen_epochs_with_the_file_pattern(tmp_path):
     ]
 
 
+def _summaries(folder):
+    """`(tag, step, image)` of the image summaries in a log folder."""
+    import tensorflow as tf
+
+    found = []
+    for name in sorted(os.listdir(folder)):
+        for event in tf.compat.v1.train.summary_iterator(str(folder / name)):
+            for value in event.summary.value:
+                encoded = tf.make_ndarray(value.tensor)[2]  # w, h, png
+                image = tf.io.decode_png(encoded).numpy()
+                found.append((value.tag, event.step, image))
+    return found
+
+
+def test_grids_go_to_tensorboard_when_the_fit_has_it(tmp_path):
+    gan = _gan()
+    grid = fitcustom.SampleGrid(tmp_path / "grids", n=6, seed=3)
+    board = keras.callbacks.TensorBoard(str(tmp_path / "logs"))
+    gan.fit(
+        real_images(32),
+        batch_size=16,
+        epochs=2,
+        verbose=0,
+        callbacks=[board, grid],
+    )
+    found = _summaries(tmp_path / "logs" / "samples")
+    assert [(tag, step) for tag, step, _ in found] == [
+        ("samples", 0),
+        ("samples", 1),
+    ]
+    # The last grid: the samples of generate(6, seed=3), 3 columns of
+    # 8x8 images in 2 rows, on the PNG's grey scale.
+    image = found[-1][2]
+    assert image.shape == (2 * 8, 3 * 8, 1)
+    samples = np.asarray(gan.generate(6, seed=3))[..., 0]
+    expected = np.clip((samples + 1.0) / 2.0, 0.0, 1.0)
+    np.testing.assert_allclose(
+        image[0:8, 8:16, 0] / 255.0, expected[1], atol=2 / 255
+    )
+    assert image[8:16, 0:8].any() and len(found) == len(grid.written)
+    # Control: without TensorBoard in the fit, no log folder is made.
+    plain = fitcustom.SampleGrid(tmp_path / "plain", n=4)
+    gan.fit(real_images(16), epochs=1, verbose=0, callbacks=[plain])
+    assert not (tmp_path / "plain" / "samples").exists()
+    assert sorted(os.listdir(tmp_path / "logs")) == ["samples", "train"]
+
+
 def test_grids_of_different_epochs_are_comparable(tmp_path):
     """Same latent points and grey scale at every epoch: a GAN that does
     not learn (learning rate 0, no BatchNorm statistics) draws the same

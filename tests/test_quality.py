@@ -327,6 +327,47 @@ def test_scores_reach_history_csv_and_early_stopping(
     assert len(fids) == 1 and len(extractions) == 1
 
 
+def _epoch_lines(text):
+    return [line for line in text.splitlines() if " - d_loss: " in line]
+
+
+def test_the_epoch_line_shows_scores_where_computed_and_baselines_once(
+    extractor, digits, capsys
+):
+    """The progress bar's epoch line (verbose=2: one line an epoch) shows
+    the scores of the epochs that computed them and the real-vs-real
+    baselines on the first epoch only; History keeps every value, every
+    epoch. Keras' own progress bar, passed explicitly, shows them all
+    (the control)."""
+    x_train, x_test = digits
+    lines = {}
+    for kind in ("default", "keras"):
+        gan = make_gan()
+        scores = quality.GANQuality(
+            x_test[:64], extractor=extractor, every=5, verbose=0
+        )
+        extra = [keras.callbacks.ProgbarLogger()] if kind == "keras" else []
+        capsys.readouterr()
+        history = gan.fit(
+            x_train[:64],
+            batch_size=32,
+            epochs=3,
+            verbose=2,
+            callbacks=[scores, *extra],
+        ).history
+        lines[kind] = _epoch_lines(capsys.readouterr().out)
+        assert len(lines[kind]) == 3, lines[kind]
+        assert np.isnan(history["kid"][1]) and np.isfinite(history["fid"][2])
+        assert history["kid_real"] == [scores.baseline["kid"]] * 3
+    first, unscored, last = lines["default"]
+    assert " - kid: " in first and " - kid_real: " in first
+    assert " - kid" not in unscored and " - fid" not in unscored
+    assert " - fid: " in last and "_real" not in last
+    # Keras' progress bar: the NaN and the baselines on every line.
+    assert all(" - kid_real: " in line for line in lines["keras"])
+    assert " - kid: nan" in lines["keras"][1]
+
+
 def test_two_replicas_score_what_one_device_scores(
     two_replicas, extractor, digits
 ):

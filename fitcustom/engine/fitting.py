@@ -190,6 +190,17 @@ class FitMixin(_compat.BuildHook):
             # (A ready-made CallbackList is the caller's to fill.)
             # First, so that checkpoints see the restored weights.
             callbacks = [_StopOnNonFinite()] + list(callbacks or [])
+        if (
+            verbose != 0
+            and not isinstance(callbacks, keras.callbacks.CallbackList)
+            and not any(
+                isinstance(c, keras.callbacks.ProgbarLogger)
+                for c in callbacks or []
+            )
+        ):
+            # Keras' progress bar, its epoch line without the values that
+            # callbacks mark as sparse or constant (`_EpochLine`).
+            callbacks = list(callbacks or []) + [_EpochLine()]
         # Seen by fitcustom.BackupAndRestore, which keeps the state of the
         # callbacks beside it (EarlyStopping's wait and best) in a backup.
         self.__dict__["_fit_callbacks"] = list(
@@ -441,6 +452,46 @@ def _clear_step_errors(model, method):
             f"{width - 1}. Fix the labels (1-based ids need `y - 1`), or "
             f"give the output layer {max(label + 1, width)} units."
         ) from None
+
+
+class _EpochLine(keras.callbacks.ProgbarLogger):
+    """Keras' progress bar (what `fit()` shows by default), whose epoch
+    line leaves out what the fit's callbacks mark in an `epoch_line`
+    attribute, `{log name: "when_computed" | "first_epoch"}`: a value
+    computed on some epochs only (NaN on the others, as `GANQuality`'s
+    scores), shown where it was computed, and a constant (its
+    real-vs-real baselines), shown on the fit's first epoch. History,
+    CSVLogger and TensorBoard still get every value."""
+
+    # As the progress bar Keras adds itself, it does not keep Keras from
+    # dispatching batch ends asynchronously (on the backends that do).
+    async_safe = True
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        self._first = True
+
+    def on_epoch_end(self, epoch, logs=None):
+        marks = {}
+        for callback in self.model.__dict__.get("_fit_callbacks", ()):
+            marks.update(getattr(callback, "epoch_line", None) or {})
+        shown = {}
+        for key, value in (logs or {}).items():
+            mark = marks.get(key)
+            if mark == "first_epoch" and not self._first:
+                continue
+            if mark == "when_computed" and _is_nan(value):
+                continue
+            shown[key] = value
+        self._first = False
+        super().on_epoch_end(epoch, shown)
+
+
+def _is_nan(value):
+    try:
+        return bool(np.isnan(np.asarray(value, np.float64)))
+    except (TypeError, ValueError):
+        return False
 
 
 class _StopOnNonFinite(keras.callbacks.Callback):

@@ -171,8 +171,9 @@ class StepPieces:
 
         For a sparse cross-entropy (`"sparse_categorical_crossentropy"`,
         `keras.losses.SparseCategoricalCrossentropy`, a `TapeClassifier`
-        given class ids) with one output of `k > 1` classes: every label
-        must be in `[0, k)` (or the loss's `ignore_class`). A step with
+        given class ids) of an output of `k > 1` classes (each output of
+        a dict or list of losses on its own): every label must be in
+        `[0, k)` (or the loss's `ignore_class`). A step with
         another label fails before its update, and `fit()` /
         `evaluate()` raise a `ValueError` naming the label and `k`. On a
         CPU TensorFlow's cross-entropy fails on such labels too, inside
@@ -189,27 +190,31 @@ class StepPieces:
             `grads`, computed only once the check has passed (in a traced
             step nothing else orders the check before the update).
         """
-        width = _class_id_width(self.loss, y, y_pred)
-        if width is None:
+        found = []
+        for loss, y_k, y_pred_k in _per_output(self.loss, y, y_pred):
+            width = _class_id_width(loss, y_k, y_pred_k)
+            if width is None:
+                continue
+            ids = tf.cast(y_k, tf.int64)
+            bad = tf.logical_or(ids < 0, ids >= width)
+            ignore = getattr(loss, "ignore_class", None)
+            if ignore is not None:
+                bad = tf.logical_and(bad, tf.not_equal(ids, int(ignore)))
+            shown = tf.where(bad, ids, tf.zeros_like(ids))
+            check = tf.debugging.Assert(
+                tf.logical_not(tf.reduce_any(bad)),
+                [
+                    checks.CLASS_ID_MARKER,
+                    tf.reduce_min(shown),
+                    tf.reduce_max(shown),
+                    tf.constant(width, tf.int64),
+                ],
+            )
+            if check is not None:  # None when it ran eagerly and passed
+                found.append(check)
+        if grads is None or not found:
             return grads
-        ids = tf.cast(y, tf.int64)
-        bad = tf.logical_or(ids < 0, ids >= width)
-        ignore = getattr(self.loss, "ignore_class", None)
-        if ignore is not None:
-            bad = tf.logical_and(bad, tf.not_equal(ids, int(ignore)))
-        shown = tf.where(bad, ids, tf.zeros_like(ids))
-        check = tf.debugging.Assert(
-            tf.logical_not(tf.reduce_any(bad)),
-            [
-                checks.CLASS_ID_MARKER,
-                tf.reduce_min(shown),
-                tf.reduce_max(shown),
-                tf.constant(width, tf.int64),
-            ],
-        )
-        if grads is None:
-            return None
-        with tf.control_dependencies([check] if check is not None else []):
+        with tf.control_dependencies(found):
             return [None if g is None else tf.identity(g) for g in grads]
 
     def count_nonfinite(self, verdicts):
@@ -586,6 +591,29 @@ class StepPieces:
     def predict_step(self, data):
         x, _, _ = self.unpack_data(data)
         return self.forward(x, training=False)
+
+
+def _per_output(loss, y, y_pred):
+    """`(loss, y, y_pred)` of each output that has a loss of its own: a
+    dict of losses keyed like dict targets and outputs, a list aligned
+    with lists of them, or the one loss of one output."""
+    if isinstance(loss, dict):
+        if isinstance(y, dict) and isinstance(y_pred, dict):
+            return [
+                (loss[k], y[k], y_pred[k])
+                for k in loss
+                if k in y and k in y_pred and loss[k] is not None
+            ]
+        return []
+    if isinstance(loss, (list, tuple)):
+        if (
+            isinstance(y, (list, tuple))
+            and isinstance(y_pred, (list, tuple))
+            and len(loss) == len(y) == len(y_pred)
+        ):
+            return [t for t in zip(loss, y, y_pred) if t[0] is not None]
+        return []
+    return [(loss, y, y_pred)]
 
 
 def _class_id_width(loss, y, y_pred):

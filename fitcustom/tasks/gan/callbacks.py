@@ -19,7 +19,10 @@ class SampleGrid(keras.callbacks.Callback):
     the latent space, in the same cells, on the same grey scale, and can be
     compared. Uses the EMA generator when the GAN has one. Drawn with
     matplotlib's Agg canvas directly: the global matplotlib backend (e.g.
-    a notebook's) is left alone.
+    a notebook's) is left alone. When the same `fit()` has a
+    `keras.callbacks.TensorBoard`, each grid also goes to its log
+    directory (`LOG_DIR/samples`, tag "samples", the step the epoch's
+    other summaries have), and shows in TensorBoard's images tab.
 
     Args:
         output_dir: Folder for the PNG files (created if missing).
@@ -148,6 +151,56 @@ class SampleGrid(keras.callbacks.Callback):
         path = os.path.join(self.output_dir, self.filename.format(epoch=epoch))
         save_grid(images, path, self.value_range, title=f"after epoch {epoch}")
         self.written.append(path)
+        self._to_tensorboard(images, epoch - 1)
+
+    def _to_tensorboard(self, images, step):
+        """The grid as an image summary in the run's TensorBoard log
+        directory, if the `fit()` has a TensorBoard callback."""
+        board = next(
+            (
+                c
+                for c in self.model.__dict__.get("_fit_callbacks", ())
+                if isinstance(c, keras.callbacks.TensorBoard)
+            ),
+            None,
+        )
+        if board is None:
+            return
+        import tensorflow as tf
+
+        if getattr(self, "_writer", None) is None:
+            self._writer = tf.summary.create_file_writer(
+                os.path.join(board.log_dir, "samples")
+            )
+        grid = tile(images, self.value_range)
+        with self._writer.as_default():
+            tf.summary.image("samples", grid[None], step=step)
+        self._writer.flush()
+
+    def on_train_end(self, logs=None):
+        writer = getattr(self, "_writer", None)
+        if writer is not None:
+            writer.close()
+            self._writer = None
+
+
+def tile(images, value_range=(-1.0, 1.0)):
+    """Images `(N, H, W)` or `(N, H, W, C)` as one grid image `(rows * H,
+    cols * W, C)` in [0, 1], the cells in the order of `save_grid`'s (the
+    empty ones black)."""
+    images = np.asarray(images, np.float32)
+    if images.ndim == 3:
+        images = images[..., None]
+    low, high = value_range
+    images = np.clip((images - low) / (high - low), 0.0, 1.0)
+    n, h, w, c = images.shape
+    cols = int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    grid = np.zeros((rows * h, cols * w, c), np.float32)
+    for i in range(n):
+        r, k = divmod(i, cols)
+        grid[r * h : (r + 1) * h, k * w : (k + 1) * w] = images[i]
+    return grid
 
 
 def save_grid(images, path, value_range=(-1.0, 1.0), title=None):

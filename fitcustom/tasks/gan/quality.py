@@ -566,6 +566,17 @@ class GANQuality(keras.callbacks.Callback):
     # Keras hooks
     # ------------------------------------------------------------------
 
+    @property
+    def epoch_line(self) -> dict:
+        """What `fit()`'s progress bar shows of this callback's logs: the
+        scores on the epochs that computed them, the baselines on the
+        first epoch (History and CSVLogger get them all, every epoch)."""
+        marks = dict.fromkeys(self.keys, "when_computed")
+        marks.update(
+            dict.fromkeys((f"{k}_real" for k in self.keys), "first_epoch")
+        )
+        return marks
+
     def on_train_begin(self, logs=None):
         self._check_model()
         self._prepare()
