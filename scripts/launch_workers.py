@@ -92,9 +92,8 @@ def launch(
             with a notice status (`NOTICE_STATUSES`), before they are
             killed.
         spawn: Starts one worker: `spawn(command, env)` returns an object
-            that behaves as the `subprocess.Popen` the default makes (a
-            process leading its own session, stdout a text pipe with
-            stderr merged into it; `poll`, `wait`, `pid`, `returncode`).
+            that behaves as the `subprocess.Popen` of `start_worker`, the
+            default (`poll`, `wait`, `pid`, `returncode`, `stdout`).
 
     Returns:
         The list of worker exit codes (all 0 on success).
@@ -113,7 +112,7 @@ def launch(
         for index in range(workers):
             worker_env = dict(os.environ, **(env or {}))
             worker_env["TF_CONFIG"] = tf_config(ports, index)
-            proc = (spawn or _popen)(command, worker_env)
+            proc = (spawn or start_worker)(command, worker_env)
             procs.append(proc)
             pump = threading.Thread(
                 target=_pump,
@@ -149,7 +148,10 @@ def launch(
     return [p.returncode for p in procs]
 
 
-def _popen(command, env):
+def start_worker(command, env):
+    """How `launch` starts a worker by default: `command` with `env`, in
+    a session of its own (so that its process group can be signalled),
+    stdout a text pipe with stderr merged into it."""
     return subprocess.Popen(
         command,
         env=env,

@@ -95,14 +95,9 @@ def spawn_worker(command, env):
         )
         if forked is not None:
             return forked
-    return subprocess.Popen(
-        command,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    from scripts import launch_workers
+
+    return launch_workers.start_worker(command, env)
 
 
 def start(command, cwd=None, merge_stderr=False, **env):

@@ -59,30 +59,15 @@ def _dense_model(cls, **kwargs):
 
 def test_sample_weight_in_minimize_trains_like_builtin_fit():
     x, y, w = regression()
+    fit = dict(sample_weight=w, batch_size=16, epochs=2, shuffle=False)
     builtin = _dense_model(keras.Model)
     builtin.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
-    reference = builtin.fit(
-        x,
-        y,
-        sample_weight=w,
-        batch_size=16,
-        epochs=2,
-        shuffle=False,
-        verbose=0,
-    ).history
+    reference = builtin.fit(x, y, verbose=0, **fit).history
     runs = {}
     for use in (True, False):
         model = _dense_model(WeightedStep, use_weights=use)
         model.compile(optimizer=keras.optimizers.SGD(0.1))
-        logs = model.fit(
-            x,
-            y,
-            sample_weight=w,
-            batch_size=16,
-            epochs=2,
-            shuffle=False,
-            verbose=0,
-        ).history
+        logs = model.fit(x, y, verbose=0, **fit).history
         runs[use] = (model.get_weights(), logs)
     weights, logs = runs[True]
     assert _max_diff(weights, builtin.get_weights()) < 1e-6
