@@ -196,6 +196,25 @@ def markdown(results):
             ]
             lines.append(_md_row(cells))
         lines.append("")
+    costs = [
+        (w, c) for w in results["workloads"] for c in w.get("check_costs", [])
+    ]
+    if costs:
+        lines += [
+            "**The in-step class-id check** (each variant against the same "
+            "variant without the check, paired by round; above 1: the share "
+            "of a step the check costs)",
+            "",
+            "| workload | variant | with / without check, median [min-max] "
+            "| CPU ratio | noise |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for w, c in costs:
+            lines.append(
+                f"| {w['name']} | {c['variant']} | {_fmt_ratio(c['ratio'])} "
+                f"| {c['cpu_ratio']['median']:.3f} | ±{w['noise']:.3f} |"
+            )
+        lines.append("")
     lines += [
         "**Speed claims**",
         "",
@@ -249,6 +268,13 @@ def table(results):
                 + (f"{_fmt_mib(v['device_peak_mib']):>7s} " if memory else "")
                 + f"{eval_loss:>12s} {eval_acc:>5s}  {v['verdict']}"
             )
+    for w in results["workloads"]:
+        for c in w.get("check_costs", []):
+            out.append(
+                f"  {w['name']:10s} class-id check: {c['variant']} / "
+                f"without it {_fmt_ratio(c['ratio'])} cpu "
+                f"{c['cpu_ratio']['median']:.3f}"
+            )
     out.append("")
     out.append("Claims:")
     for w in results["workloads"]:
@@ -282,12 +308,14 @@ _PLAIN = {
 
 def plain_name(name, reference):
     """A variant's name in words, for the chart."""
-    base, _, spe = name.partition("_spe")
+    unchecked = name.endswith("_unchecked")
+    base, _, spe = name.removesuffix("_unchecked").partition("_spe")
     if base == "builtin_fit" and reference != "builtin_fit":
         words = "fit(), hand-written train_step"
     else:
         words = _PLAIN.get(base, base)
-    return f"{words}, {spe} steps per call" if spe else words
+    words = f"{words}, {spe} steps per call" if spe else words
+    return f"{words}, no class-id check" if unchecked else words
 
 
 def chart(results, path):
@@ -355,7 +383,8 @@ def chart(results, path):
         f"({results['rounds']} rounds; 1 = as fast as the reference)"
     )
     fig.tight_layout(rect=(0, 0.05, 1, 1))
-    fig.savefig(path, dpi=100)
+    # "tight": long variant names widen a one-panel figure past its size.
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
 
 

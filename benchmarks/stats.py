@@ -80,6 +80,32 @@ def claim(name, times, against, bound, noise, description, cpu=None):
     }
 
 
+def check_costs(step_times, cpu_step_times, suffix):
+    """What a check costs: for each variant `name + suffix` (the same
+    variant without the check), the paired ratio `name / name + suffix`
+    in wall and CPU time (above 1: the check costs that share of a step).
+
+    Returns:
+        `[{"variant", "ratio", "cpu_ratio"}]`, empty when no variant ends
+        with `suffix`.
+    """
+    out = []
+    for unchecked in step_times:
+        name = unchecked[: -len(suffix)]
+        if not unchecked.endswith(suffix) or name not in step_times:
+            continue
+        out.append(
+            {
+                "variant": name,
+                "ratio": paired_ratio(step_times[name], step_times[unchecked]),
+                "cpu_ratio": paired_ratio(
+                    cpu_step_times[name], cpu_step_times[unchecked]
+                ),
+            }
+        )
+    return out
+
+
 def workload_claims(step_times, noise, spe, is_gan, cpu_step_times=None):
     """The speed targets for one workload, from per-step times by variant.
 

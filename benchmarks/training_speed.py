@@ -142,6 +142,13 @@ def parse_args(argv):
         "(MNIST / CIFAR-10 from Keras' cache)",
     )
     parser.add_argument(
+        "--class-id-check-cost",
+        action="store_true",
+        help="also run fitcustom's fit() variants without the in-step "
+        "class-id check and report what the check costs (classifier "
+        "workloads)",
+    )
+    parser.add_argument(
         "--check-claims",
         action="store_true",
         help="exit with status 1 if a speed target is missed",
@@ -187,6 +194,7 @@ def parse_args(argv):
         spe=args.steps_per_execution,
         data=args.data,
         check_claims=args.check_claims,
+        check_cost=args.class_id_check_cost,
         output_dir=args.output_dir,
     )
     return settings
@@ -330,16 +338,19 @@ def run_workload(workload, settings, progress, memory):
     from benchmarks import stats
     from benchmarks import variants as variants_lib
 
-    make = (
-        variants_lib.gan_variants
-        if workload.is_gan
-        else variants_lib.classifier_variants
-    )
+    def make():
+        if workload.is_gan:
+            return variants_lib.gan_variants(
+                settings["spe"], settings["eager_factor"]
+            )
+        return variants_lib.classifier_variants(
+            settings["spe"],
+            settings["eager_factor"],
+            check_cost=settings.get("check_cost", False),
+        )
+
     instances = settings.get("instances", 1)
-    builds = [
-        make(settings["spe"], settings["eager_factor"])
-        for _ in range(instances)
-    ]
+    builds = [make() for _ in range(instances)]
     variants = builds[0]
     notes = []
     if workload.is_gan and variants_lib.TapeGAN is None:
@@ -450,6 +461,9 @@ def run_workload(workload, settings, progress, memory):
         "noise": noise,
         "notes": notes,
         "variants": out,
+        "check_costs": stats.check_costs(
+            step_times, cpu_step_times, variants_lib.UNCHECKED
+        ),
         "claims": stats.workload_claims(
             step_times,
             noise,

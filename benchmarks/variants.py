@@ -69,21 +69,37 @@ class Variant:
         raise NotImplementedError
 
 
+def without_class_id_check(cls):
+    """`cls` whose steps skip the in-step class-id check
+    (`TapeModel.check_class_ids`): measures what the check costs."""
+
+    class Unchecked(cls):
+        def check_class_ids(self, y, y_pred, grads=None):
+            return grads
+
+    Unchecked.__name__ = Unchecked.__qualname__ = f"Unchecked{cls.__name__}"
+    return Unchecked
+
+
 class FitVariant(Variant):
     """`model.fit(dataset, epochs=1)` on a functional model of class `cls`
     (`None`: fitcustom's, `TapeClassifier` for a classifier, `TapeModel`
-    for the multi-input workload)."""
+    for the multi-input workload); `checked=False`: fitcustom's without the
+    in-step class-id check."""
 
-    def __init__(self, name, cls=None, steps_per_execution=1):
+    def __init__(self, name, cls=None, steps_per_execution=1, checked=True):
         super().__init__(name)
         self.cls = cls
         self.spe = steps_per_execution
+        self.checked = checked
 
     def setup(self, w):
         super().setup(w)
         cls = self.cls
         if cls is None:
             cls = fitcustom.TapeModel if w.name == MULTI_IO else TapeClassifier
+            if not self.checked:
+                cls = without_class_id_check(cls)
         self.model = w.build_classifier(cls)
         self.model.compile(
             optimizer=_optimizer(),
@@ -411,17 +427,31 @@ def _with_repeat(variants, repeat):
     return variants[:middle] + [repeat] + variants[middle:]
 
 
-def classifier_variants(spe, eager_factor):
+#: The suffix of a variant without the in-step class-id check: its
+#: counterpart without the suffix is the same variant with it.
+UNCHECKED = "_unchecked"
+
+
+def classifier_variants(spe, eager_factor, check_cost=False):
     """The classifier variants, reference first and its repeat in the
-    middle."""
+    middle; with `check_cost`, fitcustom's `fit()` variants also without
+    the in-step class-id check (named with `UNCHECKED`)."""
     reference = FitVariant("builtin_fit", keras.Model)
     reference.reference = True
     out = [reference, FitVariant("fitcustom_fit")]
+    if check_cost:
+        out.append(FitVariant("fitcustom_fit" + UNCHECKED, checked=False))
     if spe > 1:
         out += [
             FitVariant(f"builtin_fit_spe{spe}", keras.Model, spe),
             FitVariant(f"fitcustom_fit_spe{spe}", None, spe),
         ]
+        if check_cost:
+            out.append(
+                FitVariant(
+                    f"fitcustom_fit_spe{spe}{UNCHECKED}", None, spe, False
+                )
+            )
     out += [
         LoopVariant("loop_tf_function"),
         LoopVariant("loop_eager", compiled=False, steps_factor=eager_factor),

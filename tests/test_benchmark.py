@@ -332,3 +332,57 @@ def test_general_paths_measures_paired_rounds():
     times = general_paths.measure("generator", rounds=2, steps=10)
     assert set(times) == {"builtin_fit", "builtin_fit_repeat", "fitcustom_fit"}
     assert all(len(v) == 2 and min(v) > 0 for v in times.values())
+
+
+def test_class_id_check_cost_pairs_each_variant_with_its_unchecked_twin():
+    times = {"a": [2.0, 3.0, 2.0], "a_unchecked": [1.0, 2.0, 2.0], "b": [1.0]}
+    cpu = {k: [2 * t for t in v] for k, v in times.items()}
+    (cost,) = stats.check_costs(times, cpu, "_unchecked")
+    assert cost["variant"] == "a"
+    assert cost["ratio"]["median"] == pytest.approx(1.5)
+    assert cost["ratio"]["max"] == pytest.approx(2.0)
+    assert cost["cpu_ratio"]["median"] == pytest.approx(1.5)
+    assert stats.check_costs({"a": [1.0]}, {"a": [1.0]}, "_unchecked") == []
+    from benchmarks import report
+
+    assert report.plain_name(
+        "fitcustom_fit_spe50_unchecked", "builtin_fit"
+    ) == ("fit() with fitcustom, 50 steps per call, no class-id check")
+
+
+def test_unchecked_variant_differs_only_by_the_class_id_check():
+    """`--class-id-check-cost`'s variants: the same training without the
+    check (same loss), and only the checked one stops a step on a class
+    id out of range."""
+    import numpy as np
+    import tensorflow as tf
+
+    from benchmarks import variants
+    from benchmarks import workloads
+
+    w = workloads.Workload("mlp", steps=2, batch=4, jit_compile=False)
+    made = {v.name: v for v in variants.classifier_variants(2, 0.5, True)}
+    assert {"fitcustom_fit_unchecked", "fitcustom_fit_spe2_unchecked"} <= set(
+        made
+    )
+    losses = {}
+    for name in ("fitcustom_fit", "fitcustom_fit_unchecked"):
+        made[name].setup(w)
+        made[name].run()
+        losses[name] = made[name].train_loss()
+    assert losses["fitcustom_fit"] == pytest.approx(
+        losses["fitcustom_fit_unchecked"], rel=1e-6
+    )
+    y_pred = tf.zeros((2, 10))
+    bad = tf.constant([3, 12])
+    grads = [tf.ones(3)]
+    unchecked = made["fitcustom_fit_unchecked"].model
+    assert unchecked.check_class_ids(bad, y_pred, grads) is grads
+    with pytest.raises(tf.errors.InvalidArgumentError, match="12"):
+        made["fitcustom_fit"].model.check_class_ids(bad, y_pred, grads)
+    np.testing.assert_array_equal(
+        made["fitcustom_fit"].model.check_class_ids(
+            tf.constant([3, 9]), y_pred, grads
+        )[0],
+        grads[0],
+    )
