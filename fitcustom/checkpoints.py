@@ -46,6 +46,7 @@ import contextlib
 import os
 import re
 import shutil
+import typing
 import uuid
 import warnings
 
@@ -250,17 +251,26 @@ _BACKUP_NAME = re.compile(r"^backup-(\d+)-epoch(\d+)-done(\d+)\.weights\.h5$")
 _RESUME_GROUP = "fitcustom_resume"
 
 
+class _Backup(typing.NamedTuple):
+    """A complete backup file: its sequence number, the epoch and the
+    batches of it done, and its path."""
+
+    sequence: int
+    epoch: int
+    done: int
+    path: str
+
+
 def _list_backups(backup_dir):
-    """`(sequence, epoch, done, path)` of every complete backup in
-    `backup_dir`, newest last."""
+    """Every complete backup in `backup_dir` (`_Backup`), newest last."""
     if not os.path.isdir(backup_dir):
         return []
     found = []
     for name in os.listdir(backup_dir):
         match = _BACKUP_NAME.match(name)
         if match:
-            numbers = tuple(int(g) for g in match.groups())
-            found.append((*numbers, os.path.join(backup_dir, name)))
+            numbers = (int(g) for g in match.groups())
+            found.append(_Backup(*numbers, os.path.join(backup_dir, name)))
     return sorted(found)
 
 
@@ -469,7 +479,7 @@ class BackupAndRestore(
             yet, or a finished one).
         """
         backups = _list_backups(backup_dir)
-        return tuple(backups[-1][1:3]) if backups else None
+        return (backups[-1].epoch, backups[-1].done) if backups else None
 
     def _backups(self):
         return _list_backups(self.backup_dir)
@@ -571,7 +581,7 @@ class BackupAndRestore(
         import h5py
 
         old = self._backups()
-        sequence = old[-1][0] + 1 if old else 0
+        sequence = old[-1].sequence + 1 if old else 0
         path = os.path.join(
             self.backup_dir,
             f"backup-{sequence:09d}-epoch{epoch:06d}-done{done:09d}.weights.h5",
@@ -588,9 +598,9 @@ class BackupAndRestore(
                 for i, variable in enumerate(self.model.metrics_variables):
                     group[f"metric_{i}"] = keras.ops.convert_to_numpy(variable)
                 callback_states.write_states(f, self._sibling_callbacks())
-        for *_, stale in old:
+        for stale in old:
             with contextlib.suppress(OSError):
-                os.remove(stale)
+                os.remove(stale.path)
 
     def _load_keras_backup(self):
         """Resumes from a backup of Keras' own callback in the same

@@ -6,6 +6,7 @@ May import: the ground floor, `_keras`, `engine.transforms`,
 `engine.step_context`.
 """
 
+import typing
 import warnings
 from collections.abc import Sequence
 
@@ -104,7 +105,7 @@ class StepPieces:
             with tf.GradientTape() as probe:
                 y_pred = self.forward(x, training=training)
             read = {id(v) for v in probe.watched_variables()}
-            self.__dict__["_forward_weights"] = (
+            self.__dict__["_forward_weights"] = _ForwardWeights(
                 self._weights_key(),
                 [v for v in self.trainable_weights if _reads(v, read)],
             )
@@ -513,10 +514,10 @@ class StepPieces:
         """The weights this training step updates: `trained_weights` of
         what the step's forward pass read."""
         cached = self.__dict__.get("_forward_weights")
-        if cached is None or cached[0] != self._weights_key():
+        if cached is None or cached.key != self._weights_key():
             forward = list(self.trainable_weights)  # no forward pass yet
         else:
-            forward = list(cached[1])
+            forward = list(cached.read)
         return list(self.trained_weights(forward))
 
     def _weights_key(self):
@@ -528,7 +529,7 @@ class StepPieces:
         if tf.inside_function():
             return True
         cached = self.__dict__.get("_forward_weights")
-        return cached is None or cached[0] != self._weights_key()
+        return cached is None or cached.key != self._weights_key()
 
     def _check_untrained(self):
         return tf.inside_function() or not self.__dict__.get(
@@ -614,6 +615,14 @@ def _per_output(loss, y, y_pred):
             return [t for t in zip(loss, y, y_pred) if t[0] is not None]
         return []
     return [(loss, y, y_pred)]
+
+
+class _ForwardWeights(typing.NamedTuple):
+    """The trainable weights a training forward pass read (`read`), for
+    the model's trainable weights of then (`key`: their ids)."""
+
+    key: tuple
+    read: list
 
 
 def _class_id_width(loss, y, y_pred):
