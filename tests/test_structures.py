@@ -556,165 +556,10 @@ def test_targets_not_matching_the_losses_are_refused():
 
 
 # ----------------------------------------------------------------------
-# Keras' own tests of these structures (keras/src/trainers/trainer_test.py,
-# keras/src/models/model_test.py, keras/src/export/saved_model_test.py),
-# rewritten for TapeModel: same models, data and expected numbers.
+# Keras' own export tests (keras/src/export/saved_model_test.py), rewritten
+# for TapeModel: same models and checks. Keras' model, trainer and saving
+# tests run unchanged on fitcustom in test_keras_suite.py.
 # ----------------------------------------------------------------------
-
-
-def _ones_dense(name=None):
-    return keras.layers.Dense(
-        3, use_bias=False, kernel_initializer="ones", name=name
-    )
-
-
-def test_keras_loss_weights_numbers():
-    """trainer_test.py `test_loss_weights`: single, dict and list outputs,
-    with Keras' expected loss history."""
-    x = np.ones((40, 4))
-    zeros = np.zeros((40, 3))
-    fit = dict(batch_size=20, epochs=3, verbose=0)
-    mse = keras.losses.MeanSquaredError
-
-    inputs = keras.Input((4,))
-    model = fitcustom.TapeModel(inputs, _ones_dense()(inputs))
-    model.compile(
-        optimizer=keras.optimizers.SGD(),
-        loss=mse(),
-        metrics=[keras.metrics.MeanSquaredError()],
-        loss_weights=0.2,
-    )
-    history = model.fit(x, zeros, **fit).history
-    np.testing.assert_allclose(
-        history["loss"], [3.182979, 3.115617, 3.049681], atol=1e-3
-    )
-
-    one, two = keras.Input((4,), name="x_one"), keras.Input((4,), name="x_two")
-    model = fitcustom.TapeModel(
-        {"x_one": one, "x_two": two},
-        {
-            "y_one": _ones_dense("y_one")(one),
-            "y_two": _ones_dense("y_two")(two),
-        },
-    )
-    model.compile(
-        optimizer=keras.optimizers.SGD(),
-        loss={"y_one": mse(), "y_two": mse()},
-        metrics={
-            "y_one": keras.metrics.MeanSquaredError(),
-            "y_two": keras.metrics.MeanSquaredError(),
-        },
-        loss_weights={"y_one": 0.1, "y_two": 0.2},
-    )
-    history = model.fit(
-        {"x_one": x, "x_two": x}, {"y_one": zeros, "y_two": zeros}, **fit
-    ).history
-    expected = [4.778718, 4.694403, 4.611693]
-    np.testing.assert_allclose(history["loss"], expected, atol=1e-3)
-
-    inputs = keras.Input((4,))
-    model = fitcustom.TapeModel(
-        inputs, [_ones_dense()(inputs), _ones_dense()(inputs)]
-    )
-    model.compile(
-        optimizer=keras.optimizers.SGD(),
-        loss=[mse(), mse()],
-        metrics=[keras.metrics.MeanSquaredError()] * 2,
-        loss_weights=[0.1, 0.2],
-    )
-    history = model.fit(x, [zeros, zeros], **fit).history
-    np.testing.assert_allclose(history["loss"], expected, atol=1e-3)
-
-
-def test_keras_partial_loss_partial_label():
-    """trainer_test.py `test_partial_loss_partial_label`: outputs without a
-    loss take no label."""
-    inputs = keras.Input((2,))
-    x = keras.layers.Dense(3, kernel_initializer="ones")(inputs)
-    partial = fitcustom.TapeModel(inputs, [x, x, x])
-    partial.compile(loss=["mse", None, None])
-    full = fitcustom.TapeModel(inputs, [x, x, x])
-    full.compile(loss=["mse"] * 3)
-    data, label = np.ones((32, 2)), np.ones((32, 3))
-    partial_logs = partial.evaluate(data, label, verbose=0, return_dict=True)
-    logs = full.evaluate(data, [label] * 3, verbose=0, return_dict=True)
-    np.testing.assert_allclose(partial_logs["loss"] * 3, logs["loss"])
-
-
-def _two_heads():
-    a = keras.Input((3,), name="input_a")
-    h = keras.layers.Dense(4)(a)
-    out_a = keras.layers.Dense(1, name="output_a")(h)
-    out_b = keras.layers.Dense(1, activation="sigmoid", name="output_b")(h)
-    return a, out_a, out_b
-
-
-def test_keras_dict_outputs_history_keys():
-    """model_test.py `test_functional_dict_outputs_dict_losses`."""
-    a, out_a, out_b = _two_heads()
-    model = fitcustom.TapeModel(a, {"output_a": out_a, "output_b": out_b})
-    rng = _rng(7)
-    x = rng.random((8, 3))
-    y1, y2 = rng.random((8, 1)), rng.integers(0, 2, (8, 1))
-    named = {"output_a": ["mean_squared_error"]}
-    named["output_b"] = ["mean_squared_error", "accuracy"]
-    model.compile(
-        optimizer="sgd",
-        loss={"output_a": "mean_squared_error", "output_b": ["bce"]},
-        metrics=named,
-        weighted_metrics=named,
-    )
-    predicted = model.predict(x, verbose=0)
-    assert sorted(predicted) == ["output_a", "output_b"]
-    history = model.fit(
-        x, {"output_a": y1, "output_b": y2}, batch_size=2, verbose=0
-    ).history
-    assert sorted(history) == [
-        "loss",
-        "output_a_loss",
-        "output_a_mean_squared_error",
-        "output_a_weighted_mean_squared_error",
-        "output_b_accuracy",
-        "output_b_loss",
-        "output_b_mean_squared_error",
-        "output_b_weighted_accuracy",
-        "output_b_weighted_mean_squared_error",
-    ]
-
-
-def test_keras_optional_dict_input():
-    """model_test.py `test_functional_optional_inputs` (+ `_generator`)."""
-
-    class AddOptional(keras.layers.Layer):
-        def __init__(self):
-            super().__init__()
-            self.dense = keras.layers.Dense(2)
-
-        def call(self, x, o=None):
-            return self.dense(x if o is None else x + o)
-
-    x = keras.Input((2,), name="x")
-    o = keras.Input((2,), name="o", optional=True)
-    model = fitcustom.TapeModel({"x": x, "o": o}, AddOptional()(x, o))
-    model.compile(optimizer="adam", loss="mse")
-    ones = np.ones((2, 2))
-    for given in (None, ones):
-        data = {"x": ones, "o": given}
-        model.fit(data, ones, verbose=0)
-        model.evaluate(data, ones, verbose=0)
-        assert model.predict(data, verbose=0).shape == (2, 2)
-
-    def generator(with_y=True):
-        for _ in range(4):
-            yield (
-                ({"x": ones, "o": None}, ones)
-                if with_y
-                else ({"x": ones, "o": None},)
-            )
-
-    model.fit(generator(), verbose=0)
-    model.evaluate(generator(), verbose=0)
-    assert model.predict(generator(False), verbose=0).shape == (8, 2)
 
 
 @pytest.mark.parametrize("kind", ["list", "dict"])
@@ -896,3 +741,94 @@ def test_subclassed_dict_outputs_with_a_loss_dict_parity():
     assert_parity(models[0], models[1], histories[0], histories[1])
     # Control: other loss weights train other weights.
     assert max_abs_diff(models[2].get_weights(), models[1].get_weights()) > 1e-3
+
+
+# ----------------------------------------------------------------------
+# Found by Keras' own tests run on fitcustom (test_keras_suite.py)
+# ----------------------------------------------------------------------
+
+
+def _nested_outputs():
+    x = keras.Input((3,), name="x")
+    y1 = keras.layers.Dense(1, name="y1")(x)
+    y2 = keras.layers.Dense(1, name="y2")(x)
+    return x, {"a": (y1, y2), "b": {"b1": y1, "b2": y2}, "d": y2}
+
+
+def test_nested_outputs_with_nested_targets_train_as_keras_does():
+    """Dict targets of a model whose outputs nest (a dict of tuples and
+    dicts) are matched by Keras' structure, not by output names: they
+    were refused as 'not outputs of the model'."""
+    reference, ours = make_pair(_nested_outputs)
+    loss = {"a": ["mse", "mse"], "b": {"b1": "mse", "b2": "mae"}, "d": "mse"}
+    compile_pair((reference, ours), dict(loss=loss))
+    rng = _rng(11)
+    x = rng.normal(size=(32, 3)).astype("float32")
+    y1, y2 = rng.normal(size=(2, 32, 1)).astype("float32")
+    y = {"a": (y1, y2), "b": {"b1": y1, "b2": y2}, "d": y2}
+    h_ref, h_ours = fit_both((reference, ours), x, y)
+    assert_parity(reference, ours, h_ref, h_ours)
+    # Control: other targets train to other weights.
+    other = {"a": (y2, y1), "b": {"b1": y2, "b2": y1}, "d": y1}
+    _, again = make_pair(_nested_outputs)
+    compile_pair((again,), dict(loss=loss))
+    again.fit(x, other, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
+    assert max_abs_diff(again.get_weights(), ours.get_weights()) > 1e-3
+
+
+@keras.saving.register_keras_serializable(package="test_structures")
+class SuperInitBackbone(fitcustom.TapeModel):
+    """Passes its graph to `super().__init__` (its own takes none)."""
+
+    def __init__(self, **kwargs):
+        inputs = keras.Input((3,))
+        hidden = keras.layers.Dense(4, name="encoder")(inputs)
+        super().__init__(inputs, keras.layers.Dense(2)(hidden), **kwargs)
+
+
+def test_subclass_passing_its_graph_to_super_init_is_functional(tmp_path):
+    """Keras' pattern `super().__init__(inputs, outputs)` in a subclass
+    that is called without them: it failed inside Keras' Functional
+    (`super(type, obj)`). It trains as keras.Model does, saves, loads and
+    pickles."""
+    import pickle
+
+    from keras.src.models.functional import Functional
+
+    keras.utils.set_random_seed(0)
+    ours = SuperInitBackbone()
+    assert isinstance(ours, Functional) and isinstance(ours, SuperInitBackbone)
+    reference = keras.Model(ours.inputs, ours.outputs)
+    reference = keras.models.clone_model(reference)
+    reference.set_weights(ours.get_weights())
+    compile_pair((reference, ours), dict(loss="mse"))
+    rng = _rng(12)
+    x = rng.normal(size=(32, 3)).astype("float32")
+    y = rng.normal(size=(32, 2)).astype("float32")
+    h_ref, h_ours = fit_both((reference, ours), x, y)
+    assert_parity(reference, ours, h_ref, h_ours)
+    path = tmp_path / "backbone.keras"
+    ours.save(path)
+    loaded = keras.saving.load_model(path)  # a registered class
+    assert type(loaded).__name__ == "SuperInitBackbone"
+    np.testing.assert_allclose(
+        loaded.predict(x, verbose=0), ours.predict(x, verbose=0), atol=1e-6
+    )
+    copied = pickle.loads(pickle.dumps(ours))
+    np.testing.assert_allclose(
+        copied.predict(x, verbose=0), ours.predict(x, verbose=0), atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("suffix", [".h5", ".hdf5"])
+def test_legacy_hdf5_save_is_refused_before_writing(tmp_path, suffix):
+    """Keras' legacy HDF5 file of a fitcustom model does not load back
+    ("Unknown layer: 'TapeModel'"): refused, naming the formats that do."""
+    inputs = keras.Input((3,))
+    model = fitcustom.TapeModel(inputs, keras.layers.Dense(2)(inputs))
+    path = tmp_path / f"model{suffix}"
+    with pytest.raises(ValueError, match=r"model\.keras.*model\.weights\.h5"):
+        model.save(path)
+    assert not path.exists()
+    model.save(tmp_path / "model.keras")  # the format that loads back
+    model.save_weights(tmp_path / "model.weights.h5")

@@ -157,6 +157,12 @@ def init_functional(model, inputs, outputs, **kwargs):
     from keras.src.models.functional import Functional
     from keras.src.models.model import Trainer
 
+    if not isinstance(model, Functional):
+        # A subclass whose own __init__ takes no inputs and outputs but
+        # passes them to super().__init__: made as `cls`, it becomes the
+        # functional variant here (Keras injects Functional into the
+        # class's bases instead).
+        object.__setattr__(model, "__class__", functional_class(type(model)))
     Trainer.__init__(model)
     Functional.__init__(model, inputs, outputs, **kwargs)
 

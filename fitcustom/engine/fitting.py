@@ -315,12 +315,31 @@ class FitMixin(_compat.BuildHook):
             checks.check_input_structure(x, expected, name)
             self._check_input_shapes(x, "x")
         targeted = self._targeted_outputs()
-        # A subclassed model names its outputs only once called.
-        outputs = getattr(self, "output_names", None)
+        outputs = self._flat_output_names(graph)
         if targeted is not None and outputs:
             checks.check_target_structure(
                 x if y is None else y, outputs, targeted, name
             )
+
+    def _flat_output_names(self, graph):
+        """The names a dict of targets is keyed by: the output names of a
+        model whose outputs are tensors side by side, or `None` for
+        nested outputs (`{"a": (y1, y2), ...}`: Keras matches a nested
+        structure of targets and losses, left to it) and a subclassed
+        model not called yet (it names its outputs only then)."""
+        struct = None
+        if graph is not None:
+            try:
+                struct = graph.output
+            except (AttributeError, ValueError):
+                struct = None
+        if isinstance(struct, dict):
+            struct = list(struct.values())
+        if isinstance(struct, (list, tuple)) and any(
+            isinstance(s, (dict, list, tuple)) for s in struct
+        ):
+            return None
+        return getattr(self, "output_names", None)
 
     def _check_input_shapes(self, x, what):
         """Refuses arrays whose sample shape is not the (functional)

@@ -127,14 +127,19 @@ class TapeModel(CompileMixin, FitMixin, StepPieces, CustomSteps, keras.Model):
         else:
             super().__init__(*args, **kwargs)
         self.network = network
+        self.init_engine_state()
+        if network is not None and network.built:
+            self.built = True
+
+    def init_engine_state(self):
+        """Creates the engine's own state (its trackers and compile
+        settings); `__init__` calls it."""
         self._gradient_norm_tracker = keras.metrics.Mean(name="gradient_norm")
         self._nonfinite_tracker = keras.metrics.Sum(name="nonfinite_steps")
         self._gradient_transforms = ()
         self._log_gradient_norm = False
         self._skip_nonfinite = False
         self._loss_term_trackers = {}
-        if network is not None and network.built:
-            self.built = True
 
     def _graph_model(self):
         """The functional graph behind this model, or `None`.
@@ -260,8 +265,21 @@ class TapeModel(CompileMixin, FitMixin, StepPieces, CustomSteps, keras.Model):
         """Saves the model as a `.keras` file; see `keras.Model.save`.
 
         Written atomically (`fitcustom.checkpoints.save_model`): a kill or
-        a full disk during the save leaves the previous file intact.
+        a full disk during the save leaves the previous file intact. The
+        legacy HDF5 format (`.h5`) is refused: Keras would write a file
+        that does not load back as this class.
         """
+        path = str(filepath)
+        if path.lower().endswith((".h5", ".hdf5")):
+            stem = path.rsplit(".", 1)[0]
+            raise ValueError(
+                f"{type(self).__name__} saves in the .keras format. "
+                f"Received: filepath={path!r}, Keras' legacy HDF5 format, "
+                "whose files do not load back as a fitcustom model. Save "
+                f"to {stem + '.keras'!r} (keras.saving.load_model reads it "
+                "back with its optimizer state), or only the weights with "
+                f"save_weights({stem + '.weights.h5'!r})."
+            )
         checkpoints.save_model(self, filepath, overwrite, zipped, **kwargs)
 
     def save_weights(self, filepath, overwrite=True, max_shard_size=None):
