@@ -104,8 +104,9 @@ TapeTrainer = type(
     "TapeTrainer",
     tuple(b for b in TapeModel.__bases__ if b is not keras.Model)
     + (TensorFlowTrainer,),
-    {**_engine_namespace(), "__init__": _trainer_init},
+    {"__init__": _trainer_init},
 )
+# TapeModel's engine members, each with its super() bound to TapeTrainer.
 for _name, _value in _engine_namespace().items():
     if isinstance(_value, property):
         _value = property(
