@@ -20,6 +20,7 @@ from fitcustom import datasets
 from fitcustom import evaluation
 from fitcustom import quality
 from fitcustom.architectures import dcgan_8x8
+from fitcustom.tasks.gan import extractors
 
 ALL_METRICS = ("kid", "fid", "precision_recall", "density_coverage")
 SCORES = ["kid", "kid_std", "fid", "precision", "recall", "density", "coverage"]
@@ -62,7 +63,7 @@ def test_digits_extractor_loads_from_its_cache_without_training(
     def no_training(*args, **kwargs):
         raise AssertionError("trained again although the file is cached")
 
-    monkeypatch.setattr(quality, "_train_digits_classifier", no_training)
+    monkeypatch.setattr(extractors, "_train_digits_classifier", no_training)
     again = quality.digits_extractor(cache_dir=extractor_dir)
     _, x_test = digits
     np.testing.assert_array_equal(
@@ -85,13 +86,13 @@ def test_a_corrupt_cache_file_is_trained_again(tmp_path, monkeypatch):
     path = tmp_path / quality.DIGITS_FILE
     path.write_bytes(b"not a keras file")
     calls = []
-    train = quality._train_digits_classifier
+    train = extractors._train_digits_classifier
 
     def quick_training(**kwargs):
         calls.append(kwargs)
         return train(epochs=1)
 
-    monkeypatch.setattr(quality, "_train_digits_classifier", quick_training)
+    monkeypatch.setattr(extractors, "_train_digits_classifier", quick_training)
     with pytest.warns(UserWarning, match="cannot be used.*training it again"):
         model = quality.digits_extractor(cache_dir=tmp_path)
     assert len(calls) == 1 and model.output.shape == (None, 128)
@@ -104,7 +105,7 @@ def test_an_unwritable_cache_warns_and_still_extracts(
 ):
     saved = extractor_dir / quality.DIGITS_FILE
     monkeypatch.setattr(
-        quality,
+        extractors,
         "_train_digits_classifier",
         lambda **kwargs: keras.saving.load_model(saved),
     )
@@ -188,7 +189,7 @@ def test_inception_extractor_offline_names_the_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(keras.applications, "InceptionV3", offline)
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
-    expected = tmp_path / "models" / quality._INCEPTION_FILE
+    expected = tmp_path / "models" / extractors._INCEPTION_FILE
     with pytest.raises(OSError, match=re.escape(str(expected))) as error:
         quality.inception_extractor()
     message = str(error.value)
@@ -406,7 +407,7 @@ def test_string_digits_loads_from_the_keras_folder(
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
     (tmp_path / "fitcustom").mkdir()
     shutil.copy(extractor_dir / quality.DIGITS_FILE, tmp_path / "fitcustom")
-    monkeypatch.setattr(quality, "_train_digits_classifier", None)
+    monkeypatch.setattr(extractors, "_train_digits_classifier", None)
     _, x_test = digits
     with pytest.warns(UserWarning, match=r"uses only \[0, 1\]"):
         scores = quality.GANQuality((x_test[:20] + 1) / 2)  # [0, 1] data

@@ -1,7 +1,8 @@
 """The step engine: `TapeModel` and the types of its pieces.
 
 `model` assembles `TapeModel` from one mixin per concern: `compiling`,
-`fitting`, `pieces`; `transforms` holds the gradient transforms.
+`fitting`, `pieces`, `custom_steps` (with `term_checks`), `ema`;
+`transforms` holds the gradient transforms.
 
 May import: the engine's own modules.
 """

@@ -1,27 +1,25 @@
 """The tools of a hand-written step (a mixin of `TapeModel`): named
 optimizers, `minimize` (one call per update: reduction, replica division,
 loss scaling, guard, transforms, update, logs), `log_loss` / `log_mean`
-(values logged as epoch means, trackers created by the engine), EMA copies
-of networks (`track_ema`), and the step context that puts what a step
-minimised into the `loss` log.
+(values logged as epoch means, trackers created by the engine), and the
+step context that puts what a step minimised into the `loss` log. The
+checks of the terms are in `term_checks`; EMA copies in `ema`.
 
-May import: the ground floor, `_keras`, `engine.step_context`.
+May import: the ground floor, `_keras`, `engine.step_context`,
+`engine.term_checks`.
 """
 
-import dataclasses
 import types
 import typing
 from collections.abc import Mapping
 
 import keras
-import numpy as np
 import tensorflow as tf
 
-from fitcustom import _args
-from fitcustom import checks
 from fitcustom import distribute
 from fitcustom._keras import compat as _compat
 from fitcustom.engine import step_context
+from fitcustom.engine import term_checks
 
 
 class _Reduced(typing.NamedTuple):
@@ -35,14 +33,6 @@ class _Reduced(typing.NamedTuple):
     weighted: dict
     total: tf.Tensor
     checks: list
-
-
-@dataclasses.dataclass(frozen=True)
-class _EMA:
-    source: keras.Layer
-    copy: keras.Layer
-    decay: float
-    optimizer: str | None
 
 
 class CustomSteps:
@@ -278,7 +268,8 @@ class CustomSteps:
         if values.shape.rank:
             count = tf.shape(values)[0]
             value = tf.math.divide_no_nan(
-                tf.reduce_sum(_per_sample(values)), tf.cast(count, tf.float32)
+                tf.reduce_sum(term_checks.per_sample(values)),
+                tf.cast(count, tf.float32),
             )
         else:
             count, value = context.batch_size, values
@@ -377,7 +368,7 @@ class CustomSteps:
             raise ValueError(
                 "A loss needs at least one term. Received: terms={}."
             )
-        factors = _loss_weights(loss_weights, terms)
+        factors = term_checks.checked_loss_weights(loss_weights, terms)
         weights = sample_weight
         if weights is not None:
             weights = tf.convert_to_tensor(weights)
@@ -386,7 +377,7 @@ class CustomSteps:
                     "`sample_weight` needs one weight per sample. "
                     f"Received: shape {tuple(weights.shape)}."
                 )
-        sizes_check = _SizeChecks(step_context.current(), batch_size)
+        sizes_check = term_checks.SizeChecks(step_context.current(), batch_size)
         values, sizes = {}, {}
         for key, term in terms.items():
             label = key if isinstance(key, str) else "the loss"
@@ -408,7 +399,9 @@ class CustomSteps:
                     term = tf.identity(term)
                     if weights is not None:
                         weights = tf.identity(weights)
-            values[key] = distribute.mean_loss(_per_sample(term), weights)
+            values[key] = distribute.mean_loss(
+                term_checks.per_sample(term), weights
+            )
             sizes[key] = tf.shape(term)[0]
         losses = self._layer_losses(optimizer, variables)
         if losses:
@@ -569,252 +562,3 @@ class CustomSteps:
                 _compat.loss_tracker(self), loss, context.batch_size, finite
             )
         return context, out
-
-    # ------------------------------------------------------------------
-    # EMA networks
-    # ------------------------------------------------------------------
-
-    def track_ema(
-        self, network, decay: float, optimizer: str | None = None
-    ) -> keras.Model:
-        """A copy of `network` whose weights follow an exponential moving
-        average of `network`'s, updated after each applied update of
-        `optimizer`: `ema = decay * ema + (1 - decay) * weights` (the
-        first applied update copies the weights). The same on every
-        replica, left alone by a step the guard skipped, saved with the
-        model and restored by `BackupAndRestore`. Call it in `__init__`,
-        after assigning `network`, and keep the copy as an attribute:
-        `self.ema_network = self.track_ema(self.network, 0.999)`.
-
-        Args:
-            network: A functional or `Sequential` sub-model of this model
-                (a `Sequential` without `keras.Input` gets its copy built
-                with it, by the first batch).
-            decay: In (0, 1), e.g. 0.999.
-            optimizer: The name of the optimizer that trains `network`
-                (`None`: the model's own).
-
-        Returns:
-            The EMA copy (not trainable).
-        """
-        decay = _args.number(
-            "decay", decay, low=0, high=1, low_open=True, high_open=True
-        )
-        if not isinstance(network, keras.Layer) or not any(
-            layer is network for layer in _compat.sublayers(self)
-        ):
-            raise ValueError(
-                "track_ema() copies a sub-model of this model. Received: "
-                f"{network!r}, which is not one of its layers. Assign it "
-                "first (self.network = network), then call "
-                "self.track_ema(self.network, decay)."
-            )
-        try:
-            copy = keras.models.clone_model(network)
-        except ValueError as e:
-            raise ValueError(
-                "track_ema() needs a network that keras.models.clone_model "
-                "can copy (functional or Sequential). Received: "
-                f"{type(network).__name__}: {e}"
-            ) from e
-        if network.built and copy.built:
-            copy.set_weights(network.get_weights())
-        copy.trainable = False
-        emas = self.__dict__.setdefault("_emas", [])
-        emas.append(_EMA(network, copy, decay, optimizer))
-        # Tracked (and saved) even if the caller keeps no attribute.
-        setattr(self, f"_ema_copy_{len(emas) - 1}", copy)
-        return copy
-
-    def follow_emas(self, optimizer: str | None = None, finite=None):
-        """Moves the EMA copies tied to `optimizer` (see `track_ema`)
-        towards their networks. `minimize` calls it after its update; a
-        step that updates with `update()` calls it after that.
-
-        Args:
-            optimizer: The optimizer's name (`None`: the model's own).
-            finite: The guard's verdict of the update (`None`: applied);
-                a skipped update leaves the copies as they are.
-        """
-        emas = self.__dict__.get("_emas", ())
-        emas = [e for e in emas if e.optimizer == optimizer]
-        if not emas:
-            return
-        opt = self.get_optimizer(optimizer)
-        for ema in emas:
-            self._update_ema(ema, opt, finite)
-
-    def _build_emas(self):
-        """Builds the EMA copies of sub-models that were not built when
-        `track_ema` copied them (a `Sequential` without `keras.Input`,
-        built by the first batch), with the network's weights."""
-        for ema in self.__dict__.get("_emas", ()):
-            if ema.copy.built or not ema.source.built:
-                continue
-            config = ema.source.get_build_config()
-            if config:
-                ema.copy.build_from_config(config)
-            if ema.copy.built:
-                ema.copy.set_weights(ema.source.get_weights())
-
-    def _update_ema(self, ema, optimizer, finite):
-        if len(ema.copy.weights) != len(ema.source.weights):
-            raise ValueError(
-                f"The EMA copy of {ema.source.name!r} has "
-                f"{len(ema.copy.weights)} weights and the network "
-                f"{len(ema.source.weights)}: it was not built. Received: a "
-                "network that was built after track_ema() without an "
-                "input shape. Create it with keras.Input, or build it "
-                "before calling track_ema()."
-            )
-        first = optimizer.iterations <= 1
-        rate = tf.where(first, 1.0, 1.0 - ema.decay)
-        if finite is not None:
-            rate = tf.where(finite, rate, 0.0)
-        deltas = [
-            tf.cast(rate, w.dtype) * (w - e)
-            for w, e in zip(ema.source.weights, ema.copy.weights)
-        ]
-        distribute.assign_add_everywhere(ema.copy.weights, deltas)
-
-
-_PART_OF_THE_BATCH = (
-    " If the update is of a part of the batch or of samples of its own "
-    "(a discriminator updated on each of n slices, generated images), "
-    "pass minimize(..., batch_size=N)."
-)
-
-
-class _SizeChecks:
-    """The batch sizes of an update's terms: each term's first axis is
-    the first axis of one of the batch's tensors (or `batch_size`), and
-    all terms and `sample_weight` agree. Sizes a trace knows are checked
-    at once (a `ValueError`); the others by `checks.step_check` ops in
-    `checks`, which what reduces the terms depends on."""
-
-    def __init__(self, context, batch_size):
-        self.checks = []
-        self._first = None  # (label, term)
-        self._given = batch_size is not None
-        if self._given:
-            static = tf.get_static_value(batch_size)
-            if static is not None and (
-                np.ndim(static) or isinstance(static, bool) or static < 1
-            ):
-                raise ValueError(
-                    "`batch_size` is the number of samples the terms "
-                    f"are of. Received: batch_size={batch_size!r}. "
-                    "Expected a positive integer (or a scalar tensor)."
-                )
-            static = None if static is None else int(static)
-            self._batch = [(static, tf.cast(batch_size, tf.int32))]
-        elif context is not None and context._data is not None:
-            self._batch = [
-                _size(t)
-                for t in tf.nest.flatten(context._data)
-                if isinstance(t, tf.Tensor) and t.shape.rank
-            ]
-        else:
-            self._batch = []  # outside a step: nothing to compare with
-
-    def term(self, label, term):
-        label = label.replace("{", "{{").replace("}", "}}")
-        if self._first is not None:
-            self._same(
-                _size(term),
-                _size(self._first[1]),
-                f"Every loss term of an update needs the same batch size "
-                f"(its first axis). Received: {label!r} with {{received}} "
-                f"values and {self._first[0]!r} with {{expected}}.",
-            )
-            return
-        self._first = (label, term)
-        if not self._batch:
-            return
-        if self._given:
-            template = (
-                f"Loss term {label!r} has {{received}} values on its first "
-                "axis, but the update's batch_size is {expected}. "
-                "Expected: one value per sample of the update's batch."
-            )
-        else:
-            template = (
-                f"Loss term {label!r} has {{received}} values on its first "
-                "axis, which is no size of the step's batch (its first "
-                "axis: {expected} samples). Received: a term without the "
-                "batch axis (reduced over the batch, or of other "
-                "samples). Expected: one value per sample, the batch "
-                "first, e.g. keras.losses.MeanSquaredError(reduction="
-                "None)(y, y_pred)." + _PART_OF_THE_BATCH
-            )
-        static, size = _size(term)
-        known = [s for s, _ in self._batch if s is not None]
-        if static is not None and static in known:
-            return
-        if static is not None and len(known) == len(self._batch):
-            raise ValueError(
-                template.format(received=static, expected=known[0])
-            )
-        found = tf.reduce_any(
-            tf.equal(tf.stack([d for _, d in self._batch]), size)
-        )
-        self._add(found, template, size, self._batch[0][1])
-
-    def sample_weight(self, weights):
-        self._same(
-            _size(weights),
-            _size(self._first[1]),
-            "`sample_weight` needs one weight per sample of the terms. "
-            "Received: {received} weights for terms of {expected} "
-            f"values (the first: {self._first[0]!r}).",
-        )
-
-    def _same(self, received, expected, template):
-        (r_static, r), (e_static, e) = received, expected
-        if r_static is not None and e_static is not None:
-            if r_static != e_static:
-                raise ValueError(
-                    template.format(received=r_static, expected=e_static)
-                )
-            return
-        self._add(tf.equal(r, e), template, r, e)
-
-    def _add(self, condition, template, received, expected):
-        self.checks.append(
-            checks.step_check(condition, template, received, expected)
-        )
-
-
-def _size(t):
-    """A tensor's first axis: `(static size or None, size tensor)`."""
-    return t.shape[0], tf.shape(t, out_type=tf.int32)[0]
-
-
-def _loss_weights(loss_weights, terms):
-    """`loss_weights` checked against the named terms: `{name: float}`."""
-    if loss_weights is None:
-        return {}
-    if not isinstance(loss_weights, Mapping):
-        raise ValueError(
-            "`loss_weights` maps names of terms to factors, e.g. "
-            "{'gradient_penalty': 10.0}. Received: "
-            f"{type(loss_weights).__name__} {loss_weights!r}."
-        )
-    named = sorted(k for k in terms if isinstance(k, str))
-    factors = {}
-    for name, factor in loss_weights.items():
-        if name not in named:
-            raise ValueError(
-                f"`loss_weights` names a term the update does not have: "
-                f"{name!r}. Received terms: {named or 'one unnamed loss'}. "
-                "Expected the names of the terms dict."
-            )
-        factors[name] = _args.number(f"loss_weights[{name!r}]", factor)
-    return factors
-
-
-def _per_sample(values):
-    """One value per sample: further axes averaged."""
-    if values.shape.rank and values.shape.rank > 1:
-        return tf.reduce_mean(values, axis=list(range(1, values.shape.rank)))
-    return values

@@ -1,8 +1,9 @@
 """`TapeModel`, assembled: construction, network delegation, config,
 saving and the metrics it logs. The rest of the class lives beside it, one
 concern a module: `compiling` (compile and its configuration), `fitting`
-(the fit/evaluate entry points, data checks, building, mid-epoch resume)
-and `pieces` (the step pieces).
+(the fit/evaluate entry points, data checks, building, mid-epoch resume),
+`pieces` (the step pieces), `custom_steps` (the tools of a hand-written
+step) and `ema` (EMA copies of networks).
 
 May import: the ground floor (`_args`, `checks`, `distribute`), `_keras`,
 `checkpoints`, and the engine's own modules.
@@ -19,12 +20,15 @@ from fitcustom._keras import compat as _compat
 from fitcustom._version import __version__
 from fitcustom.engine.compiling import CompileMixin
 from fitcustom.engine.custom_steps import CustomSteps
+from fitcustom.engine.ema import EMANetworks
 from fitcustom.engine.fitting import FitMixin
 from fitcustom.engine.pieces import StepPieces
 
 
 @keras.saving.register_keras_serializable(package="fitcustom")
-class TapeModel(CompileMixin, FitMixin, StepPieces, CustomSteps, keras.Model):
+class TapeModel(
+    CompileMixin, FitMixin, StepPieces, CustomSteps, EMANetworks, keras.Model
+):
     """A `keras.Model` trained by an explicit `tf.GradientTape` step.
 
     `train_step` does what Keras' built-in step does (same numbers, proven by
