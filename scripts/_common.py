@@ -5,12 +5,69 @@ import contextlib
 import csv
 import json
 import os
+import re
 import shutil
 import sys
 
 # Before TensorFlow loads: no C++ info and warning lines (errors still
 # show). The scripts run as `python -m scripts.NAME`, so this runs first.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# A C++ log line: severity letter, date, time, thread, file:line]. Lines
+# printed before abseil's logging starts come with its banner.
+_LOG_LINE = re.compile(r"^([IWEF])\d{4} [\d:.]+ +\d+ \S+:\d+\] ")
+_ABSL_BANNER = "WARNING: All log messages before absl::InitializeLog()"
+
+
+def kept_while_loading(text, min_level):
+    """The lines of what TensorFlow printed while it loaded that
+    TF_CPP_MIN_LOG_LEVEL=`min_level` lets through (0 info, 1 warnings,
+    2 errors, 3 fatal only). TensorFlow 2.21 prints some lines (oneDNN's
+    notice on CPUs where it is on) before the level applies; a line that
+    does not start a log line goes with the one before it, anything
+    else printed is kept."""
+    kept = []
+    keep = True
+    for line in text.splitlines(keepends=True):
+        start = _LOG_LINE.match(line)
+        if start:
+            keep = "IWEF".index(start.group(1)) >= min_level
+        elif line.startswith(_ABSL_BANNER):
+            if min_level < 1:
+                kept.append(line)
+            keep = True
+            continue
+        if keep:
+            kept.append(line)
+    return "".join(kept)
+
+
+def load_tensorflow():
+    """Imports TensorFlow with TF_CPP_MIN_LOG_LEVEL applied to what it
+    prints while it loads (`kept_while_loading`). Its C++ code writes to
+    the process's stderr, so that is caught in a file for the import."""
+    if "tensorflow" in sys.modules:
+        return
+    import tempfile
+
+    try:
+        min_level = int(os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0"))
+    except ValueError:
+        min_level = 0
+    sys.stderr.flush()
+    with tempfile.TemporaryFile() as caught:
+        stderr = os.dup(2)
+        os.dup2(caught.fileno(), 2)
+        try:
+            import tensorflow  # noqa: F401
+        finally:
+            os.dup2(stderr, 2)
+            os.close(stderr)
+            caught.seek(0)
+            text = caught.read().decode(errors="replace")
+            sys.stderr.write(kept_while_loading(text, min_level))
+            sys.stderr.flush()
+
 
 SUMMARY = "summary.json"
 BACKUP = "backup"

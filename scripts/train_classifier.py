@@ -22,6 +22,7 @@ import numpy as np
 from scripts._common import add_run_arguments
 from scripts._common import finish_run
 from scripts._common import fraction
+from scripts._common import load_tensorflow
 from scripts._common import make_parser
 from scripts._common import positive_int
 from scripts._common import prepare_output_dir
@@ -115,6 +116,7 @@ OUTPUTS = ["history.csv", "model.keras", "curves.png", "tensorboard"]
 def main(argv=None):
     args = parse_args(argv)
     prepare_output_dir(args.output_dir)
+    load_tensorflow()
     out = args.output_dir
     with resumable(out):
         return _train(args, out)

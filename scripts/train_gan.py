@@ -15,6 +15,7 @@ import os
 
 from scripts._common import add_run_arguments
 from scripts._common import finish_run
+from scripts._common import load_tensorflow
 from scripts._common import make_parser
 from scripts._common import positive_int
 from scripts._common import prepare_output_dir
@@ -100,6 +101,7 @@ OUTPUTS = [
 def main(argv=None):
     args = parse_args(argv)
     prepare_output_dir(args.output_dir)
+    load_tensorflow()
     with resumable(args.output_dir):
         return _train(args, args.output_dir)
 

@@ -82,8 +82,14 @@ def test_simultaneous_step_equals_a_hand_written_dcgan_loop(mode):
     # loop's two after both), and Adam's first steps turn a rounding
     # difference of a tiny gradient into one of the update size: with SGD
     # the same comparison gives 1.5e-8 / 1.5e-8 in graph mode, as before
-    # that change. A wrong step is off by the size of an update (> 1e-3).
-    atol = {"eager": 1e-6, "jit": 2e-5}.get(mode, 5e-6)
+    # that change. Where oneDNN is on (TensorFlow's default on CPUs with
+    # AVX-512 VNNI/BF16) graph mode measured 8.3e-6 / 3.7e-9 and
+    # steps_per_execution 1.9e-6 / 3.7e-9: its optimizer fuses Conv2D, bias
+    # and LeakyReLU in one of the two programs and gives up on the other
+    # (the "remapper failed" line TensorFlow prints); 3.2e-6 with
+    # TF_ENABLE_ONEDNN_OPTS=0 on the same machine. A wrong step is off by
+    # the size of an update (> 1e-3).
+    atol = {"eager": 1e-6}.get(mode, 2e-5)
     assert g_diff <= atol and d_diff <= atol
     moved = max(
         np.abs(a - b).max()

@@ -2,9 +2,10 @@
 written with the engine's tools for a step of your own
 (`python -m scripts.examples.NAME --output-dir D`)."""
 
-import os
+# Before TensorFlow loads (the examples run as `python -m
+# scripts.examples.NAME`, so this runs first): TF_CPP_MIN_LOG_LEVEL=2, no
+# C++ info and warning lines (errors still show), also for what
+# TensorFlow prints while it loads.
+from scripts._common import load_tensorflow
 
-# Before TensorFlow loads: no C++ info and warning lines (errors still
-# show). The examples run as `python -m scripts.examples.NAME`, so this
-# runs first.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+load_tensorflow()
