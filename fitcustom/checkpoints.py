@@ -55,6 +55,8 @@ import keras
 from fitcustom import callback_states
 from fitcustom import distribute
 from fitcustom import preemption
+from fitcustom._engine_state import fit_callbacks_of
+from fitcustom._engine_state import logged_names
 from fitcustom._keras import compat as _compat
 
 #: Prefix of the temporary files written before the rename. Leftovers of a
@@ -463,9 +465,7 @@ class BackupAndRestore(
         """The other callbacks of the running `fit()` (known to fitcustom
         models only), in order."""
         model = self.model
-        found = (
-            [] if model is None else model.__dict__.get("_fit_callbacks", [])
-        )
+        found = [] if model is None else fit_callbacks_of(model)
         return [c for c in found if c is not self]
 
     @staticmethod
@@ -592,7 +592,7 @@ class BackupAndRestore(
             with h5py.File(temp, "a") as f:
                 group = f.create_group(_RESUME_GROUP)
                 group.attrs["steps"] = -1 if steps is None else int(steps)
-                logged = list(self.model.__dict__.get("_log_trackers", {}))
+                logged = logged_names(self.model)
                 if logged:
                     group.attrs["logged"] = logged
                 for i, variable in enumerate(self.model.metrics_variables):

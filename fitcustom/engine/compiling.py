@@ -7,6 +7,7 @@ May import: the ground floor, `_keras`, `engine.transforms`.
 import keras
 
 from fitcustom import _args
+from fitcustom._engine_state import engine_state
 from fitcustom._keras import compat as _compat
 from fitcustom.engine import transforms as transforms_lib
 
@@ -89,14 +90,14 @@ class CompileMixin:
         )
         # Not tracked by Keras (a metric object in it would be counted as
         # one of the model's own metrics too).
-        self.__dict__["_compiled_by_name"] = (
+        engine_state(self).compiled_by_name = (
             loss,
             (metrics, weighted_metrics),
         )
         self._gradient_transforms = gradient_transforms
         self._log_gradient_norm = log_gradient_norm
         self._skip_nonfinite = skip_nonfinite
-        self.__dict__["_named"] = named
+        engine_state(self).named_optimizers = named
         # Saved at `_named_optimizers/NAME`, whatever the dict's order.
         self._named_optimizers = _compat.saveable_group(named)
         if self.optimizer is not None:
@@ -218,24 +219,22 @@ class CompileMixin:
         """
         # Not tracked by Keras (a metric object in it would be counted as
         # one of the model's own metrics too).
-        self.__dict__.setdefault("_kept_compile_arguments", {}).update(
-            arguments
-        )
+        engine_state(self).kept_compile_arguments.update(arguments)
 
     def _forget_compile_argument(self, name):
         """Drops a kept argument that a subclass keeps in its own words
         (TapeGAN keeps its optimizers as `d_optimizer` / `g_optimizer`,
         not as `optimizer={...}`: its saved files keep their layout)."""
-        self.__dict__.get("_kept_compile_arguments", {}).pop(name, None)
+        engine_state(self).kept_compile_arguments.pop(name, None)
 
     @property
     def compile_arguments(self):
         """The `compile()` arguments kept with the model (a new dict)."""
-        return dict(self.__dict__.get("_kept_compile_arguments", {}))
+        return dict(engine_state(self).kept_compile_arguments)
 
     def get_compile_config(self):
         config = super().get_compile_config()
-        kept = self.__dict__.get("_kept_compile_arguments")
+        kept = engine_state(self).kept_compile_arguments
         if config and kept:
             config.update(keras.saving.serialize_keras_object(kept))
         return config

@@ -17,6 +17,7 @@ import keras
 import tensorflow as tf
 
 from fitcustom import distribute
+from fitcustom._engine_state import engine_state
 from fitcustom._keras import compat as _compat
 from fitcustom.engine import step_context
 from fitcustom.engine import term_checks
@@ -47,7 +48,7 @@ class CustomSteps:
     def optimizers(self) -> Mapping[str, keras.optimizers.Optimizer]:
         """The optimizers given to `compile()` by name (read only; empty
         when `compile()` got one optimizer)."""
-        return types.MappingProxyType(self.__dict__.get("_named", {}))
+        return types.MappingProxyType(engine_state(self).named_optimizers)
 
     def get_optimizer(self, name: str | None = None):
         """The optimizer compiled as `name` (`None`: the model's own
@@ -56,7 +57,7 @@ class CustomSteps:
         Raises:
             ValueError: No optimizer of that name was compiled.
         """
-        named = self.__dict__.get("_named", {})
+        named = engine_state(self).named_optimizers
         if name is None:
             if self.optimizer is not None:
                 return self.optimizer
@@ -102,7 +103,7 @@ class CustomSteps:
     def _build_named_optimizers(self):
         """Builds the named optimizers on the weights they train, and the
         EMA copies of sub-models built since `track_ema`."""
-        for name, optimizer in self.__dict__.get("_named", {}).items():
+        for name, optimizer in engine_state(self).named_optimizers.items():
             if optimizer.built:
                 continue
             variables = self.optimizer_variables(name)
@@ -113,7 +114,7 @@ class CustomSteps:
     def _named_unbuilt(self):
         return any(
             not o.built and self.optimizer_variables(n)
-            for n, o in self.__dict__.get("_named", {}).items()
+            for n, o in engine_state(self).named_optimizers.items()
         )
 
     # ------------------------------------------------------------------
@@ -473,7 +474,7 @@ class CustomSteps:
     def _log_tracker(self, name):
         """The `Mean` that logs `name`, created at its first use (in the
         first trace of a step, under the model's strategy)."""
-        trackers = self.__dict__.setdefault("_log_trackers", {})
+        trackers = engine_state(self).log_trackers
         if name in trackers:
             return trackers[name]
         if not isinstance(name, str) or not name.isidentifier():
@@ -506,7 +507,7 @@ class CustomSteps:
         """Creates the trackers of logged values by name (a restore
         calls it before putting back their running values)."""
         for name in names:
-            if name not in self.__dict__.get("_log_trackers", {}):
+            if name not in engine_state(self).log_trackers:
                 self._log_tracker(name)
 
     def _in_step_context(self, step):
@@ -519,9 +520,7 @@ class CustomSteps:
                 return logs
             # The values this step logs (a training term that a test step
             # does not log is no `val_` 0.0).
-            others = set(self.__dict__.get("_log_trackers", {})) - (
-                context.logged
-            )
+            others = set(engine_state(self).log_trackers) - (context.logged)
             results = {
                 k: v
                 for k, v in self.get_metrics_result().items()

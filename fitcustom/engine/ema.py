@@ -13,6 +13,7 @@ import tensorflow as tf
 
 from fitcustom import _args
 from fitcustom import distribute
+from fitcustom._engine_state import engine_state
 from fitcustom._keras import compat as _compat
 
 
@@ -73,7 +74,7 @@ class EMANetworks:
         if network.built and copy.built:
             copy.set_weights(network.get_weights())
         copy.trainable = False
-        emas = self.__dict__.setdefault("_emas", [])
+        emas = engine_state(self).emas
         emas.append(_EMA(network, copy, decay, optimizer))
         # Tracked (and saved) even if the caller keeps no attribute.
         setattr(self, f"_ema_copy_{len(emas) - 1}", copy)
@@ -89,7 +90,7 @@ class EMANetworks:
             finite: The guard's verdict of the update (`None`: applied);
                 a skipped update leaves the copies as they are.
         """
-        emas = self.__dict__.get("_emas", ())
+        emas = engine_state(self).emas
         emas = [e for e in emas if e.optimizer == optimizer]
         if not emas:
             return
@@ -101,7 +102,7 @@ class EMANetworks:
         """Builds the EMA copies of sub-models that were not built when
         `track_ema` copied them (a `Sequential` without `keras.Input`,
         built by the first batch), with the network's weights."""
-        for ema in self.__dict__.get("_emas", ()):
+        for ema in engine_state(self).emas:
             if ema.copy.built or not ema.source.built:
                 continue
             config = ema.source.get_build_config()

@@ -16,6 +16,8 @@ import numpy as np
 import tensorflow as tf
 
 from fitcustom import checks
+from fitcustom._engine_state import engine_state
+from fitcustom._engine_state import fit_callbacks_of
 from fitcustom._keras import compat as _compat
 from fitcustom._keras import step_functions
 
@@ -96,14 +98,14 @@ class FitMixin(_compat.BuildHook):
             metric_values: The values of `self.metrics_variables` when the
                 backup was taken, or `None` to keep the metrics.
         """
-        self.__dict__["_resume_skip"] = (int(batches_done), metric_values)
+        engine_state(self).resume_skip = (int(batches_done), metric_values)
 
     def _resumable(self, function):
         """`function` (a train function) that first skips the batches
         `resume_within_epoch` asked for."""
 
         def train_function(iterator):
-            pending = self.__dict__.get("_resume_skip")
+            pending = engine_state(self).resume_skip
             if not pending:
                 return function(iterator)
             remaining, metric_values = pending
@@ -116,7 +118,7 @@ class FitMixin(_compat.BuildHook):
             skipped = min(remaining, self.steps_per_execution)
             _compat.skip_batches(iterator, skipped)
             remaining -= skipped
-            self.__dict__["_resume_skip"] = (
+            engine_state(self).resume_skip = (
                 (remaining, None) if remaining else None
             )
             return self.get_metrics_result()
@@ -134,7 +136,7 @@ class FitMixin(_compat.BuildHook):
         """The optimizers a training step updates (their state is saved
         and restored with the weights)."""
         optimizers = [] if self.optimizer is None else [self.optimizer]
-        return optimizers + list(self.__dict__.get("_named", {}).values())
+        return optimizers + list(engine_state(self).named_optimizers.values())
 
     def _require_compiled(self, method):
         if not self.compiled:
@@ -203,12 +205,12 @@ class FitMixin(_compat.BuildHook):
             callbacks = list(callbacks or []) + [_EpochLine()]
         # Seen by fitcustom.BackupAndRestore, which keeps the state of the
         # callbacks beside it (EarlyStopping's wait and best) in a backup.
-        self.__dict__["_fit_callbacks"] = list(
+        engine_state(self).fit_callbacks = list(
             callbacks.callbacks
             if isinstance(callbacks, keras.callbacks.CallbackList)
             else callbacks or []
         )
-        _warn_about_keras_backup(self.__dict__["_fit_callbacks"])
+        _warn_about_keras_backup(engine_state(self).fit_callbacks)
         with _clear_step_errors(self, "fit"):
             return super().fit(
                 x=x,
@@ -378,7 +380,7 @@ class FitMixin(_compat.BuildHook):
         """The outputs given a loss or metric by name in `compile()`, or
         `None` when the loss is not a dict (then Keras matches targets
         by position or applies the loss to every output)."""
-        loss, metrics = self.__dict__.get("_compiled_by_name", (None, ()))
+        loss, metrics = engine_state(self).compiled_by_name
         if not isinstance(loss, dict):
             return None
         named = set(loss)
@@ -492,7 +494,7 @@ class _EpochLine(keras.callbacks.ProgbarLogger):
 
     def on_epoch_end(self, epoch, logs=None):
         marks = {}
-        for callback in self.model.__dict__.get("_fit_callbacks", ()):
+        for callback in fit_callbacks_of(self.model):
             marks.update(getattr(callback, "epoch_line", None) or {})
         shown = {}
         for key, value in (logs or {}).items():

@@ -16,6 +16,8 @@ import numpy as np
 import tensorflow as tf
 
 from fitcustom import checkpoints
+from fitcustom._engine_state import EngineState
+from fitcustom._engine_state import engine_state
 from fitcustom._keras import compat as _compat
 from fitcustom._version import __version__
 from fitcustom.engine.compiling import CompileMixin
@@ -103,6 +105,10 @@ class TapeModel(
     assert "gradient_norm" in history.history
     ```
     """
+
+    # What the engine keeps outside Keras' tracking (`_engine_state`); a
+    # task model with bookkeeping of its own names a subclass.
+    _engine_state_type = EngineState
 
     def __new__(cls, *args, **kwargs):
         # Built from inputs and outputs: a real Keras functional model
@@ -200,7 +206,7 @@ class TapeModel(
         network = self.__dict__.get("network")
         if network is not None:
             return self._graph_attribute("output_names")
-        names = self.__dict__.get("_functional_output_names")
+        names = engine_state(self).functional_output_names
         if names is None:
             raise AttributeError(
                 f"{type(self).__name__} has no attribute 'output_names': "
@@ -211,7 +217,7 @@ class TapeModel(
     @output_names.setter
     def output_names(self, value):
         # Set by `Functional.__init__`.
-        self.__dict__["_functional_output_names"] = value
+        engine_state(self).functional_output_names = value
 
     def _graph_attribute(self, name):
         network = self.__dict__.get("network")
@@ -392,7 +398,7 @@ class TapeModel(
             hidden.append(self._nonfinite_tracker)
         own = [m for m in super().metrics if not any(m is h for h in hidden)]
         # The means that `minimize` / `log_mean` log, made at first use.
-        return own + list(self.__dict__.get("_log_trackers", {}).values())
+        return own + list(engine_state(self).log_trackers.values())
 
     def get_metrics_result(self):
         """The metrics' current results, as `fit()` logs them.

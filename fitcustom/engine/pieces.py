@@ -15,6 +15,7 @@ import tensorflow as tf
 
 from fitcustom import checks
 from fitcustom import distribute
+from fitcustom._engine_state import engine_state
 from fitcustom._keras import compat as _compat
 from fitcustom.engine import step_context
 from fitcustom.engine import transforms as transforms_lib
@@ -105,7 +106,7 @@ class StepPieces:
             with tf.GradientTape() as probe:
                 y_pred = self.forward(x, training=training)
             read = {id(v) for v in probe.watched_variables()}
-            self.__dict__["_forward_weights"] = _ForwardWeights(
+            engine_state(self).forward_weights = _ForwardWeights(
                 self._weights_key(),
                 [v for v in self.trainable_weights if _reads(v, read)],
             )
@@ -481,7 +482,7 @@ class StepPieces:
             # step leaves alone? Asked once per trace (a compiled step
             # prunes the unused gradients from its graph), or in the first
             # eager step.
-            self.__dict__["_untrained_checked"] = True
+            engine_state(self).untrained_checked = True
             trained = {id(v) for v in variables}
             untrained = [
                 v for v in self.trainable_weights if id(v) not in trained
@@ -513,7 +514,7 @@ class StepPieces:
     def step_weights(self) -> list:
         """The weights this training step updates: `trained_weights` of
         what the step's forward pass read."""
-        cached = self.__dict__.get("_forward_weights")
+        cached = engine_state(self).forward_weights
         if cached is None or cached.key != self._weights_key():
             forward = list(self.trainable_weights)  # no forward pass yet
         else:
@@ -528,19 +529,17 @@ class StepPieces:
         # weights stay the same (a probing tape doubles eager work).
         if tf.inside_function():
             return True
-        cached = self.__dict__.get("_forward_weights")
+        cached = engine_state(self).forward_weights
         return cached is None or cached.key != self._weights_key()
 
     def _check_untrained(self):
-        return tf.inside_function() or not self.__dict__.get(
-            "_untrained_checked"
-        )
+        return tf.inside_function() or not engine_state(self).untrained_checked
 
     def _warn_untrained(self, untrained, grads):
         reached = [v.path for v, g in zip(untrained, grads) if g is not None]
-        if not reached or self.__dict__.get("_warned_untrained"):
+        if not reached or engine_state(self).warned_untrained:
             return
-        self.__dict__["_warned_untrained"] = True
+        engine_state(self).warned_untrained = True
         shown = ", ".join(reached[:6]) + (" ..." if len(reached) > 6 else "")
         warnings.warn(
             f"The loss of {type(self).__name__} has gradients for "

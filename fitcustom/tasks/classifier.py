@@ -3,6 +3,8 @@
 May import: the engine, the ground floor and `_keras`.
 """
 
+import dataclasses
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -10,6 +12,8 @@ import tensorflow as tf
 from fitcustom import _args
 from fitcustom import checks
 from fitcustom import distribute
+from fitcustom._engine_state import EngineState
+from fitcustom._engine_state import engine_state
 from fitcustom._keras import compat as _compat
 from fitcustom.engine import TapeModel
 from fitcustom.networks import outputs_logits
@@ -103,6 +107,14 @@ class ClassifierLoss(keras.losses.Loss):
         return config
 
 
+@dataclasses.dataclass
+class _TapeClassifierState(EngineState):
+    """The engine's record, and the label format (`"sparse"` or
+    `"one_hot"`) the compiled metrics were built for."""
+
+    label_kind: str | None = None
+
+
 @keras.saving.register_keras_serializable(package="fitcustom")
 class TapeClassifier(TapeModel):
     """A classifier trained by the `TapeModel` step engine.
@@ -166,6 +178,8 @@ class TapeClassifier(TapeModel):
     classes = model.predict_classes(x)
     ```
     """
+
+    _engine_state_type = _TapeClassifierState
 
     def __init__(
         self,
@@ -419,7 +433,7 @@ class TapeClassifier(TapeModel):
             return
         kind = checks.label_format(np.shape(y)[1:], shape, n=len(y))
         built = _compat.compiled_metrics_built(self)
-        before = self.__dict__.get("_label_kind")
+        before = engine_state(self).label_kind
         if built and before is not None and kind != before:
             names = {"sparse": "class ids", "one_hot": "one-hot rows"}
             raise ValueError(
@@ -429,7 +443,7 @@ class TapeClassifier(TapeModel):
                 "compile() again to rebuild them, or convert the labels "
                 "(np.argmax(y, -1) gives class ids)."
             )
-        self.__dict__["_label_kind"] = kind
+        engine_state(self).label_kind = kind
 
     # ------------------------------------------------------------------
     # Prediction

@@ -3,13 +3,26 @@
 May import: the engine and the ground floor.
 """
 
+import dataclasses
+import typing
+
 import keras
 import tensorflow as tf
 
 from fitcustom import _args
 from fitcustom import checks
+from fitcustom._engine_state import EngineState
+from fitcustom._engine_state import engine_state
 from fitcustom.engine import TapeModel
 from fitcustom.networks import outputs_logits
+
+
+@dataclasses.dataclass
+class _TapeDistillerState(EngineState):
+    """The engine's record, and the student's loss per sample (the
+    compiled loss unreduced)."""
+
+    student_loss: typing.Any = None
 
 
 @keras.saving.register_keras_serializable(package="fitcustom")
@@ -59,6 +72,8 @@ class TapeDistiller(TapeModel):
     print(sorted(history.history))
     ```
     """
+
+    _engine_state_type = _TapeDistillerState
 
     config_models = ("student", "teacher")
     config_values = ("alpha", "temperature")
@@ -114,7 +129,7 @@ class TapeDistiller(TapeModel):
         per_sample = keras.losses.get(loss)
         if isinstance(per_sample, keras.losses.Loss):
             per_sample = per_sample.call  # unreduced
-        self.__dict__["_student_loss_fn"] = per_sample
+        engine_state(self).student_loss = per_sample
         super().compile(
             optimizer=optimizer,
             loss=loss,
@@ -153,7 +168,7 @@ class TapeDistiller(TapeModel):
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
         """The compiled metrics and `student_loss` (the mean per sample of
         the loss on the labels, unweighted by `alpha`)."""
-        values = self.__dict__["_student_loss_fn"](y, y_pred)
+        values = engine_state(self).student_loss(y, y_pred)
         weights = sample_weight if tf.is_tensor(sample_weight) else None
         self.student_loss_tracker.update_state(values, sample_weight=weights)
         return super().compute_metrics(x, y, y_pred, sample_weight)

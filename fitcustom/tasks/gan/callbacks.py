@@ -9,6 +9,7 @@ import keras
 import numpy as np
 
 from fitcustom import _args
+from fitcustom._engine_state import fit_callbacks_of
 
 
 class SampleGrid(keras.callbacks.Callback):
@@ -159,7 +160,7 @@ class SampleGrid(keras.callbacks.Callback):
         board = next(
             (
                 c
-                for c in self.model.__dict__.get("_fit_callbacks", ())
+                for c in fit_callbacks_of(self.model)
                 if isinstance(c, keras.callbacks.TensorBoard)
             ),
             None,
