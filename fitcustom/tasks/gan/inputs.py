@@ -1,8 +1,9 @@
-"""`TapeGAN`'s checks of its data and networks (a mixin of `TapeGAN`):
-real images and labels before any step, the networks' shapes when they
-are built, and `predict()`'s guard against latent vectors.
+"""`TapeGAN`'s checks of its arguments, data and networks (a mixin of
+`TapeGAN`): `compile()`'s GAN arguments against the loss family, real
+images and labels before any step, the networks' shapes when they are
+built, and `predict()`'s guard against latent vectors.
 
-May import: the ground floor, `_keras`.
+May import: the ground floor, `_keras`, `tasks.gan.losses`.
 """
 
 import warnings
@@ -10,13 +11,80 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
+from fitcustom import _args
 from fitcustom import checks
 from fitcustom import networks
+from fitcustom.tasks.gan import losses as gan_losses
 
 
 class GANInputs:
     """What `TapeGAN` checks before it trains or predicts (part of
     `fitcustom.TapeGAN`)."""
+
+    def _check_compile_arguments(
+        self,
+        gan_loss,
+        label_smoothing,
+        label_noise,
+        r1_gamma,
+        gp_weight,
+        kwargs,
+    ):
+        """Checks `compile()`'s GAN arguments against the loss family and
+        the discriminator, before anything is compiled; drops Keras'
+        `metrics` / `loss_weights` (`None` only) from `kwargs`. Returns
+        `(r1_gamma, gp_weight)` checked, the penalty's default filled in.
+        """
+        if gan_loss.takes_logits:
+            if not networks.outputs_logits(self.discriminator):
+                raise ValueError(
+                    f"The {gan_loss.name!r} loss takes the discriminator's "
+                    "logits, but the discriminator ends in a sigmoid (or "
+                    "softmax): its scores saturate and training stalls. "
+                    "Received: a discriminator whose last layer outputs "
+                    "probabilities. Remove the final activation "
+                    "(keras.layers.Dense(1))."
+                )
+        for name in ("metrics", "weighted_metrics", "loss_weights"):
+            if kwargs.get(name) is not None:
+                raise ValueError(
+                    f"TapeGAN logs its own losses and takes no `{name}`. "
+                    f"Received: {name}={kwargs[name]!r}. Remove it; compute "
+                    "sample quality in a callback (see "
+                    "fitcustom.SampleGrid)."
+                )
+            kwargs.pop(name, None)
+        for name, value in (
+            ("label_smoothing", label_smoothing),
+            ("label_noise", label_noise),
+        ):
+            _args.number(name, value, low=0, high=1, high_open=True)
+            if value and not gan_loss.uses_targets:
+                raise ValueError(
+                    f"The {gan_loss.name!r} loss has no targets, so "
+                    f"`{name}` would be ignored. Received: {name}={value} "
+                    f"with loss={gan_loss.name!r}. Remove it, or use one of "
+                    + ", ".join(
+                        repr(n)
+                        for n, family in gan_losses.LOSSES.items()
+                        if family.uses_targets
+                    )
+                    + "."
+                )
+        if label_smoothing + label_noise > 0.5:
+            raise ValueError(
+                "`label_smoothing + label_noise` must be at most 0.5, or "
+                "some real targets would sit below fake ones. Received: "
+                f"label_smoothing={label_smoothing}, "
+                f"label_noise={label_noise}."
+            )
+        r1_gamma = _args.number(
+            "r1_gamma", r1_gamma, low=0, low_open=True, none_ok=True
+        )
+        if gp_weight is None:
+            gp_weight = 10.0 if gan_loss.gradient_penalty else 0.0
+        gp_weight = _args.number("gp_weight", gp_weight, low=0)
+        return r1_gamma, gp_weight
 
     def check_data(self, x, y=None, sample_weight=None, batch_size=None):
         """Checks real images (and labels) before any step uses them.
@@ -254,3 +322,35 @@ class GANInputs:
             self.ema_generator.set_weights(self.generator.get_weights())
         self._build_named_optimizers()
         self.built = True
+
+
+#: The names of TapeGAN's two optimizers.
+OPTIMIZER_NAMES = ("discriminator", "generator")
+
+
+def two_optimizers(optimizer, d_optimizer, g_optimizer):
+    """`{"discriminator": ..., "generator": ...}` from `compile()`'s
+    `optimizer` dict, or from `d_optimizer` and `g_optimizer` ("adam"
+    for one left out)."""
+    if optimizer is None:
+        return {
+            "discriminator": "adam" if d_optimizer is None else d_optimizer,
+            "generator": "adam" if g_optimizer is None else g_optimizer,
+        }
+    if not isinstance(optimizer, dict):
+        raise ValueError(
+            "TapeGAN has two optimizers: pass d_optimizer= and "
+            "g_optimizer=, or optimizer={'discriminator': ..., "
+            f"'generator': ...}}. Received: optimizer={optimizer!r}."
+        )
+    if d_optimizer is not None or g_optimizer is not None:
+        raise ValueError(
+            "Pass TapeGAN's optimizers once: optimizer={...} or "
+            "d_optimizer= and g_optimizer=. Received: both."
+        )
+    if set(optimizer) != set(OPTIMIZER_NAMES):
+        raise ValueError(
+            "TapeGAN's optimizers are named 'discriminator' and "
+            f"'generator'. Received: optimizer with keys {sorted(optimizer)}."
+        )
+    return {name: optimizer[name] for name in OPTIMIZER_NAMES}
