@@ -86,10 +86,14 @@ def check_reference(task, reference, modes=MODES, atol=1e-6, rtol=1e-6):
     Args:
         reference: `reference(initial_weights)` trains the reference from
             those weights and returns `(weights, history)`.
+
+    Returns:
+        The trained task models by mode (for checks of a test's own).
     """
     initial = weights_of(task.build())
     expected_weights, expected_history = reference(initial)
     assert max_abs_diff(initial, expected_weights) > 1e-4, "it trained"
+    trained = {}
     for mode in modes:
         model = task.build(**MODES[mode])
         model.set_weights(initial)
@@ -97,9 +101,15 @@ def check_reference(task, reference, modes=MODES, atol=1e-6, rtol=1e-6):
         assert_weights_close(weights_of(model), expected_weights, atol)
         shared = {k: history[k] for k in expected_history if k in history}
         assert_history_close(shared, expected_history, rtol=rtol)
+        trained[mode] = model
+    return trained
 
 
-def check_two_replicas(task, strategy, weight_tolerance=1e-6, **kwargs):
+def check_two_replicas(
+    task, strategy, weight_tolerance=1e-6, expect_ok=True, **kwargs
+):
+    """`fitcustom.testing.check_replicas` of the task: its report, asserted
+    to hold unless `expect_ok=False` (a control that must fail)."""
     x, y = task.data()
     report = fitcustom.testing.check_replicas(
         task.build,
@@ -109,7 +119,8 @@ def check_two_replicas(task, strategy, weight_tolerance=1e-6, **kwargs):
         weight_tolerance=weight_tolerance,
         **dict(task.fit_kwargs, **kwargs),
     )
-    report.assert_ok()
+    if expect_ok:
+        report.assert_ok()
     return report
 
 
