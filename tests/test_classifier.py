@@ -389,14 +389,19 @@ def _hand_sam(model, x, y, rho, lr, steps, batch):
         optimizer.apply_gradients(zip(sharp, variables))
 
 
-SAM = classifier_task(
-    mlp_bn,
-    (28, 28),
-    48,
-    dict(batch_size=16, shuffle=False),
-    learning_rate=0.1,
-    sam_rho=0.05,
-)
+def sam_task(body, n):
+    """SAM (rho 0.05, SGD 0.1) on `n` images, batches of 16."""
+    return classifier_task(
+        body,
+        (28, 28),
+        n,
+        dict(batch_size=16, shuffle=False),
+        learning_rate=0.1,
+        sam_rho=0.05,
+    )
+
+
+SAM = sam_task(mlp_bn, 48)
 
 
 @pytest.mark.parametrize("mode", list(MODES), ids=list(MODES))
@@ -457,16 +462,11 @@ def test_sam_survives_loss_scale_overflow():
 
 
 def test_sam_two_replicas_match_one_device(two_replicas):
-    task = classifier_task(
-        mlp,
-        (28, 28),
-        32,
-        dict(batch_size=16, shuffle=False),
-        learning_rate=0.1,
-        sam_rho=0.05,
-    )
     report = task_harness.check_two_replicas(
-        task, two_replicas, weight_tolerance=1e-6, log_tolerance=1e-5
+        sam_task(mlp, 32),
+        two_replicas,
+        weight_tolerance=1e-6,
+        log_tolerance=1e-5,
     )
     assert report.weight_change > 1e-4  # it trained
 
